@@ -1,0 +1,14 @@
+"""Shard writer: image datasets -> WebDataset tar shards + manifest.json (docs/design.md).
+
+    python -m shards build SOURCE DEST [options]
+    python -m shards verify DEST [--deep]
+    python -m shards inspect DEST
+"""
+__version__ = "0.1.0"
+
+from .checks import inspect, load_manifest, verify  # noqa: E402
+from .format import decode_image, decode_sample, encode_image  # noqa: E402
+from .writer import build  # noqa: E402
+
+__all__ = ["build", "verify", "inspect", "load_manifest",
+           "decode_image", "decode_sample", "encode_image", "__version__"]

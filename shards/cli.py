@@ -1,0 +1,117 @@
+"""Command line: python -m shards build|verify|inspect. Parsing only; the work is in the library."""
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+
+from .checks import inspect, load_manifest, verify
+from .format import ENCODINGS
+from .writer import build, check_fractions, default_workers
+
+_UNITS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
+
+
+def parse_bytes(text: str) -> int:
+    """64MB, 500kB, 1GiB or plain bytes: kB, MB, GB are powers of 1000; KiB, MiB, GiB of 1024."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*", text, re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 64MB, 500kB, 1GiB)")
+    number, unit, binary = match.groups()
+    return int(float(number) * (1024 if binary else 1000) ** _UNITS[unit.lower()])
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"\s*(\d+)\s*[x,]\s*(\d+)\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not HEIGHTxWIDTH: {text!r} (e.g. 32x32 or 32,32)")
+    return int(match[1]), int(match[2])
+
+
+def parse_split(text: str) -> tuple[float, float, float]:
+    try:
+        return check_fractions(text.split(","))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m shards",
+                                description="Image datasets -> WebDataset shards + manifest.json")
+    commands = p.add_subparsers(dest="command", required=True)
+
+    b = commands.add_parser("build", help="write a dataset as shards",
+                            description="Write SOURCE as shards and DEST/manifest.json.")
+    b.add_argument("source", help="a folder of class subfolders of images, an MNIST-style IDX "
+                   "folder, a CIFAR-10/100 python folder, a .npz file, or fashion-mnist / mnist "
+                   "(Debian's /usr/share/datasets)")
+    b.add_argument("dest", help="where to write: a path, file://... or s3://bucket/prefix "
+                   "(credentials come from the AWS environment or fsspec config)")
+    b.add_argument("--split", type=parse_split, default=(0.7, 0.2, 0.1), metavar="TRAIN,VAL,TEST",
+                   help="stratified split fractions (default 0.7,0.2,0.1). A source with its own "
+                   "test split keeps it; val is then VAL/(TRAIN+VAL) of the source's train part")
+    b.add_argument("--seed", type=int, default=0, help="split and shuffle seed (default 0)")
+    b.add_argument("--encoding", choices=ENCODINGS, default="raw", help="default raw uint8")
+    b.add_argument("--jpeg-quality", type=int, default=90, metavar="Q")
+    b.add_argument("--resize", type=parse_size, metavar="HxW", help="resize every image")
+    color = b.add_mutually_exclusive_group()
+    color.add_argument("--grayscale", dest="channels", action="store_const", const=1)
+    color.add_argument("--rgb", dest="channels", action="store_const", const=3,
+                       help="default: grayscale when every image is, else RGB")
+    b.add_argument("--shard-bytes", type=parse_bytes, metavar="SIZE",
+                   help="target shard size, e.g. 64MB (the default when --shard-samples is unset)")
+    b.add_argument("--shard-samples", type=int, metavar="N", help="samples per shard")
+    b.add_argument("--workers", type=int, default=default_workers(),
+                   help="parallel encoders/uploaders (default min(4, cpus))")
+    b.add_argument("--no-progress", dest="progress", action="store_false")
+
+    v = commands.add_parser("verify", help="recheck shards against the manifest")
+    v.add_argument("dest")
+    v.add_argument("--deep", action="store_true", help="also decode every sample")
+    v.add_argument("--workers", type=int, default=default_workers())
+
+    i = commands.add_parser("inspect", help="print counts per split and the class histogram")
+    i.add_argument("dest")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    log = logging.getLogger("shards")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        return _run(args)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        log.removeHandler(handler)  # main() may run more than once in a process (tests)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "build":
+        manifest = build(args.source, args.dest, split=args.split, seed=args.seed,
+                         encoding=args.encoding, jpeg_quality=args.jpeg_quality,
+                         shard_bytes=args.shard_bytes, shard_samples=args.shard_samples,
+                         workers=args.workers, resize=args.resize, channels=args.channels,
+                         progress=args.progress)
+        counts = ", ".join(f"{n} {s['count']}" for n, s in manifest["splits"].items())
+        print(f"built {args.dest.rstrip('/')}/manifest.json: {counts}")
+    elif args.command == "verify":
+        problems = verify(args.dest, deep=args.deep, workers=args.workers)
+        for problem in problems:
+            print(problem)
+        if problems:
+            print(f"FAILED: {len(problems)} problem(s) in {args.dest}")
+            return 1
+        m = load_manifest(args.dest)
+        shards = [s for split in m["splits"].values() for s in split["shards"]]
+        print(f"OK: {args.dest}: {len(shards)} shards, {sum(s['count'] for s in shards)} "
+              f"samples match the manifest{' (decoded)' if args.deep else ''}")
+    else:
+        print(inspect(args.dest))
+    return 0

@@ -1,0 +1,148 @@
+"""One sample on disk: image encoding, labels, keys and the tar container (docs/design.md).
+
+Shared by the writer, `verify --deep` and the reader in imgcls/data.py, so a sample is
+encoded and decoded in exactly one place.
+"""
+from __future__ import annotations
+
+import io
+import re
+import tarfile
+from typing import Iterable, Iterator
+
+import numpy as np
+from PIL import Image
+
+FORMAT = "imgcls.shards/1"
+ENCODINGS = ("raw", "png", "jpeg")
+EXTENSIONS = {"raw": "raw", "png": "png", "jpeg": "jpg"}  # encoding -> tar member extension
+_KEY_OK = re.compile(r"[A-Za-z0-9_/-]+")
+_KEY_BAD_CHARS = re.compile(r"[^A-Za-z0-9_/-]")
+
+
+def sanitize_key(text: str) -> str:
+    """A design.md key from any text: no dots, since webdataset splits a key at its first dot."""
+    return _KEY_BAD_CHARS.sub("_", text)
+
+
+def check_key(key: str) -> None:
+    if not _KEY_OK.fullmatch(key):
+        raise ValueError(f"invalid sample key {key!r}: only [A-Za-z0-9_/-] is allowed")
+
+
+def encode_image(array: np.ndarray, encoding: str, quality: int = 90) -> tuple[str, bytes]:
+    """(tar member extension, bytes) of one HWC uint8 image."""
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] not in (1, 3):
+        raise ValueError(f"expected an HxWx1 or HxWx3 uint8 image, got {array.dtype} {array.shape}")
+    if encoding == "raw":
+        return "raw", array.tobytes()  # C order = HWC, as the reader reshapes it
+    if encoding not in EXTENSIONS:
+        raise ValueError(f"unknown encoding {encoding!r}; expected one of {', '.join(ENCODINGS)}")
+    image = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+    out = io.BytesIO()
+    if encoding == "png":
+        image.save(out, format="PNG")
+    else:
+        image.save(out, format="JPEG", quality=quality)
+    return EXTENSIONS[encoding], out.getvalue()
+
+
+def decode_image(data: bytes, ext: str, image_meta: dict) -> np.ndarray:
+    """HWC uint8 array of one encoded image; ValueError when it does not match `image_meta`."""
+    channels = image_meta["channels"]
+    height, width = image_meta.get("height"), image_meta.get("width")
+    if ext == "raw":
+        if height is None or width is None:
+            raise ValueError("raw image without a fixed height and width in the manifest")
+        expected = height * width * channels
+        if len(data) != expected:
+            raise ValueError(f"raw image has {len(data)} bytes, expected {expected} "
+                             f"for {height}x{width}x{channels}")
+        return np.frombuffer(data, dtype=np.uint8).reshape(height, width, channels)
+    if ext not in ("png", "jpg"):
+        raise ValueError(f"unknown image extension {ext!r}")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            array = np.asarray(image.convert("L" if channels == 1 else "RGB"))
+    except Exception as e:  # PIL raises many types for bad data; callers want one
+        raise ValueError(f"cannot decode {ext} image: {e}") from None
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if height is not None and array.shape[:2] != (height, width):
+        raise ValueError(f"image is {array.shape[0]}x{array.shape[1]}, expected {height}x{width}")
+    return array
+
+
+def decode_label(data: bytes | None, num_classes: int) -> int:
+    if data is None:
+        raise ValueError("no .cls member")
+    try:
+        label = int(data.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        raise ValueError(f"label {data[:20]!r} is not a decimal number") from None
+    if not 0 <= label < num_classes:
+        raise ValueError(f"label {label} is outside [0, {num_classes})")
+    return label
+
+
+def decode_sample(sample: dict, manifest: dict) -> tuple[np.ndarray, int]:
+    """(HWC uint8 image, label) of a webdataset-style sample: {"__key__", "cls", "raw"|"png"|"jpg"}.
+
+    ValueError naming the sample's key when it is bad.
+    """
+    key = sample.get("__key__", "?")
+    ext = EXTENSIONS[manifest["encoding"]]
+    try:
+        if ext not in sample:
+            raise ValueError(f"no .{ext} member")
+        image = decode_image(sample[ext], ext, manifest["image"])
+        label = decode_label(sample.get("cls"), len(manifest["classes"]))
+    except ValueError as e:
+        raise ValueError(f"sample {key}: {e}") from None
+    return image, label
+
+
+def _member(name: str, size: int) -> tarfile.TarInfo:
+    # Fixed metadata: the same samples always give byte-identical tars.
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, 0, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def write_tar(samples: Iterable[tuple[str, int, str, bytes]]) -> bytes:
+    """A shard from (key, label, ext, image bytes): members KEY.cls and KEY.ext per sample."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for key, label, ext, data in samples:
+            cls = str(label).encode("ascii")
+            tar.addfile(_member(f"{key}.cls", len(cls)), io.BytesIO(cls))
+            tar.addfile(_member(f"{key}.{ext}", len(data)), io.BytesIO(data))
+    return out.getvalue()
+
+
+def tar_size(image_bytes: int) -> int:
+    """Bytes one sample adds to a tar: a 512-byte header per member, data padded to 512."""
+    return 512 + 512 + 512 + -(-image_bytes // 512) * 512
+
+
+def read_tar(data: bytes) -> Iterator[dict]:
+    """Samples of a shard as webdataset groups them: consecutive members sharing a key."""
+    sample: dict = {}
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            directory, _, base = member.name.rpartition("/")
+            stem, dot, ext = base.partition(".")
+            key = f"{directory}/{stem}" if directory else stem
+            if not dot:
+                raise ValueError(f"tar member {member.name!r} has no extension")
+            if sample and sample["__key__"] != key:
+                yield sample
+                sample = {}
+            sample["__key__"] = key
+            sample[ext] = tar.extractfile(member).read()
+    if sample:
+        yield sample
