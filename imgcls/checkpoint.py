@@ -1,0 +1,108 @@
+"""Checkpoints: one dict of every stateful part's state_dict, written atomically by rank 0.
+
+    {"config": ..., "model": ..., "optimizer": ..., "scheduler": ..., "scaler": ...,
+     "ema": ..., "data": {"epoch", "position"}, "rng": [per rank], "progress": ...,
+     "tracker": {"run_id", ...}}
+
+Files are `RUN_DIR/checkpoints/step-00001234.pt` (any fsspec URL) plus `best.pt`. Loading
+uses torch.load(weights_only=True), so a checkpoint can never execute a pickle; a newest
+file that does not load (truncated by a crash or full disk) is skipped with a warning.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import random
+import re
+
+import numpy as np
+import torch
+
+from imgcls import storage
+from imgcls.distributed import all_gather_object
+
+log = logging.getLogger(__name__)
+STEP_FILE = re.compile(r"step-(\d+)\.pt$")
+
+
+class RNGState:
+    """Python, NumPy and torch RNG states of every rank; each rank restores its own."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def state_dict(self) -> list:
+        mine = {
+            "python": random.getstate(),
+            "numpy": _numpy_state_to_tensors(np.random.get_state(legacy=False)),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+        return all_gather_object(mine)
+
+    def load_state_dict(self, states: list) -> None:
+        if self.rank >= len(states):
+            log.warning("checkpoint holds RNG states for %d ranks; rank %d starts from its seed", len(states), self.rank)
+            return
+        mine = states[self.rank]
+        version, internal, gauss = mine["python"]
+        random.setstate((version, tuple(internal), gauss))
+        np.random.set_state(_numpy_state_from_tensors(mine["numpy"]))
+        torch.set_rng_state(mine["torch"])
+        if mine["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(mine["cuda"])
+
+
+def _numpy_state_to_tensors(state: dict) -> dict:
+    inner = state["state"]
+    return {**state, "state": {"key": torch.from_numpy(inner["key"].astype(np.int64)), "pos": int(inner["pos"])}}
+
+
+def _numpy_state_from_tensors(state: dict) -> dict:
+    inner = state["state"]
+    return {**state, "state": {"key": inner["key"].numpy().astype(np.uint32), "pos": inner["pos"]}}
+
+
+def checkpoint_dir(run_dir: str) -> str:
+    return storage.join(run_dir, "checkpoints")
+
+
+def save(state: dict, run_dir: str, step: int, keep_last: int, best: bool = False) -> str:
+    """Write step-N.pt (and best.pt) atomically, then prune old step files. Rank 0 only."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = buffer.getvalue()
+    url = storage.join(checkpoint_dir(run_dir), f"step-{step:08d}.pt")
+    storage.write_bytes_atomic(url, data)
+    if best:
+        storage.write_bytes_atomic(storage.join(checkpoint_dir(run_dir), "best.pt"), data)
+    stale = list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []
+    for old in stale:
+        fs, path = storage.filesystem(old)
+        fs.rm(path)
+    return url
+
+
+def list_checkpoints(run_dir: str) -> list[str]:
+    """Step checkpoints, oldest first."""
+    fs, path = storage.filesystem(checkpoint_dir(run_dir))
+    try:
+        names = fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return []
+    steps = sorted((int(m.group(1)), n) for n in names if (m := STEP_FILE.search(n)))
+    return [storage.join(checkpoint_dir(run_dir), n.rsplit("/", 1)[-1]) for _, n in steps]
+
+
+def load(url: str) -> dict:
+    return torch.load(io.BytesIO(storage.read_bytes(url)), map_location="cpu", weights_only=True)
+
+
+def load_latest(run_dir: str) -> tuple[dict, str] | tuple[None, None]:
+    """The newest checkpoint that loads; unreadable newer ones are skipped with a warning."""
+    for url in reversed(list_checkpoints(run_dir)):
+        try:
+            return load(url), url
+        except Exception as e:  # a truncated zip raises one of several errors
+            log.warning("skipping unreadable checkpoint %s: %s", url, e)
+    return None, None

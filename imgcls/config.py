@@ -1,0 +1,180 @@
+"""One typed config: dataclasses, YAML files in configs/, `key=value` overrides.
+
+    cfg = load_config("configs/fashion_mnist.yaml", ["optim.lr=0.2", "train.epochs=3"])
+
+Unknown keys and values of the wrong type are errors that name the key, so a typo never
+silently trains the default. The resolved config is saved in every run dir and checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from imgcls.data import DataConfig
+from imgcls.models import ModelConfig
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"        # checkpoints, metrics.jsonl, plots; a local path or any fsspec URL
+    name: str = ""                   # wandb run name; default: the run dir's basename
+    seed: int = 0
+    deterministic: bool = False      # torch.use_deterministic_algorithms: bitwise-exact resume on CPU
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"                # sgd | adamw
+    lr: float = 0.1                  # at base_batch; scaled linearly to the effective batch
+    base_batch: int = 256
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "cosine"             # cosine | step | constant
+    warmup_epochs: float = 0.0
+    min_lr_ratio: float = 0.0        # cosine floor, as a fraction of the peak lr
+    step_epochs: int = 5             # step: multiply by gamma every step_epochs
+    gamma: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    accum_steps: int = 1             # micro-batches per optimizer step
+    precision: str = "auto"          # auto (bf16 on CPU, fp16 on CUDA) | bf16 | fp16 | fp32
+    label_smoothing: float = 0.0
+    grad_clip: float = 0.0           # max grad norm; 0 = off
+    ema_decay: float = 0.0           # 0 = no EMA of the weights
+    early_stop_patience: int = 0     # epochs without val improvement; 0 = off
+    early_stop_metric: str = "val/acc"
+    channels_last: bool = False
+    compile: bool = False            # torch.compile: off by default, slower on small CPUs
+    log_every: int = 20              # optimizer steps between train-metric records
+    ckpt_every: int = 200            # optimizer steps between periodic checkpoints (and every epoch end)
+    keep_last: int = 3               # checkpoints kept besides the best
+    max_steps: int = 0               # stop (with a checkpoint) after this many steps; 0 = run all epochs
+    max_requeues: int = 20           # cluster: stop requeueing after this many restarts without progress
+
+
+@dataclass
+class TrackConfig:
+    wandb: str = "auto"              # auto (online with an API key, else offline) | online | offline | disabled
+    project: str = "imgcls"
+    entity: str = ""
+    progress: bool = True            # tqdm bar on rank 0
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict, cls=Config, where: str = ""):
+    """Build `cls` from nested dicts, checking every key and value type."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ConfigError(f"unknown config key {where + sorted(unknown)[0]!r}; valid keys here: {sorted(names)}")
+    values = {}
+    for name, value in data.items():
+        values[name] = _coerce(value, hints[name], f"{where}{name}")
+    return cls(**values)
+
+
+def _coerce(value, hint, key):
+    if dataclasses.is_dataclass(hint):
+        return from_dict(value, hint, key + ".")
+    origin = typing.get_origin(hint)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(hint) or (typing.Any,)
+        return [_coerce(v, item, key) for v in value] if item is not typing.Any else value
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
+        raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def apply_override(data: dict, override: str) -> None:
+    """Apply `a.b.c=value` to nested dict `data`; value is parsed as YAML (1e-3, true, [1,2])."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} is not key=value")
+    key, raw = override.split("=", 1)
+    node = data
+    *parents, leaf = key.strip().split(".")
+    for part in parents:
+        if not isinstance(node.get(part), dict):
+            raise ConfigError(f"unknown config key {key!r}")
+        node = node[part]
+    if leaf not in node:
+        raise ConfigError(f"unknown config key {key!r}; valid keys here: {sorted(node)}")
+    node[leaf] = yaml.safe_load(raw) if raw != "" else ""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the YAML file (which may `include:` another), then overrides."""
+    data = to_dict(Config())
+    if path:
+        _merge(data, _read_yaml(Path(path)), str(path))
+    for override in overrides:
+        apply_override(data, override)
+    return from_dict(data)
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        content = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found") from None
+    base = content.pop("include", None)
+    if base:
+        merged = _read_yaml(path.parent / base)
+        _merge(merged, content, str(path), strict=False)
+        return merged
+    return content
+
+
+def _merge(into: dict, update: dict, source: str, strict: bool = True, where: str = "") -> None:
+    for key, value in update.items():
+        if strict and key not in into:
+            raise ConfigError(f"{source}: unknown config key {where + key!r}")
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value, source, strict, where + key + ".")
+        else:
+            into[key] = value
+
+
+def save_config(cfg: Config, url: str) -> None:
+    from imgcls import storage
+
+    storage.write_bytes_atomic(url, yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())

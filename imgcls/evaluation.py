@@ -1,0 +1,89 @@
+"""Distributed evaluation, and the report `jobs/evaluate.py` writes for a checkpoint."""
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from imgcls import checkpoint, distributed, storage
+from imgcls.data import ShardReader, read_manifest
+from imgcls.metrics import ConfusionMatrix
+
+
+def evaluate(model, reader: ShardReader, device, autocast, num_classes: int) -> dict:
+    """Each rank reads its own shards, every sample of the split exactly once, with no
+    collective per batch (ranks may hold unequal shares); the sums are reduced at the end."""
+    model.eval()
+    confusion = ConfusionMatrix(num_classes)
+    totals = torch.zeros(3, dtype=torch.float64)  # loss sum, top-5 correct, count
+    k = min(5, num_classes)
+    with torch.no_grad():
+        for batch in reader.loader():
+            images, labels = batch["image"].to(device), batch["label"].to(device)
+            with autocast():
+                logits = model(images).float()
+            totals[0] += F.cross_entropy(logits, labels, reduction="sum").item()
+            totals[1] += (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1).sum().item()
+            totals[2] += len(labels)
+            confusion.update(logits.cpu(), labels.cpu())
+    model.train()
+    distributed.all_reduce_sum(totals)
+    distributed.all_reduce_sum(confusion.matrix)
+    count = max(1.0, totals[2].item())
+    return {"loss": totals[0].item() / count, "acc": confusion.accuracy, "top5": totals[1].item() / count,
+            "macro_f1": confusion.macro_f1, "count": int(totals[2].item()), "confusion": confusion}
+
+
+def run_dir_of(checkpoint_url: str) -> str:
+    """RUN_DIR for RUN_DIR/checkpoints/step-N.pt."""
+    return checkpoint_url.rsplit("/", 2)[0]
+
+
+def evaluate_checkpoint(checkpoint_url: str, split: str = "test", data_url: str = "", use_ema: bool = True,
+                        out_dir: str = "") -> dict:
+    """Evaluate a checkpoint on a split; rank 0 writes report.txt, metrics.json, confusion.json and
+    confusion.png to OUT_DIR (default RUN_DIR/eval/SPLIT). Works under torchrun or alone."""
+    from imgcls.config import from_dict
+    from imgcls.models import build_model
+    from imgcls.trainer import resolve_precision
+
+    dist = distributed.init_distributed()
+    state = checkpoint.load(checkpoint_url)
+    cfg = from_dict(state["config"])
+    if data_url:
+        cfg.data.url = data_url
+    manifest = read_manifest(cfg.data.url)
+    classes = manifest["classes"]
+    model = build_model(cfg.model, len(classes), manifest["image"]["channels"]).to(dist.device)
+    weights = state["model"]
+    if use_ema and "ema" in state:  # AveragedModel's state: module.* plus n_averaged
+        weights = {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
+    model.load_state_dict(weights)
+    reader = ShardReader(cfg.data, split, rank=dist.rank, world_size=dist.world_size, train=False, manifest=manifest)
+    dtype = resolve_precision(cfg.train.precision, dist.device)
+    autocast = (lambda: torch.autocast(dist.device.type, dtype=dtype)) if dtype else contextlib.nullcontext
+    metrics = evaluate(model, reader, dist.device, autocast, len(classes))
+    confusion = metrics.pop("confusion")
+    report = confusion.classification_report(classes)
+    result = {"checkpoint": checkpoint_url, "split": split, "weights": "ema" if weights is not state["model"] else "model",
+              **metrics, "per_class": confusion.to_json(classes)}
+    if dist.is_main:
+        out = out_dir or storage.join(run_dir_of(checkpoint_url), "eval", split)
+        storage.write_bytes_atomic(storage.join(out, "report.txt"), report.encode())
+        storage.write_bytes_atomic(storage.join(out, "metrics.json"), json.dumps(result, indent=2).encode())
+        storage.write_bytes_atomic(storage.join(out, "confusion.json"), json.dumps(
+            {"classes": classes, "matrix": confusion.matrix.tolist()}).encode())
+        from imgcls.plots import plot_confusion_matrix
+
+        png = Path("/tmp") / f"confusion-{split}-{dist.rank}.png" if "://" in out else Path(out) / "confusion.png"
+        plot_confusion_matrix(confusion.matrix.numpy(), classes, png)
+        if "://" in out:
+            storage.write_bytes_atomic(storage.join(out, "confusion.png"), png.read_bytes())
+        result["out_dir"] = out
+        result["report"] = report
+    del model
+    distributed.shutdown()
+    return result

@@ -1,0 +1,102 @@
+"""PNG plots: confusion matrix and training curves.
+
+Figures are drawn with matplotlib's object API on the Agg canvas, never through pyplot: no
+global backend switch, no figure registry to leak, safe in worker threads. Output paths may
+be any URL imgcls.storage understands, and are written atomically.
+"""
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from imgcls import storage
+
+
+def _save(fig: Figure, path: str | Path) -> None:
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    storage.write_bytes_atomic(str(path), buf.getvalue())
+
+
+def plot_confusion_matrix(matrix, class_names: Sequence[str], path: str | Path,
+                          normalize: bool = True, title: str = "Confusion matrix") -> None:
+    """Heat map of `matrix` (rows: true class, columns: predicted), a tensor, array or
+    ConfusionMatrix. normalize=True divides each row by its support, so the diagonal shows
+    per-class recall; rows without samples stay 0."""
+    m = getattr(matrix, "matrix", matrix)
+    m = (m.detach().cpu().numpy() if isinstance(m, torch.Tensor) else np.asarray(m))
+    m = m.astype(np.float64)
+    n = len(class_names)
+    if m.shape != (n, n):
+        raise ValueError(f"matrix of shape {m.shape} for {n} class names")
+    if normalize:
+        support = m.sum(1, keepdims=True)
+        m = np.divide(m, support, out=np.zeros_like(m), where=support > 0)
+
+    size = 3 + 0.6 * n
+    fig = Figure(figsize=(size + 1.5, size))
+    ax = fig.add_subplot()
+    vmax = 1.0 if normalize else max(m.max(), 1.0)
+    image = ax.imshow(m, cmap="Blues", vmin=0, vmax=vmax)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    ax.set(xticks=range(n), yticks=range(n), xlabel="predicted", ylabel="true",
+           title=title + (" (row-normalised)" if normalize else ""))
+    ax.set_xticklabels(class_names, rotation=45, ha="right", rotation_mode="anchor")
+    ax.set_yticklabels(class_names)
+    if n <= 30:  # beyond that the numbers are unreadable anyway
+        for t in range(n):
+            for p in range(n):
+                text = f"{m[t, p]:.2f}" if normalize else f"{int(m[t, p])}"
+                ax.text(p, t, text, ha="center", va="center", fontsize=8,
+                        color="white" if m[t, p] > vmax / 2 else "black")
+    _save(fig, path)
+
+
+# (panel title, y label, metric keys); keys absent from every record are not drawn
+PANELS = [
+    ("Loss", "loss", ["train/loss", "val/loss"]),
+    ("Accuracy", "accuracy", ["train/acc", "val/acc"]),
+    ("Learning rate", "lr", ["train/lr"]),
+]
+
+
+def read_records(source: str | Path | Iterable[dict]) -> list[dict]:
+    """Records from a metrics JSONL file (path or URL), or the given records."""
+    if isinstance(source, (str, Path)):
+        lines = storage.read_bytes(str(source)).decode().splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
+    return list(source)
+
+
+def plot_training_curves(source: str | Path | Iterable[dict], path: str | Path) -> None:
+    """Loss (train and val), accuracy and learning rate against the global step.
+
+    `source` is a metrics JSONL file or its records, e.g. {"step": 120, "epoch": 1,
+    "train/loss": 0.4, "train/lr": 0.01, "val/loss": 0.5, "val/acc": 0.9}; any key may be
+    missing from a record.
+    """
+    records = [r for r in read_records(source) if "step" in r]
+    fig = Figure(figsize=(15, 4), layout="constrained")
+    for ax, (title, ylabel, keys) in zip(fig.subplots(1, len(PANELS)), PANELS):
+        for key in keys:
+            points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+            if points:
+                steps, values = zip(*points)
+                # validation runs are sparse: markers keep single points visible
+                ax.plot(steps, values, label=key, marker="o" if key.startswith("val/") else None,
+                        markersize=4, linewidth=1.2)
+        if ax.lines:
+            ax.legend()
+        else:
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+        ax.set(title=title, xlabel="step", ylabel=ylabel)
+        ax.grid(alpha=0.3)
+    _save(fig, path)

@@ -1,0 +1,147 @@
+"""The trainer under real torchrun processes (gloo, CPU): exact resume, crash recovery,
+non-finite loss, checkpoints on S3, and the distributed maths of accumulation."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import shards
+from imgcls import checkpoint
+from tests.conftest import REPO, free_port
+
+SMALL = [
+    "model.name=simple_cnn", "model.width=8", "data.batch_size=16", "data.eval_batch_size=64",
+    "data.num_workers=1", "optim.lr=0.05", "optim.base_batch=64", "train.epochs=2",
+    "train.accum_steps=2", "train.log_every=2", "train.ckpt_every=5", "train.keep_last=2",
+    "track.wandb=disabled", "track.progress=false", "schedule.warmup_epochs=0.2",
+    "data.mean=[0.5]", "data.std=[0.25]", "run.deterministic=true",
+]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """1400 train / 400 val / 200 test 12x12 images, learnable: the class is which horizontal
+    band is bright (unchanged by the flip augmentation)."""
+    rng = np.random.default_rng(0)
+    n, size = 2000, 12
+    labels = rng.integers(0, 4, n)
+    images = rng.integers(0, 100, (n, size, size, 1), dtype=np.uint8)
+    for i, label in enumerate(labels):
+        images[i, label * 3:(label + 1) * 3] += 120
+    src = tmp_path_factory.mktemp("src") / "bands.npz"
+    np.savez(src, images=images, labels=labels)
+    dest = tmp_path_factory.mktemp("shards") / "bands"
+    shards.build(str(src), str(dest), shard_samples=100, progress=False, workers=1)
+    return str(dest)
+
+
+def torchrun(args: list[str], nproc: int = 2, env: dict | None = None, check: bool = True, timeout: int = 300):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+           f"--master-port={free_port()}", "--master-addr=127.0.0.1", str(REPO / "jobs" / "train.py"), *args]
+    result = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+                            capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"torchrun failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def final_state(run_dir: str) -> dict:
+    state, _ = checkpoint.load_latest(run_dir)
+    assert state is not None, f"no checkpoint in {run_dir}"
+    return state
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(dataset, tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("runs") / "straight")
+    out = torchrun([f"data.url={dataset}", f"run.dir={run_dir}", *SMALL])
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["status"] == "done"
+    return run_dir, final_state(run_dir)
+
+
+def test_uninterrupted_run_learns_and_writes_its_run_dir(uninterrupted):
+    run_dir, state = uninterrupted
+    records = [json.loads(line) for line in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records]
+    assert steps == sorted(steps)
+    val = [r for r in records if "val/acc" in r]
+    assert len(val) == 2 and val[-1]["val/acc"] > 0.6  # chance is 0.25
+    assert val[-1]["val/count"] == 400  # every val sample exactly once
+    assert state["config"]["train"]["accum_steps"] == 2
+    assert len(state["rng"]) == 2  # both ranks' RNG states
+    for name in ("config.yaml", "training_curves.png", "confusion_val.png"):
+        assert Path(run_dir, name).stat().st_size > 0
+    assert Path(run_dir, "checkpoints", "best.pt").exists()
+
+
+def test_stop_mid_epoch_then_resume_is_bitwise_identical(uninterrupted, dataset, tmp_path):
+    run_dir = str(tmp_path / "stopped")
+    first = torchrun([f"data.url={dataset}", f"run.dir={run_dir}", *SMALL, "train.max_steps=7"])
+    assert json.loads(first.stdout.strip().splitlines()[-1])["status"] == "stopped"
+    stopped = final_state(run_dir)
+    assert stopped["progress"]["step"] == 7 and stopped["data"] == {"epoch": 0, "position": 14}
+    torchrun([f"data.url={dataset}", f"run.dir={run_dir}", *SMALL])
+    resumed = final_state(run_dir)
+    assert resumed["progress"]["restarts"] == 1
+    assert_same_weights(resumed["model"], uninterrupted[1]["model"])
+    assert resumed["progress"]["step"] == uninterrupted[1]["progress"]["step"]
+
+
+def test_crash_mid_accumulation_resumes_from_last_checkpoint_bitwise(uninterrupted, dataset, tmp_path):
+    run_dir = str(tmp_path / "crashed")
+    # rank 0 dies after 27 micro-batches: step 13 is half accumulated, the last checkpoint is step 10
+    crashed = torchrun([f"data.url={dataset}", f"run.dir={run_dir}", *SMALL],
+                       env={"IMGCLS_CRASH_AFTER_BATCHES": "27"}, check=False)
+    assert crashed.returncode != 0
+    assert final_state(run_dir)["progress"]["step"] == 10
+    torchrun([f"data.url={dataset}", f"run.dir={run_dir}", *SMALL])
+    assert_same_weights(final_state(run_dir)["model"], uninterrupted[1]["model"])
+    steps = [json.loads(line)["step"] for line in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps), "metrics.jsonl went backwards after the resume"
+
+
+def test_truncated_newest_checkpoint_is_skipped(uninterrupted, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(uninterrupted[0], run_dir)
+    newest = checkpoint.list_checkpoints(str(run_dir))[-1]
+    data = Path(newest).read_bytes()
+    Path(newest).write_bytes(data[: len(data) // 3])
+    state, url = checkpoint.load_latest(str(run_dir))
+    assert url != newest and state["progress"]["step"] < uninterrupted[1]["progress"]["step"]
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(dataset, tmp_path):
+    run_dir = str(tmp_path / "nan")
+    torchrun([f"data.url={dataset}", f"run.dir={run_dir}", *SMALL, "train.max_steps=5"])
+    good = final_state(run_dir)
+    # resume with a zero std: every input is inf, so the next step's loss is not finite
+    out = torchrun([f"data.url={dataset}", f"run.dir={run_dir}", *SMALL, "data.std=[0.0]"], check=False)
+    assert out.returncode != 0
+    assert "non-finite loss at step 6" in out.stderr
+    after = final_state(run_dir)
+    assert after["progress"]["step"] == 5
+    assert_same_weights(after["model"], good["model"])
+
+
+def test_checkpoints_go_to_s3(dataset, s3_bucket):
+    run_dir = f"{s3_bucket}/runs/one"
+    torchrun([f"data.url={dataset}", f"run.dir={run_dir}", *SMALL, "train.max_steps=3"], nproc=1)
+    urls = checkpoint.list_checkpoints(run_dir)
+    assert urls and urls[-1].endswith("step-00000003.pt")
+    assert checkpoint.load(urls[-1])["progress"]["step"] == 3
