@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from pathlib import Path
 
 from imgcls import storage
@@ -57,7 +58,7 @@ class Tracker:
         import wandb
 
         if self.run_id is None:
-            self.run_id = wandb.util.generate_id()
+            self.run_id = uuid.uuid4().hex[:12]
         local_dir = self.run_dir if "://" not in self.run_dir else "."
         self.run = wandb.init(
             project=self.cfg.project, entity=self.cfg.entity or None, id=self.run_id,

@@ -15,6 +15,7 @@ import torch
 import shards
 from imgcls import checkpoint
 from tests.conftest import REPO, free_port
+from tests.wandb_records import logged_steps, run_id
 
 SMALL = [
     "model.name=simple_cnn", "model.width=8", "data.batch_size=16", "data.eval_batch_size=64",
@@ -103,15 +104,25 @@ def test_stop_mid_epoch_then_resume_is_bitwise_identical(uninterrupted, dataset,
 
 def test_crash_mid_accumulation_resumes_from_last_checkpoint_bitwise(uninterrupted, dataset, tmp_path):
     run_dir = str(tmp_path / "crashed")
-    # rank 0 dies after 27 micro-batches: step 13 is half accumulated, the last checkpoint is step 10
-    crashed = torchrun([f"data.url={dataset}", f"run.dir={run_dir}", *SMALL],
-                       env={"IMGCLS_CRASH_AFTER_BATCHES": "27"}, check=False)
+    args = [f"data.url={dataset}", f"run.dir={run_dir}", *SMALL, "track.wandb=offline"]
+    # rank 0 dies after 27 micro-batches: step 14 is half accumulated, steps up to 12 were
+    # logged, and the last checkpoint is step 10, so steps 11-12 are replayed on resume
+    crashed = torchrun(args, env={"IMGCLS_CRASH_AFTER_BATCHES": "27"}, check=False)
     assert crashed.returncode != 0
     assert final_state(run_dir)["progress"]["step"] == 10
-    torchrun([f"data.url={dataset}", f"run.dir={run_dir}", *SMALL])
+    torchrun(args)
     assert_same_weights(final_state(run_dir)["model"], uninterrupted[1]["model"])
     steps = [json.loads(line)["step"] for line in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
-    assert steps == sorted(steps), "metrics.jsonl went backwards after the resume"
+    assert steps == sorted(steps) and 12 in steps and 42 in steps, "metrics.jsonl went backwards or lost steps"
+
+    # one wandb run across the restart, and its steps never go backwards
+    files = sorted(Path(run_dir, "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 2
+    run = final_state(run_dir)["tracker"]["run_id"]
+    assert [f.parent.name.rsplit("-", 1)[1] for f in files] == [run, run]
+    assert run_id(files[1]) == run  # the hard-killed attempt may not have flushed its records
+    wandb_steps = [s for f in files for s in logged_steps(f)]
+    assert wandb_steps == sorted(wandb_steps) and wandb_steps[-1] == 42
 
 
 def test_truncated_newest_checkpoint_is_skipped(uninterrupted, tmp_path):
