@@ -62,7 +62,7 @@ class TrainConfig:
     ckpt_every: int = 200            # optimizer steps between periodic checkpoints (and every epoch end)
     keep_last: int = 3               # checkpoints kept besides the best
     max_steps: int = 0               # stop (with a checkpoint) after this many steps; 0 = run all epochs
-    max_requeues: int = 20           # cluster: stop requeueing after this many restarts without progress
+    max_requeues: int = 3            # fail after this many consecutive resumes that made no progress
 
 
 @dataclass
@@ -71,6 +71,7 @@ class TrackConfig:
     project: str = "imgcls"
     entity: str = ""
     progress: bool = True            # tqdm bar on rank 0
+    run_id: str = ""                 # wandb run id for a new run (jobs/submit.py sets it); default random
 
 
 @dataclass

@@ -31,6 +31,7 @@ import difflib
 import io
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torchvision
@@ -103,7 +104,7 @@ class SimpleCNN(nn.Module):
 
     Three stages of two 3x3 convolutions (width/2, width, 2*width channels) with 2x2
     max-pooling between them, global average pooling, dropout and a linear head. With
-    width 64 it costs ~30 MFLOPs per 28x28 image and reaches ~93% on Fashion-MNIST
+    width 64 it costs ~30M multiply-adds per 28x28 image and reaches ~93% on Fashion-MNIST
     in a few epochs.
     """
 
@@ -152,7 +153,7 @@ _RESNET_LAYERS = {"resnet18": [2, 2, 2, 2], "resnet34": [3, 4, 6, 3]}
 def _resnet(cfg, num_classes: int) -> ResNet:
     block = SEBasicBlock if cfg.se else BasicBlock
     return ResNet(block, _RESNET_LAYERS[cfg.name], num_classes=num_classes,
-                  norm_layer=lambda c: _norm_layer(cfg.norm, c))
+                  norm_layer=partial(_norm_layer, cfg.norm))
 
 
 # ---------------------------------------------------------------------------------------

@@ -52,13 +52,13 @@ class Tracker:
         if not self.enabled:
             return
         self.last_step = max((r.get("step", -1) for r in self.records), default=-1)
+        if self.run_id is None:
+            self.run_id = self.cfg.run_id or uuid.uuid4().hex[:12]
         mode = wandb_mode(self.cfg.wandb)
         if mode == "disabled":
             return
         import wandb
 
-        if self.run_id is None:
-            self.run_id = uuid.uuid4().hex[:12]
         local_dir = self.run_dir if "://" not in self.run_dir else "."
         self.run = wandb.init(
             project=self.cfg.project, entity=self.cfg.entity or None, id=self.run_id,

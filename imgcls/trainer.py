@@ -41,6 +41,8 @@ class Progress:
     best: float = -math.inf      # best value of train.early_stop_metric
     bad_epochs: int = 0          # epochs since `best` improved
     restarts: int = 0            # how many times this run was resumed
+    resumed_at: int = -1         # the step of the latest resume
+    stalled: int = 0             # consecutive resumes at that same step: no progress between them
 
     def state_dict(self) -> dict:
         return dict(vars(self))
@@ -197,6 +199,11 @@ def _train(cfg: Config, dist, stop: StopRequest) -> dict:
             part.load_state_dict(state[name])
         rng.load_state_dict(state["rng"])
         progress.restarts += 1
+        progress.stalled = progress.stalled + 1 if progress.step == progress.resumed_at else 0
+        progress.resumed_at = progress.step
+        if progress.stalled > cfg.train.max_requeues:
+            raise RuntimeError(f"{run_dir}: resumed {progress.stalled} times at step {progress.step} without "
+                               f"progress (train.max_requeues={cfg.train.max_requeues}); giving up")
         if dist.is_main:
             log.info("resumed from %s at step %d (epoch %d, batch %d)", url, progress.step, reader.epoch, reader.position)
     if dist.is_main:
@@ -215,7 +222,7 @@ def _train(cfg: Config, dist, stop: StopRequest) -> dict:
 
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
     compiled = torch.compile(model) if cfg.train.compile else model
-    status = "done"
+    status, reason = "done", ""
     bar = None
     if dist.is_main and cfg.track.progress:
         from tqdm import tqdm
@@ -274,6 +281,7 @@ def _train(cfg: Config, dist, stop: StopRequest) -> dict:
                 window = {"loss": 0.0, "correct": 0, "seen": 0, "bad": 0, "time": time.perf_counter()}
             if flags[4] > 0 or progress.step == cfg.train.max_steps:
                 status = "stopped"
+                reason = f"signal {stop.describe()}" if flags[4] > 0 else "max_steps"
                 break
             if progress.step % cfg.train.ckpt_every == 0:
                 save()
@@ -306,7 +314,8 @@ def _train(cfg: Config, dist, stop: StopRequest) -> dict:
     if bar is not None:
         bar.close()
     tracker.finish()
-    result = {"status": status, "step": progress.step, "epoch": reader.epoch, "best": progress.best,
+    result = {"status": status, "reason": reason, "step": progress.step, "epoch": reader.epoch,
+              "best": progress.best if math.isfinite(progress.best) else None,
               "run_id": tracker.run_id, "restarts": progress.restarts}
     # Free the DDP model (and its reducer) before the process group goes away.
     ddp = None

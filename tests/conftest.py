@@ -81,3 +81,34 @@ def needs_fashion_mnist():
     return pytest.mark.skipif(
         not (FASHION_MNIST / "train-images-idx3-ubyte.gz").exists(),
         reason="Debian package dataset-fashion-mnist is not installed (CI installs it)")
+
+
+def build_bands_dataset(workdir: Path, n: int = 2000, size: int = 12) -> str:
+    """A small learnable dataset as shards (~1400 train / 400 val / 200 test, 100 per shard):
+    the class (0-3) is which horizontal band is bright, unchanged by the flip augmentation."""
+    import numpy as np
+
+    import shards
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, n)
+    images = rng.integers(0, 100, (n, size, size, 1), dtype=np.uint8)
+    band = size // 4
+    for i, label in enumerate(labels):
+        images[i, label * band:(label + 1) * band] += 120
+    workdir.mkdir(parents=True, exist_ok=True)
+    src = workdir / "bands.npz"
+    np.savez(src, images=images, labels=labels)
+    dest = workdir / "bands"
+    shards.build(str(src), str(dest), shard_samples=100, progress=False, workers=1)
+    return str(dest)
+
+
+def torchrun(args: list[str], nproc: int = 2, env: dict | None = None, check: bool = True, timeout: int = 300):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+           f"--master-port={free_port()}", "--master-addr=127.0.0.1", str(REPO / "jobs" / "train.py"), *args]
+    result = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+                            capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"torchrun failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result

@@ -3,18 +3,13 @@ non-finite loss, checkpoints on S3, and the distributed maths of accumulation.""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-import shards
 from imgcls import checkpoint
-from tests.conftest import REPO, free_port
+from tests.conftest import build_bands_dataset, torchrun
 from tests.wandb_records import logged_steps, run_id
 
 SMALL = [
@@ -28,29 +23,7 @@ SMALL = [
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    """1400 train / 400 val / 200 test 12x12 images, learnable: the class is which horizontal
-    band is bright (unchanged by the flip augmentation)."""
-    rng = np.random.default_rng(0)
-    n, size = 2000, 12
-    labels = rng.integers(0, 4, n)
-    images = rng.integers(0, 100, (n, size, size, 1), dtype=np.uint8)
-    for i, label in enumerate(labels):
-        images[i, label * 3:(label + 1) * 3] += 120
-    src = tmp_path_factory.mktemp("src") / "bands.npz"
-    np.savez(src, images=images, labels=labels)
-    dest = tmp_path_factory.mktemp("shards") / "bands"
-    shards.build(str(src), str(dest), shard_samples=100, progress=False, workers=1)
-    return str(dest)
-
-
-def torchrun(args: list[str], nproc: int = 2, env: dict | None = None, check: bool = True, timeout: int = 300):
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-           f"--master-port={free_port()}", "--master-addr=127.0.0.1", str(REPO / "jobs" / "train.py"), *args]
-    result = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
-                            capture_output=True, text=True, timeout=timeout)
-    if check and result.returncode != 0:
-        raise AssertionError(f"torchrun failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
-    return result
+    return build_bands_dataset(tmp_path_factory.mktemp("data"))
 
 
 def final_state(run_dir: str) -> dict:

@@ -1,0 +1,243 @@
+"""Running training as SLURM jobs through submitit, with checkpoint-and-requeue.
+
+A preempted or timed-out job gets USR2 (preempt_send_user_signal, `--signal=USR2@N`). The
+handler only sets a flag (imgcls.signals); the trainer stops at the next optimizer step on
+every rank together, saves a checkpoint and returns "stopped"; then rank 0 requeues the job
+and every task exits without a result, so submitit keeps waiting for the requeued run. The
+requeued job resumes from that checkpoint: same run dir, same wandb run, same code snapshot.
+
+Run dir layout: config.yaml, submit.json (how it was submitted, every job id), code/ (the
+snapshot the job runs), logs/ (submitit's stdout/stderr per job), attempts.jsonl (one line
+per start), checkpoints/, metrics.jsonl, wandb/.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from imgcls.config import Config, apply_override, from_dict, save_config, to_dict
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SlurmOptions:
+    nodes: int = 1
+    gpus_per_node: int = 0           # one task per GPU; 0: CPU tasks
+    tasks_per_node: int = 1          # used when gpus_per_node is 0
+    cpus_per_task: int = 1
+    mem_gb: float = 0                # 0: the partition's default
+    time_min: int = 60
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    constraint: str = ""
+    exclude: str = ""
+    job_name: str = "imgcls"
+    sbatch: dict = field(default_factory=dict)     # extra #SBATCH key=value
+    setup: list = field(default_factory=list)      # shell lines before srun: module load, source venv
+    signal_margin_s: int = 120       # USR2 this long before the time limit
+
+
+class TrainTask:
+    """What submitit pickles and runs in every task of the job."""
+
+    def __init__(self, config: dict):
+        self.config = config
+
+    def __call__(self) -> dict:
+        from imgcls.tracking import configure_logging
+        from imgcls.trainer import train
+
+        _export_local_ranks()
+        cfg = from_dict(self.config)
+        is_main = configure_logging()
+        if is_main:
+            record_attempt(cfg.run.dir)
+        result = train(cfg)
+        if result["status"] == "stopped" and result["reason"].startswith("signal") and "SLURM_JOB_ID" in os.environ:
+            if is_main:
+                requeue(os.environ["SLURM_JOB_ID"])
+            # No result file: submitit keeps waiting for the requeued job.
+            sys.exit(0)
+        return result
+
+
+def _export_local_ranks() -> None:
+    """submitit's local executor starts N tasks without SLURM: give them torchrun's env."""
+    if "SLURM_JOB_ID" in os.environ or "RANK" in os.environ:
+        return
+    import submitit
+
+    try:
+        env = submitit.JobEnvironment()
+    except RuntimeError:  # debug executor: in-process, one task
+        return
+    if env.num_tasks > 1:
+        os.environ.update(RANK=str(env.global_rank), WORLD_SIZE=str(env.num_tasks), LOCAL_RANK=str(env.local_rank),
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(20000 + int(str(env.job_id).split("_")[0]) % 20000))
+
+
+def requeue(job_id: str) -> None:
+    """Put this job back in the queue (SLURM kills this run of it). After a preemption with
+    PreemptMode=REQUEUE SLURM requeues by itself and this call's refusal is harmless."""
+    out = subprocess.run(["scontrol", "requeue", str(job_id)], capture_output=True, text=True)
+    log.warning("requeue job %s: %s", job_id, (out.stdout + out.stderr).strip() or "ok")
+
+
+def record_attempt(run_dir: str) -> None:
+    attempt = {"time": time.time(), "job_id": os.environ.get("SLURM_JOB_ID", ""),
+               "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", 0)),
+               "host": os.uname().nodename}
+    path = Path(run_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / "attempts.jsonl", "a") as f:
+        f.write(json.dumps(attempt) + "\n")
+
+
+def sweep_grid(sweeps: list[str]) -> list[list[str]]:
+    """['a=1,2', 'b=x,y'] -> [['a=1','b=x'], ['a=1','b=y'], ['a=2','b=x'], ['a=2','b=y']]."""
+    axes = []
+    for sweep in sweeps:
+        key, _, values = sweep.partition("=")
+        if not key or not values:
+            raise ValueError(f"--sweep {sweep!r}: expected key=v1,v2,...")
+        axes.append([f"{key}={v}" for v in values.split(",")])
+    return [list(combo) for combo in itertools.product(*axes)] if axes else [[]]
+
+
+def absolute_paths(cfg: Config) -> None:
+    """Jobs run from the code snapshot: make local paths independent of the cwd."""
+    for holder, name in ((cfg.run, "dir"), (cfg.data, "url")):
+        value = getattr(holder, name)
+        if "://" not in value:
+            setattr(holder, name, str(Path(value).resolve()))
+
+
+def make_executor(cluster: str, logs: Path, opts: SlurmOptions):
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=str(logs), cluster=None if cluster == "slurm" else cluster)
+    tasks = opts.gpus_per_node or opts.tasks_per_node
+    params = dict(nodes=opts.nodes, tasks_per_node=tasks, cpus_per_task=opts.cpus_per_task,
+                  timeout_min=opts.time_min, name=opts.job_name)
+    if opts.gpus_per_node:
+        params["gpus_per_node"] = opts.gpus_per_node
+    if opts.mem_gb:
+        params["mem_gb"] = opts.mem_gb
+    if cluster == "slurm":
+        slurm = dict(partition=opts.partition, account=opts.account, qos=opts.qos,
+                     constraint=opts.constraint, exclude=opts.exclude)
+        params.update({f"slurm_{k}": v for k, v in slurm.items() if v})
+        # One CPU thread per allotted core, and the same in a torchrun reference run.
+        setup = [f"export OMP_NUM_THREADS={opts.cpus_per_task}", *opts.setup]
+        params.update(slurm_setup=setup, slurm_signal_delay_s=opts.signal_margin_s,
+                      slurm_additional_parameters={"requeue": True, **opts.sbatch})
+        params["slurm_srun_args"] = ["--kill-on-bad-exit=1"]
+    executor.update_parameters(**params)
+    return executor
+
+
+SNAPSHOT = ("imgcls", "shards", "jobs", "configs", "slurm", "setup.cfg", "pyproject.toml")
+
+
+def snapshot_code(run_dir: Path) -> Path:
+    """Copy the code as it is now to RUN_DIR/code; the job runs that copy, so editing the
+    checkout while a job waits or requeues changes nothing. Kept on --resume."""
+    import shutil
+
+    code = run_dir / "code"
+    if not code.exists():
+        repo = Path(__file__).resolve().parents[1]
+        tmp = run_dir / "code.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        for name in SNAPSHOT:
+            source = repo / name
+            if source.is_dir():
+                shutil.copytree(source, tmp / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            elif source.exists():
+                tmp.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source, tmp / name)
+        tmp.rename(code)
+    return code
+
+
+@dataclass
+class Submission:
+    job_ids: list
+    run_dirs: list
+    log_paths: list
+    run_ids: list
+    jobs: list = field(default_factory=list, repr=False)
+
+
+def submit(cfg: Config, opts: SlurmOptions, cluster: str = "slurm", sweeps: list[str] = (),
+           resume: str = "") -> Submission:
+    """Submit one training job, or a job array over the sweep grid, and return at once."""
+    import submitit
+
+    if resume:
+        run_dir = Path(resume).resolve()
+        info = json.loads((run_dir / "submit.json").read_text())
+        opts = SlurmOptions(**info["slurm"])
+        cluster = info["cluster"]
+        task_dirs = [Path(d) for d in info["run_dirs"]]
+        configs = [from_dict(json.loads((d / "config.json").read_text())) for d in task_dirs]
+    else:
+        absolute_paths(cfg)
+        run_dir = Path(cfg.run.dir)
+        if (run_dir / "submit.json").exists():
+            raise FileExistsError(f"{run_dir} already holds a submitted run: use --resume {run_dir}, or another run.dir")
+        grid = sweep_grid(list(sweeps))
+        configs, task_dirs = [], []
+        for i, overrides in enumerate(grid):
+            data = to_dict(cfg)
+            for override in overrides:
+                apply_override(data, override)
+            task_cfg = from_dict(data)
+            task_dir = run_dir / f"sweep-{i:03d}" if len(grid) > 1 else run_dir
+            task_cfg.run.dir = str(task_dir)
+            task_cfg.run.name = task_cfg.run.name or f"{opts.job_name}-{task_dir.name}"
+            task_cfg.track.run_id = task_cfg.track.run_id or _new_run_id()
+            task_dir.mkdir(parents=True, exist_ok=True)
+            save_config(task_cfg, str(task_dir / "config.yaml"))
+            (task_dir / "config.json").write_text(json.dumps(to_dict(task_cfg)))
+            configs.append(task_cfg)
+            task_dirs.append(task_dir)
+
+    code = snapshot_code(run_dir)
+    executor = make_executor(cluster, run_dir / "logs", opts)
+    cwd = Path.cwd()
+    os.chdir(code)  # the job's working directory, so `python -m submitit...` imports the snapshot
+    try:
+        if len(configs) > 1:
+            jobs = executor.map_array(_run_task, [to_dict(c) for c in configs])
+        else:
+            jobs = [executor.submit(_run_task, to_dict(configs[0]))]
+    finally:
+        os.chdir(cwd)
+    info_path = run_dir / "submit.json"
+    previous = json.loads(info_path.read_text())["job_ids"] if info_path.exists() else []
+    info = {"cluster": cluster, "slurm": vars(opts), "run_dirs": [str(d) for d in task_dirs],
+            "job_ids": previous + [str(j.job_id) for j in jobs], "code": str(code)}
+    info_path.write_text(json.dumps(info, indent=2))
+    return Submission(job_ids=[str(j.job_id) for j in jobs], run_dirs=[str(d) for d in task_dirs],
+                      log_paths=[str(j.paths.stdout).replace("%t", "0") for j in jobs],
+                      run_ids=[c.track.run_id for c in configs], jobs=jobs)
+
+
+def _run_task(config: dict) -> dict:
+    return TrainTask(config)()
+
+
+def _new_run_id() -> str:
+    import uuid
+
+    return uuid.uuid4().hex[:12]

@@ -1,0 +1,179 @@
+"""jobs/submit.py on the real local SLURM cluster (slurm/cluster.sh): preemption, time limit,
+scancel --signal=USR2, a SIGKILLed rank and --resume. CPU tasks, small shards."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from imgcls import checkpoint
+from tests.conftest import REPO, build_bands_dataset, torchrun
+from tests.slurm_cluster import slurm_cluster  # noqa: F401  (fixture)
+from tests.wandb_records import logged_steps
+
+pytestmark = pytest.mark.slurm
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return build_bands_dataset(tmp_path_factory.mktemp("data"))
+
+
+def job_config(dataset: str, run_dir: Path, epochs: int, wandb: str = "offline") -> list[str]:
+    return [f"data.url={dataset}", f"run.dir={run_dir}", f"train.epochs={epochs}", "model.width=16",
+            "data.batch_size=16", "data.num_workers=1", f"track.wandb={wandb}", "track.progress=false",
+            "train.log_every=5", "train.ckpt_every=20", "run.deterministic=true"]
+
+
+def submit(*args: str) -> str:
+    out = subprocess.run([sys.executable, str(REPO / "jobs" / "submit.py"), *args], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-4000:]
+    first = out.stdout.split("\n")[0]
+    assert first.startswith("job "), out.stdout
+    return first.split()[1]
+
+
+def status(root: Path) -> list[dict]:
+    out = subprocess.run([sys.executable, str(REPO / "jobs" / "status.py"), "list", "--root", str(root), "--json"],
+                         cwd=REPO, capture_output=True, text=True, timeout=60, check=True)
+    return json.loads(out.stdout)
+
+
+def wait_for(predicate, timeout: float, what: str, poll: float = 0.5):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+def logged_step(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return max((r["step"] for r in lines), default=0)
+
+
+def attempts(run_dir: Path) -> list[dict]:
+    path = run_dir / "attempts.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def wait_state(cluster, job_id: str, states: set, timeout: float) -> str:
+    def reached():
+        state = cluster.sacct_state(int(job_id))
+        return state if state in states else None
+    try:
+        return wait_for(reached, timeout, f"job {job_id} to reach {states}", poll=1)
+    except TimeoutError:
+        raise AssertionError(f"job {job_id} is {cluster.job_state(int(job_id))}, expected {states}") from None
+
+
+def log_tail(run_dir: Path, job_id: str) -> str:
+    err = run_dir / "logs" / f"{job_id}_0_log.err"
+    return err.read_text()[-3000:] if err.exists() else "(no log)"
+
+
+def final_weights(run_dir: Path) -> dict:
+    state, _ = checkpoint.load_latest(str(run_dir))
+    return state
+
+
+def test_preempted_job_checkpoints_requeues_and_matches_an_uninterrupted_run(slurm_cluster, dataset, tmp_path):
+    run_dir = tmp_path / "preempted"
+    args = job_config(dataset, run_dir, epochs=6)
+    job = submit("--nodes", "2", "--time", "10", *args)
+    wait_for(lambda: logged_step(run_dir) >= 20, 120, "the job to train 20 steps")
+    urgent = slurm_cluster.sbatch("-p", "urgent", "-N", "4", "--exclusive", "--wrap", "sleep 3")
+    assert wait_state(slurm_cluster, str(urgent), {"COMPLETED"}, 120) == "COMPLETED"
+    assert wait_state(slurm_cluster, job, {"COMPLETED", "FAILED", "CANCELLED"}, 240) == "COMPLETED", log_tail(run_dir, job)
+
+    runs = attempts(run_dir)
+    assert len(runs) >= 2 and runs[-1]["restart_count"] >= 1, runs
+    state = final_weights(run_dir)
+    assert state["progress"]["restarts"] >= 1
+    # the same config, uninterrupted, under torchrun: bitwise the same weights
+    reference_dir = tmp_path / "reference"
+    torchrun(job_config(dataset, reference_dir, epochs=6, wandb="disabled"))
+    reference = final_weights(reference_dir)
+    assert state["progress"]["step"] == reference["progress"]["step"]
+    for name, tensor in reference["model"].items():
+        assert torch.equal(state["model"][name], tensor), f"{name} differs from the uninterrupted run"
+
+    # one wandb run through the requeue, steps never backwards
+    files = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(files) >= 2 and len({f.parent.name.rsplit("-", 1)[1] for f in files}) == 1
+    steps = [s for f in files for s in logged_steps(f)]
+    assert steps == sorted(steps) and steps[-1] == state["progress"]["step"]
+
+    row = next(r for r in status(tmp_path) if r["run_dir"] == str(run_dir))
+    assert row["state"] == "COMPLETED" and row["requeues"] >= 1 and row["step"] == state["progress"]["step"]
+
+
+def test_time_limit_requeues_and_finishes_on_four_nodes(slurm_cluster, dataset, tmp_path):
+    run_dir = tmp_path / "timelimit"
+    # a 1-minute limit with USR2 45 s before it; ~25 epochs take longer than one minute
+    job = submit("--nodes", "4", "--time", "1", "--signal-margin", "45", *job_config(dataset, run_dir, epochs=25))
+    assert wait_state(slurm_cluster, job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 420) == "COMPLETED", \
+        log_tail(run_dir, job)
+    state = final_weights(run_dir)
+    assert state["progress"]["restarts"] >= 1 and state["data"]["epoch"] == 25
+    row = next(r for r in status(tmp_path) if r["run_dir"] == str(run_dir))
+    assert row["requeues"] >= 1 and row["slurm_restarts"] >= 1 and row["state"] == "COMPLETED"
+    assert len({a["host"] for a in attempts(run_dir)}) >= 1
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps)
+
+
+def rank_pid(job_id: str, rank: int) -> int | None:
+    """PID of the training process of `rank` in `job_id` (found by its environment)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            env = dict(item.split("=", 1) for item in (proc / "environ").read_text().split("\0") if "=" in item)
+            cmdline = (proc / "cmdline").read_text()
+        except OSError:
+            continue
+        if (env.get("SLURM_JOB_ID") == job_id and env.get("SLURM_PROCID") == str(rank)
+                and "submitit.core._submit" in cmdline and "SLURM_STEP_ID" in env):
+            return int(proc.name)
+    return None
+
+
+def test_usr2_requeues_then_a_killed_rank_fails_and_resume_finishes(slurm_cluster, dataset, tmp_path):
+    run_dir = tmp_path / "killed"
+    job = submit("--nodes", "2", "--time", "10", *job_config(dataset, run_dir, epochs=10))
+    wait_for(lambda: logged_step(run_dir) >= 10, 120, "the job to train 10 steps")
+    subprocess.run(["scancel", "--signal=USR2", job], check=True, env={**os.environ, **slurm_cluster.env})
+    # it checkpoints, requeues itself and starts again
+    wait_for(lambda: len(attempts(run_dir)) >= 2, 120, "the requeued job to start")
+    stopped_at = final_weights(run_dir)["progress"]["step"]
+    wait_for(lambda: logged_step(run_dir) >= stopped_at + 45, 120, "the requeued job to pass a periodic checkpoint")
+
+    pid = wait_for(lambda: rank_pid(job, 1), 30, "rank 1's process")
+    os.kill(pid, signal.SIGKILL)
+    assert wait_state(slurm_cluster, job, {"FAILED", "COMPLETED", "CANCELLED"}, 120) == "FAILED"
+    row = next(r for r in status(tmp_path) if r["run_dir"] == str(run_dir))
+    assert row["state"] == "FAILED"
+    last_good = final_weights(run_dir)["progress"]["step"]
+    assert last_good > stopped_at
+
+    resumed = submit("--resume", str(run_dir))
+    assert resumed != job
+    assert wait_state(slurm_cluster, resumed, {"COMPLETED", "FAILED", "CANCELLED"}, 240) == "COMPLETED", \
+        log_tail(run_dir, resumed)
+    state = final_weights(run_dir)
+    assert state["data"]["epoch"] == 10 and state["progress"]["restarts"] >= 2
+    assert (run_dir / "code" / "imgcls" / "trainer.py").exists()  # it ran the snapshot

@@ -1,0 +1,163 @@
+import json
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from imgcls.metrics import ConfusionMatrix, topk_correct
+from imgcls.plots import plot_confusion_matrix, plot_training_curves
+
+# 4 classes: "c" has a sample but is never predicted, "d" has neither
+LABELS = torch.tensor([0, 0, 1, 1, 2])
+PREDS = torch.tensor([0, 1, 1, 1, 0])
+NAMES = ["a", "b", "c", "d"]
+
+
+@pytest.fixture
+def cm():
+    cm = ConfusionMatrix(4)
+    cm.update(PREDS, LABELS)
+    return cm
+
+
+def test_matrix_counts(cm):
+    assert cm.matrix.dtype == torch.int64
+    assert cm.matrix.tolist() == [[1, 1, 0, 0], [0, 2, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]]
+    assert cm.total == 5
+    assert cm.support.tolist() == [2, 2, 1, 0]
+
+
+def test_hand_computed_metrics(cm):
+    assert cm.accuracy == pytest.approx(3 / 5)
+    assert cm.precision.tolist() == pytest.approx([1 / 2, 2 / 3, 0, 0])
+    assert cm.recall.tolist() == pytest.approx([1 / 2, 1, 0, 0])
+    assert cm.f1.tolist() == pytest.approx([1 / 2, 4 / 5, 0, 0])
+    assert not cm.f1.isnan().any()
+    # macro over the classes present in labels or predictions (a, b, c), as sklearn
+    assert cm.macro_f1 == pytest.approx((1 / 2 + 4 / 5 + 0) / 3)
+    assert cm.weighted_f1 == pytest.approx((2 * 1 / 2 + 2 * 4 / 5 + 1 * 0) / 5)
+
+
+def test_logits_equal_predictions_and_batches_accumulate():
+    logits = torch.nn.functional.one_hot(PREDS, 4).float() * 3 + 0.1 * torch.randn(5, 4)
+    by_logits = ConfusionMatrix(4)
+    by_logits.update(logits[:2], LABELS[:2])
+    by_logits.update(logits[2:], LABELS[2:])
+    by_preds = ConfusionMatrix(4)
+    by_preds.update(PREDS, LABELS)
+    assert torch.equal(by_logits.matrix, by_preds.matrix)
+
+
+def test_merge_sums_like_all_reduce(cm):
+    other = ConfusionMatrix(4)
+    other.update(torch.tensor([3, 3]), torch.tensor([3, 2]))
+    summed = cm.matrix + other.matrix
+    assert torch.equal(cm.merge(other).matrix, summed)
+    assert cm.recall[3] == 1.0 and cm.precision[3] == 0.5
+    cm.reset()
+    assert cm.total == 0 and cm.accuracy == 0.0 and cm.macro_f1 == 0.0
+
+
+def test_out_of_range_labels_fail():
+    with pytest.raises(ValueError, match=r"\[0, 4\)"):
+        ConfusionMatrix(4).update(torch.tensor([0]), torch.tensor([4]))
+
+
+def test_topk_correct():
+    logits = torch.tensor([[0.1, 0.5, 0.3, 0.2],    # label 1: top-1
+                           [0.4, 0.3, 0.2, 0.1],    # label 1: top-2
+                           [0.9, 0.0, 0.1, 0.05]])  # label 1: top-4 only
+    labels = torch.tensor([1, 1, 1])
+    assert topk_correct(logits, labels, (1, 2, 3, 4)).tolist() == [1, 2, 2, 3]
+    assert topk_correct(logits, labels, (1, 5)).tolist() == [1, 3]   # k > classes: all
+    assert topk_correct(logits, labels, 2).tolist() == [2]
+    assert topk_correct(logits, labels).dtype == torch.int64
+
+
+def test_report_layout_and_notes(cm):
+    report = cm.classification_report(NAMES, digits=2)
+    lines = report.splitlines()
+    # sklearn's layout: a right-aligned header, then one row per class
+    assert lines[0] == " " * 14 + "precision    recall  f1-score   support"
+    assert lines[1] == ""
+    assert lines[2] == "           a       0.50      0.50      0.50         2"
+    assert lines[3] == "           b       0.67      1.00      0.80         2"
+    assert "    accuracy                           0.60         5" in lines
+    assert "   macro avg       0.39      0.50      0.43         5" in lines
+    assert "weighted avg       0.47      0.60      0.52         5" in lines
+    assert "precision set to 0 for classes never predicted: c, d" in report
+    assert "recall set to 0 for classes with no samples: d" in report
+    assert "nan" not in report.lower()
+
+
+def test_report_without_undefined_classes_has_no_notes():
+    cm = ConfusionMatrix(2)
+    cm.update(torch.tensor([0, 1, 1]), torch.tensor([0, 1, 0]))
+    report = cm.classification_report()
+    assert "set to 0" not in report and "excludes" not in report
+    assert report.splitlines()[2].split() == ["0", "1.0000", "0.5000", "0.6667", "2"]
+
+
+def test_to_json(cm):
+    data = json.loads(json.dumps(cm.to_json(NAMES)))
+    assert data["accuracy"] == pytest.approx(0.6)
+    assert data["num_samples"] == 5
+    assert data["per_class"]["b"] == {"precision": pytest.approx(2 / 3), "recall": 1.0,
+                                      "f1": pytest.approx(0.8), "support": 2, "predicted": 3}
+    assert data["per_class"]["d"]["f1"] == 0.0
+    assert data["undefined_set_to_zero"] == {"precision": ["c", "d"], "recall": ["d"]}
+    assert data["confusion_matrix"][0] == [1, 1, 0, 0]
+    with pytest.raises(ValueError, match="3 class names"):
+        cm.to_json(NAMES[:3])
+
+
+# ---------------------------------------------------------------- plots
+
+
+def assert_png(path, min_size=300):
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        assert min(image.size) >= min_size
+        image.verify()
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_plot_confusion_matrix(tmp_path, cm, normalize):
+    path = tmp_path / "out" / "cm.png"
+    plot_confusion_matrix(cm, NAMES, path, normalize=normalize)
+    assert_png(path)
+
+
+def test_plot_confusion_matrix_rejects_wrong_names(tmp_path, cm):
+    with pytest.raises(ValueError, match="3 class names"):
+        plot_confusion_matrix(cm.matrix, NAMES[:3], tmp_path / "cm.png")
+
+
+def training_records():
+    records = []
+    for step in range(0, 300, 10):
+        record = {"step": step, "epoch": step // 100, "train/loss": 2 * math.exp(-step / 100),
+                  "train/lr": 0.1 * (1 - step / 300)}
+        if step % 100 == 90:
+            record.update({"val/loss": record["train/loss"] + 0.1, "val/acc": 0.5 + step / 600})
+        records.append(record)
+    records.append({"epoch": 3, "test/acc": 0.9})   # no step: ignored
+    return records
+
+
+def test_plot_training_curves_from_records_and_jsonl(tmp_path):
+    plot_training_curves(training_records(), tmp_path / "curves.png")
+    assert_png(tmp_path / "curves.png")
+
+    jsonl = tmp_path / "metrics.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in training_records()) + "\n")
+    plot_training_curves(str(jsonl), tmp_path / "from_file.png")
+    assert_png(tmp_path / "from_file.png")
+    with Image.open(tmp_path / "from_file.png") as a, Image.open(tmp_path / "curves.png") as b:
+        assert a.size == b.size and a.tobytes() == b.tobytes()
+
+
+def test_plot_training_curves_with_panels_missing(tmp_path):
+    plot_training_curves([{"step": 1, "train/loss": 1.0}], tmp_path / "sparse.png")
+    assert_png(tmp_path / "sparse.png")
