@@ -98,8 +98,11 @@ def record_attempt(run_dir: str) -> None:
                "host": os.uname().nodename}
     path = Path(run_dir)
     path.mkdir(parents=True, exist_ok=True)
-    with open(path / "attempts.jsonl", "a") as f:
-        f.write(json.dumps(attempt) + "\n")
+    fd = os.open(path / "attempts.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (json.dumps(attempt) + "\n").encode())  # one append, one line
+    finally:
+        os.close(fd)
 
 
 def sweep_grid(sweeps: list[str]) -> list[list[str]]:

@@ -1,0 +1,385 @@
+"""Loader throughput: one split read three ways, timed in one run, printed as a markdown table.
+
+    .venv/bin/python bench/loader.py                     # Fashion-MNIST train split, full
+    .venv/bin/python bench/loader.py --limit 8000 --reps 2   # a quick run
+
+(a) shards, local   ShardReader over shards built with shards.build(SOURCE, <workdir>/shards)
+(b) shards, S3      the same shards built to s3:// on a moto server this script starts on a
+                    free 127.0.0.1 port (and stops at the end; only that process)
+(c) ImageFolder     torchvision ImageFolder over the same split's images written as PNG files
+                    in class subfolders, with the equivalent torchvision.transforms.v2 pipeline
+                    on PIL images, in a DataLoader (shuffle, drop_last like the reader)
+
+All three use the same batch size, num_workers, prefetch_factor, augmentation parameters and
+normalisation. Timing is airbench-style: time.perf_counter around a whole epoch, from building
+the DataLoader (so worker start-up is included) to its last batch. The datasets themselves
+(manifest, ImageFolder's directory scan) are opened once, outside the timing. One warm-up
+epoch per method is discarded, then R epochs of each are interleaved (a, b, c, a, b, c, ...)
+so load from other processes on the machine hits all three alike.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+TARGET_VS_IMAGEFOLDER = 3.0   # shard loader (local) >= 3x ImageFolder
+TARGET_S3_VS_LOCAL = 0.8      # S3 >= 0.8x local
+
+
+# ---- the S3 endpoint: a moto server of our own ------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MotoServer:
+    """`python -m moto.server` on a free loopback port; stop() ends exactly this process."""
+
+    def __init__(self, log_path: Path):
+        self.port = free_port()
+        self.log = open(log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=self.log, stderr=subprocess.STDOUT)
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        deadline = time.time() + 60
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"moto server exited with {self.proc.returncode}; see {log_path}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    break
+            except OSError:
+                if time.time() > deadline:
+                    self.stop()
+                    raise TimeoutError(f"moto server not listening on {self.endpoint} after 60 s")
+                time.sleep(0.1)
+
+    def env(self) -> dict[str, str]:
+        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "bench-key-id",
+                "AWS_SECRET_ACCESS_KEY": "bench-secret", "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+# ---- data: shards (local and S3) and the PNG folder -------------------------------------
+def limited_source(source: str, limit: int, workdir: Path) -> str:
+    """An .npz of the first `limit` samples of the source's own train part (no test split),
+    built later with split 1,0,0 so the train split holds exactly `limit` samples."""
+    from shards.sources import open_source
+
+    src = open_source(source)
+    pool = np.arange(len(src.labels)) if src.is_test is None else np.flatnonzero(~src.is_test)
+    take = pool[:limit]
+    images = np.stack([np.asarray(src.load(int(i))) for i in take])
+    path = workdir / f"limit-{limit}.npz"
+    np.savez(path, images=images, labels=src.labels[take], class_names=np.array(src.classes))
+    return str(path)
+
+
+def build_shards(source, dest, args, split):
+    import shards
+
+    return shards.build(source, dest, split=split, seed=0, shard_samples=args.shard_samples,
+                        workers=2, progress=False)
+
+
+def write_png_folder(manifest: dict, shard_root: Path, split: str, root: Path) -> int:
+    """The split's images as root/<NN_class>/<key>.png, decoded from the local shards.
+    Folder names sort in label order, so ImageFolder's labels equal the shards' labels."""
+    from shards.format import decode_sample, read_tar
+
+    shards_meta = manifest["splits"][split]["shards"]
+    marker = root / ".built-from"
+    stamp = json.dumps([s["sha256"] for s in shards_meta])
+    if marker.exists() and marker.read_text() == stamp:
+        return manifest["splits"][split]["count"]
+    if root.exists():
+        shutil.rmtree(root)
+    classes = manifest["classes"]
+    names = [f"{c:02d}_{''.join(ch if ch.isalnum() else '_' for ch in name)}"
+             for c, name in enumerate(classes)]
+    for name in names:
+        (root / name).mkdir(parents=True)
+
+    def write(shard):
+        n = 0
+        for sample in read_tar((shard_root / shard["path"]).read_bytes()):
+            image, label = decode_sample(sample, manifest)
+            pil = Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image)
+            pil.save(root / names[label] / f"{sample['__key__'].replace('/', '_')}.png")
+            n += 1
+        return n
+
+    with ThreadPoolExecutor(2) as pool:
+        total = sum(pool.map(write, shards_meta))
+    marker.write_text(stamp)
+    return total
+
+
+# ---- the three loaders ------------------------------------------------------------------
+def pil_loader(path: str, mode: str):
+    with open(path, "rb") as f:
+        return Image.open(f).convert(mode)
+
+
+def torchvision_pipeline(aug, height, width, mean, std):
+    """torchvision.transforms.v2 on PIL images, with the AugmentConfig's parameters."""
+    from torchvision.transforms import InterpolationMode, v2
+
+    steps = []
+    if aug.enabled:
+        if aug.pad:
+            steps.append(v2.RandomCrop((height, width), padding=aug.pad, fill=0))
+        if aug.flip:
+            steps.append(v2.RandomHorizontalFlip(0.5))
+        if aug.rotate_deg:
+            # imgcls.augment: bilinear grid_sample, zeros outside
+            steps.append(v2.RandomRotation(aug.rotate_deg, interpolation=InterpolationMode.BILINEAR, fill=0))
+        if aug.brightness or aug.contrast:
+            steps.append(v2.ColorJitter(brightness=aug.brightness or None, contrast=aug.contrast or None))
+    steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    return v2.Compose(steps)
+
+
+class Method:
+    name = ""
+
+    def epoch(self, epoch: int) -> int:
+        """Read one whole epoch; return the number of samples delivered."""
+        raise NotImplementedError
+
+
+class ShardMethod(Method):
+    def __init__(self, name, cfg, split):
+        from imgcls.data import ShardReader
+
+        self.name = name
+        self.reader = ShardReader(cfg, split, seed=0, train=True)
+
+    def epoch(self, epoch):
+        self.reader.set_epoch(epoch)
+        n = 0
+        for batch in self.reader.loader():
+            n += len(batch["label"])
+        return n
+
+
+class ImageFolderMethod(Method):
+    def __init__(self, name, root, transform, mode, batch_size, workers):
+        from torchvision.datasets import ImageFolder
+
+        self.name = name
+        self.dataset = ImageFolder(str(root), transform=transform,
+                                   loader=functools.partial(pil_loader, mode=mode))
+        self.batch_size, self.workers = batch_size, workers
+
+    def epoch(self, epoch):
+        from torch.utils.data import DataLoader
+
+        loader = DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True, drop_last=True,
+                            num_workers=self.workers, prefetch_factor=4 if self.workers else None,
+                            persistent_workers=False, generator=torch.Generator().manual_seed(epoch))
+        n = 0
+        for images, labels in loader:
+            n += len(labels)
+        return n
+
+
+# ---- timing and report ------------------------------------------------------------------
+def timed(method: Method, epoch: int) -> tuple[int, float]:
+    start = time.perf_counter()
+    n = method.epoch(epoch)
+    return n, time.perf_counter() - start
+
+
+def mean_std(values):
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def report(args, info, methods, results) -> str:
+    a, b, c = methods
+    rate = {m.name: [n / t for n, t in results[m.name]] for m in methods}
+    lines = [
+        f"Loader throughput: {info['source']} {args.split} split, {info['count']} samples "
+        f"({info['shards']} shards of <= {args.shard_samples}), batch {args.batch_size}, "
+        f"num_workers {args.num_workers}, {args.reps} timed epochs per method after 1 warm-up, "
+        f"interleaved; {os.cpu_count()} CPUs, torch {torch.__version__}",
+        f"augmentation: {info['augment']}; normalize mean {info['mean']} std {info['std']}",
+        "",
+        "| method | samples/epoch | samples/s (mean ± std) | epoch s (mean) | vs ImageFolder |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    ref = statistics.fmean(rate[c.name])
+    for m in methods:
+        mu, sd = mean_std(rate[m.name])
+        n = results[m.name][0][0]
+        secs = statistics.fmean(t for _, t in results[m.name])
+        lines.append(f"| {m.name} | {n} | {mu:,.0f} ± {sd:,.0f} | {secs:.2f} | {mu / ref:.2f}x |")
+    lines += ["", "| ratio | of means | per repetition (min–max) | target | met |", "|---|---:|---:|---:|:---:|"]
+    for label, num, den, target in (("shard-local / ImageFolder", a, c, TARGET_VS_IMAGEFOLDER),
+                                    ("S3 / local", b, a, TARGET_S3_VS_LOCAL)):
+        ratio = statistics.fmean(rate[num.name]) / statistics.fmean(rate[den.name])
+        per_rep = [x / y for x, y in zip(rate[num.name], rate[den.name])]
+        lines.append(f"| {label} | {ratio:.2f}x | {min(per_rep):.2f}–{max(per_rep):.2f}x | "
+                     f">= {target}x | {'yes' if ratio >= target else 'NO'} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", default="fashion-mnist",
+                   help="any `python -m shards build` source (default fashion-mnist)")
+    p.add_argument("--split", default="train", choices=("train", "val", "test"))
+    p.add_argument("--limit", type=int, help="use only the first N samples of the source's train part")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--reps", type=int, default=3, help="timed epochs per method (default 3)")
+    p.add_argument("--shard-samples", type=int, default=2000, help="samples per shard (default 2000)")
+    p.add_argument("--pad", type=int, default=2)
+    p.add_argument("--no-flip", dest="flip", action="store_false")
+    p.add_argument("--rotate-deg", type=float, default=10.0)
+    p.add_argument("--brightness", type=float, default=0.2)
+    p.add_argument("--contrast", type=float, default=0.2)
+    p.add_argument("--no-verify-checksums", dest="verify_checksums", action="store_false",
+                   help="skip the reader's sha256 check of each shard")
+    p.add_argument("--workdir", type=Path,
+                   help="keep shards and PNGs here and reuse them next time (default: a temporary "
+                        "directory, removed at the end)")
+    p.add_argument("--only", default="abc", help="subset of methods to run, e.g. 'ac' (default abc)")
+    args = p.parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        p.error("--limit must be positive")
+    if args.reps < 1:
+        p.error("--reps must be >= 1")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from imgcls.augment import AugmentConfig
+    from imgcls.data import DataConfig
+
+    # SIGTERM runs the finally blocks below too: the moto server never outlives us.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-loader-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    server = None
+    try:
+        t0 = time.perf_counter()
+        source, split_fractions = args.source, (0.7, 0.2, 0.1)
+        if args.limit:
+            source, split_fractions = limited_source(args.source, args.limit, workdir), (1.0, 0.0, 0.0)
+            if args.split != "train":
+                sys.exit("--limit puts every sample in the train split; use --split train")
+        local = workdir / "shards"
+        manifest = build_shards(source, str(local), args, split_fractions)
+        split = manifest["splits"][args.split]
+        print(f"# local shards: {local} ({split['count']} {args.split} samples in "
+              f"{len(split['shards'])} shards) [{time.perf_counter() - t0:.1f} s]", file=sys.stderr)
+
+        if "b" in args.only:
+            server = MotoServer(workdir / "moto.log")
+            for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+                os.environ.pop(k, None)
+            os.environ.update(server.env())  # inherited by the DataLoader workers (fork)
+            import s3fs
+
+            bucket = f"bench-{uuid.uuid4().hex[:8]}"
+            s3fs.S3FileSystem(skip_instance_cache=True).mkdir(bucket)
+            s3_url = f"s3://{bucket}/shards"
+            s3_manifest = build_shards(source, s3_url, args, split_fractions)
+            if s3_manifest["splits"] != manifest["splits"]:
+                raise RuntimeError("the S3 build differs from the local build")
+            print(f"# S3 shards: {s3_url} at {server.endpoint} [{time.perf_counter() - t0:.1f} s]",
+                  file=sys.stderr)
+
+        png_root = workdir / f"png-{args.split}"
+        if "c" in args.only:
+            n_png = write_png_folder(manifest, local, args.split, png_root)
+            print(f"# PNG folder: {png_root} ({n_png} files) [{time.perf_counter() - t0:.1f} s]",
+                  file=sys.stderr)
+
+        image = manifest["image"]
+        channels = image["channels"]
+        mean, std = [0.5] * channels, [0.5] * channels
+        aug = AugmentConfig(enabled=True, pad=args.pad, flip=args.flip, rotate_deg=args.rotate_deg,
+                            brightness=args.brightness, contrast=args.contrast)
+
+        def data_cfg(url):
+            return DataConfig(url=url, batch_size=args.batch_size, num_workers=args.num_workers,
+                              verify_checksums=args.verify_checksums, mean=mean, std=std, augment=aug)
+
+        methods = []
+        if "a" in args.only:
+            methods.append(ShardMethod("(a) shards, local", data_cfg(str(local)), args.split))
+        if "b" in args.only:
+            methods.append(ShardMethod("(b) shards, S3 (moto)", data_cfg(s3_url), args.split))
+        if "c" in args.only:
+            transform = torchvision_pipeline(aug, image["height"], image["width"], mean, std)
+            methods.append(ImageFolderMethod("(c) ImageFolder PNG + v2", png_root, transform,
+                                             "L" if channels == 1 else "RGB",
+                                             args.batch_size, args.num_workers))
+
+        results = {m.name: [] for m in methods}
+        for rep in range(args.reps + 1):  # rep 0: warm-up, discarded
+            for m in methods:
+                n, secs = timed(m, epoch=rep)
+                print(f"# {'warm-up' if rep == 0 else f'rep {rep}'} {m.name}: {n} samples in "
+                      f"{secs:.2f} s = {n / secs:,.0f}/s", file=sys.stderr, flush=True)
+                if rep:
+                    results[m.name].append((n, secs))
+
+        if len(methods) == 3:
+            info = {"source": args.source + (f" (first {args.limit})" if args.limit else ""),
+                    "count": split["count"], "shards": len(split["shards"]),
+                    "augment": f"crop pad {aug.pad}, flip {aug.flip}, rotate ±{aug.rotate_deg:g}°, "
+                               f"brightness {aug.brightness:g}, contrast {aug.contrast:g}",
+                    "mean": mean, "std": std}
+            print(report(args, info, methods, results))
+        else:
+            for m in methods:
+                mu, sd = mean_std([n / t for n, t in results[m.name]])
+                print(f"| {m.name} | {mu:,.0f} ± {sd:,.0f} samples/s |")
+        print(f"# total {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    finally:
+        if server is not None:
+            server.stop()
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
