@@ -60,6 +60,9 @@ class TrainTask:
         cfg = from_dict(self.config)
         is_main = configure_logging()
         if is_main:
+            import imgcls
+
+            log.info("running the code in %s", Path(imgcls.__file__).parent.parent)
             record_attempt(cfg.run.dir)
         result = train(cfg)
         if result["status"] == "stopped" and result["reason"].startswith("signal") and "SLURM_JOB_ID" in os.environ:

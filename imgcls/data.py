@@ -11,10 +11,12 @@ skipped sample; workers are rotated so the loader starts with the worker owning 
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import io
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -124,6 +126,20 @@ def plain_tar_members(data: bytes) -> list[tuple[str, bytes]] | None:
         return None
 
 
+_frozen_in: int | None = None
+
+
+def _freeze_inherited_objects() -> None:
+    """In a forked worker, once: move the objects inherited from the parent out of the cyclic
+    garbage collector's reach (gc.freeze), so the worker's first full collection does not walk,
+    and copy-on-write, the whole parent heap: ~0.3 s per worker per epoch with torch loaded.
+    Reference counting still frees them; objects the worker creates are collected as usual."""
+    global _frozen_in
+    if _frozen_in != os.getpid():
+        gc.freeze()
+        _frozen_in = os.getpid()
+
+
 class ShardReader(IterableDataset):
     """One split of a manifest, as batches for one rank. Use `loader()` to iterate an epoch."""
 
@@ -200,6 +216,7 @@ class ShardReader(IterableDataset):
             raise DataError("ShardReader with num_workers > 1 must be iterated through reader.loader()")
         if info is not None:
             torch.set_num_threads(1)  # workers share the cores with the training processes
+            _freeze_inherited_objects()
         epoch, start = self.epoch, self.position if self.train else 0
         shards = self.worker_shards(epoch, self.rank)
         counts = self.worker_batches(epoch, self.rank)

@@ -47,14 +47,14 @@ class SlurmCluster:
         out = self.run("sbatch", "--parsable", *args).stdout.strip()
         return int(out.split(";")[0])
 
-    def job_state(self, job_id: int) -> str:
+    def job_state(self, job_id: int | str) -> str:
         """The job's state from slurmctld (squeue), else from accounting (sacct); '' if unknown."""
         q = self.run("squeue", "-h", "-j", str(job_id), "-o", "%T", check=False)
         if q.returncode == 0 and q.stdout.strip():
             return q.stdout.split()[0]
         return self.sacct_state(job_id)
 
-    def sacct_state(self, job_id: int) -> str:
+    def sacct_state(self, job_id: int | str) -> str:
         """The job's state in accounting (e.g. COMPLETED, CANCELLED, PREEMPTED); '' if not yet there."""
         r = self.run("sacct", "-n", "-X", "-P", "-j", str(job_id), "-o", "State", check=False)
         lines = [ln.split()[0] for ln in r.stdout.splitlines() if ln.strip()]

@@ -72,12 +72,12 @@ def attempts(run_dir: Path) -> list[dict]:
 
 def wait_state(cluster, job_id: str, states: set, timeout: float) -> str:
     def reached():
-        state = cluster.sacct_state(int(job_id))
+        state = cluster.sacct_state(job_id)
         return state if state in states else None
     try:
         return wait_for(reached, timeout, f"job {job_id} to reach {states}", poll=1)
     except TimeoutError:
-        raise AssertionError(f"job {job_id} is {cluster.job_state(int(job_id))}, expected {states}") from None
+        raise AssertionError(f"job {job_id} is {cluster.job_state(job_id)}, expected {states}") from None
 
 
 def log_tail(run_dir: Path, job_id: str) -> str:
@@ -178,3 +178,20 @@ def test_usr2_requeues_then_a_killed_rank_fails_and_resume_finishes(slurm_cluste
     state = final_weights(run_dir)
     assert state["data"]["epoch"] == 10 and state["progress"]["restarts"] >= 2
     assert (run_dir / "code" / "imgcls" / "trainer.py").exists()  # it ran the snapshot
+
+
+def test_sweep_is_one_job_array_with_a_run_dir_per_task(slurm_cluster, dataset, tmp_path):
+    run_dir = tmp_path / "sweep"
+    out = subprocess.run([sys.executable, str(REPO / "jobs" / "submit.py"), "--sweep", "model.width=4,8",
+                          f"data.url={dataset}", f"run.dir={run_dir}", "train.epochs=1", "data.num_workers=1",
+                          "track.wandb=disabled", "track.progress=false"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    job_ids = [line.split()[1] for line in out.stdout.splitlines() if line.startswith("job ")]
+    assert len(job_ids) == 2 and len({j.split("_")[0] for j in job_ids}) == 1  # one array: ID_0, ID_1
+    for job_id in job_ids:
+        assert wait_state(slurm_cluster, job_id, {"COMPLETED", "FAILED", "CANCELLED"}, 180) == "COMPLETED"
+    widths = [final_weights(run_dir / f"sweep-{i:03d}")["config"]["model"]["width"] for i in range(2)]
+    assert widths == [4, 8]
+    rows = status(tmp_path)
+    assert sorted(r["job_id"] for r in rows) == sorted(job_ids) and {r["state"] for r in rows} == {"COMPLETED"}

@@ -1,0 +1,64 @@
+"""jobs/submit.py without SLURM: submitit's debug (in-process) and local executors, sweeps,
+the code snapshot; and the pure helpers."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from imgcls.cluster import sweep_grid
+from imgcls.distributed import expand_hostlist
+from tests.conftest import REPO, build_bands_dataset
+
+TINY = ["model.width=8", "data.batch_size=32", "data.num_workers=1", "train.epochs=1",
+        "track.wandb=disabled", "track.progress=false"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return build_bands_dataset(tmp_path_factory.mktemp("data"))
+
+
+def submit(*args):
+    out = subprocess.run([sys.executable, str(REPO / "jobs" / "submit.py"), *args, "--wait"], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return out.stdout, json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_debug_cluster_runs_in_process(dataset, tmp_path):
+    stdout, results = submit("--cluster", "debug", f"data.url={dataset}", f"run.dir={tmp_path / 'run'}", *TINY)
+    assert results[0]["status"] == "done" and results[0]["step"] > 0
+    assert "run dir: " in stdout and "wandb:" in stdout
+
+
+def test_local_cluster_two_tasks_ddp_from_the_code_snapshot(dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    _, results = submit("--cluster", "local", "--tasks-per-node", "2", f"data.url={dataset}", f"run.dir={run_dir}", *TINY)
+    assert [r["status"] for r in results] == ["done", "done"]
+    assert results[0]["step"] == results[1]["step"] > 0
+    logs = "".join(p.read_text() for p in (run_dir / "logs").glob("*_0_log.err"))
+    assert f"running the code in {run_dir / 'code'}" in logs
+    with pytest.raises(AssertionError, match="already holds a submitted run"):
+        submit("--cluster", "local", f"data.url={dataset}", f"run.dir={run_dir}", *TINY)
+
+
+def test_sweep_gives_each_task_its_own_run_dir(dataset, tmp_path):
+    run_dir = tmp_path / "sweep"
+    stdout, results = submit("--cluster", "local", "--sweep", "optim.lr=0.01,0.3", f"data.url={dataset}",
+                             f"run.dir={run_dir}", *TINY)
+    assert stdout.count("job ") == 2 and len(results) == 2
+    for i, lr in enumerate(["0.01", "0.3"]):
+        config = (run_dir / f"sweep-{i:03d}" / "config.yaml").read_text()
+        assert f"lr: {lr}" in config
+        assert (run_dir / f"sweep-{i:03d}" / "checkpoints").is_dir()
+
+
+def test_sweep_grid_and_hostlists():
+    assert sweep_grid(["a=1,2", "b=x"]) == [["a=1", "b=x"], ["a=2", "b=x"]]
+    assert sweep_grid([]) == [[]]
+    with pytest.raises(ValueError, match="key=v1,v2"):
+        sweep_grid(["a"])
+    assert expand_hostlist("n[1-3,7],gpu-a[01-02],login") == ["n1", "n2", "n3", "n7", "gpu-a01", "gpu-a02", "login"]
