@@ -56,7 +56,6 @@ class TrainConfig:
     ema_decay: float = 0.0           # 0 = no EMA of the weights
     early_stop_patience: int = 0     # epochs without val improvement; 0 = off
     early_stop_metric: str = "val/acc"
-    channels_last: bool = False
     compile: bool = False            # torch.compile: off by default, slower on small CPUs
     log_every: int = 20              # optimizer steps between train-metric records
     ckpt_every: int = 200            # optimizer steps between periodic checkpoints (and every epoch end)

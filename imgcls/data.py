@@ -333,5 +333,11 @@ class ShardReader(IterableDataset):
     def loader(self) -> DataLoader:
         """A DataLoader over the current (epoch, position). Build a new one each epoch."""
         workers = self.cfg.num_workers
-        return DataLoader(self, batch_size=None, num_workers=workers,
+        return DataLoader(self, batch_size=None, num_workers=workers, collate_fn=_as_is,
                           prefetch_factor=4 if workers else None, persistent_workers=False)
+
+
+def _as_is(batch: dict) -> dict:
+    """The loader's collate_fn: batches are ready as they are. (The default, default_convert,
+    returns an equal dict after walking every key string of every batch.)"""
+    return batch

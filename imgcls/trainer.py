@@ -98,7 +98,8 @@ def make_schedule(cfg: Config, optimizer, total_steps: int, steps_per_epoch: int
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def forward_backward(ddp, micro_batches: list[dict], scaler, autocast, device, train_cfg, distributed_enabled: bool):
+def forward_backward(ddp, micro_batches: list[dict], scaler, autocast, device, *, label_smoothing: float = 0.0,
+                     channels_last: bool = False, distributed_enabled: bool = False):
     """Accumulate the gradient of the mean loss over `micro_batches` (one optimizer step).
 
     Gradients are all-reduced only on the last micro-batch (no_sync before it). Each
@@ -111,13 +112,13 @@ def forward_backward(ddp, micro_batches: list[dict], scaler, autocast, device, t
     for micro, batch in enumerate(micro_batches):
         images = batch["image"].to(device, non_blocking=True)
         labels = batch["label"].to(device, non_blocking=True)
-        if train_cfg.channels_last:
+        if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         last = micro == accum - 1
         with contextlib.nullcontext() if last or not distributed_enabled else ddp.no_sync():
             with autocast():
                 logits = ddp(images)
-                loss = F.cross_entropy(logits.float(), labels, label_smoothing=train_cfg.label_smoothing)
+                loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
             scaler.scale(loss / accum).backward()
         _maybe_inject_fault()
         totals[0] += loss.detach().double() * len(labels)
@@ -170,8 +171,6 @@ def _train(cfg: Config, dist, stop: StopRequest) -> dict:
                   if "val" in manifest["splits"] else None)
 
     model = build_model(cfg.model, num_classes, channels).to(device)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
     accum = cfg.train.accum_steps
     steps_per_epoch = [reader.batches_per_epoch(e) // accum for e in range(cfg.train.epochs)]
     if min(steps_per_epoch, default=0) == 0:
@@ -245,7 +244,9 @@ def _train(cfg: Config, dist, stop: StopRequest) -> dict:
                 micro_batches.append(batch)
                 window["bad"] += batch["bad"]
             flags = torch.zeros(5, dtype=torch.float64)  # loss sum, correct, seen, non-finite, stop
-            flags[:3] = forward_backward(ddp, micro_batches, scaler, autocast, device, cfg.train, dist.enabled)
+            flags[:3] = forward_backward(ddp, micro_batches, scaler, autocast, device,
+                                         label_smoothing=cfg.train.label_smoothing,
+                                         channels_last=cfg.model.channels_last, distributed_enabled=dist.enabled)
             flags[3] = float(not math.isfinite(flags[0].item()))
             flags[4] = float(stop.requested)
             distributed.all_reduce_sum(flags)  # every rank sees the same flags: they stop together
@@ -299,6 +300,8 @@ def _train(cfg: Config, dist, stop: StopRequest) -> dict:
             record = {"epoch": epoch + 1, **{f"val/{k}": v for k, v in metrics.items()}}
             tracker.log(progress.step, record)
             value = record.get(cfg.train.early_stop_metric, record["val/acc"])
+            if "loss" in cfg.train.early_stop_metric:
+                value = -value  # lower is better
             improved = value > progress.best
             progress.best, progress.bad_epochs = (value, 0) if improved else (progress.best, progress.bad_epochs + 1)
             if dist.is_main:

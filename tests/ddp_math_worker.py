@@ -32,7 +32,7 @@ def main(accum: int, steps: int, out: str) -> None:
         chunks = zip(images[mine].chunk(accum), labels[mine].chunk(accum))
         micro_batches = [{"image": x, "label": y} for x, y in chunks]
         forward_backward(ddp, micro_batches, scaler, contextlib.nullcontext, torch.device("cpu"),
-                         cfg.train, dist.enabled)
+                         distributed_enabled=dist.enabled)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     if dist.is_main:

@@ -3,13 +3,15 @@ non-finite loss, checkpoints on S3, and the distributed maths of accumulation.""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from imgcls import checkpoint
-from tests.conftest import build_bands_dataset, torchrun
+from tests.conftest import REPO, build_bands_dataset, torchrun
 from tests.wandb_records import logged_steps, run_id
 
 SMALL = [
@@ -17,7 +19,7 @@ SMALL = [
     "data.num_workers=1", "optim.lr=0.05", "optim.base_batch=64", "train.epochs=2",
     "train.accum_steps=2", "train.log_every=2", "train.ckpt_every=5", "train.keep_last=2",
     "track.wandb=disabled", "track.progress=false", "schedule.warmup_epochs=0.2",
-    "data.mean=[0.5]", "data.std=[0.25]", "run.deterministic=true",
+    "data.mean=[0.5]", "data.std=[0.25]", "run.deterministic=true", "train.ema_decay=0.9",
 ]
 
 
@@ -129,3 +131,48 @@ def test_checkpoints_go_to_s3(dataset, s3_bucket):
     urls = checkpoint.list_checkpoints(run_dir)
     assert urls and urls[-1].endswith("step-00000003.pt")
     assert checkpoint.load(urls[-1])["progress"]["step"] == 3
+
+
+def test_evaluate_job_writes_the_report(uninterrupted):
+    run_dir, _ = uninterrupted
+    out = subprocess.run([sys.executable, str(REPO / "jobs" / "evaluate.py"), f"{run_dir}/checkpoints/best.pt",
+                          "--split", "test"], cwd=REPO, capture_output=True, text=True, timeout=120, check=True)
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["count"] == 200 and summary["weights"] == "ema" and summary["acc"] > 0.6
+    assert "precision" in out.stdout and "macro avg" in out.stdout
+    eval_dir = Path(run_dir, "eval", "test")
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    per_class = metrics["per_class"]["per_class"]
+    assert sorted(per_class) == ["0", "1", "2", "3"] and sum(c["support"] for c in per_class.values()) == 200
+    assert set(per_class["0"]) >= {"precision", "recall", "f1"}
+    confusion = json.loads((eval_dir / "confusion.json").read_text())
+    assert sum(map(sum, confusion["matrix"])) == 200
+    assert (eval_dir / "confusion.png").stat().st_size > 1000 and (eval_dir / "report.txt").exists()
+
+
+def test_fp16_adamw_step_schedule_and_progressive_unfreezing(dataset, tmp_path):
+    run_dir = tmp_path / "transfer"
+    torchrun([f"data.url={dataset}", f"run.dir={run_dir}", *SMALL, "train.precision=fp16", "train.grad_clip=1.0",
+              "optim.name=adamw", "optim.lr=0.01", "schedule.name=step", "schedule.step_epochs=1",
+              "model.freeze_backbone=true", "model.unfreeze_schedule=[[1, all]]", "train.keep_last=10",
+              "train.ema_decay=0.0"])
+    states = [checkpoint.load(url) for url in checkpoint.list_checkpoints(str(run_dir))]
+    epoch_end = [s for s in states if s["data"]["position"] == 0]
+    first, second = epoch_end[0]["model"], epoch_end[1]["model"]
+    torch.manual_seed(0)
+    from imgcls.config import from_dict
+    from imgcls.models import build_model
+    initial = build_model(from_dict(states[0]["config"]).model, 4, 1).state_dict()
+    weights = [n for n in first if n.endswith("weight") and not n.startswith("fc.")]
+    assert weights
+    assert all(torch.equal(first[n], initial[n]) for n in weights), "backbone moved while frozen"
+    assert any(not torch.equal(second[n], first[n]) for n in weights), "backbone did not train after unfreezing"
+    assert epoch_end[1]["scaler"]["scale"] > 0  # fp16 used a GradScaler
+    assert json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["val/acc"] > 0.5
+
+
+def test_early_stopping_on_a_plateau(dataset, tmp_path):
+    out = torchrun([f"data.url={dataset}", f"run.dir={tmp_path / 'plateau'}", *SMALL, "optim.lr=0.0",
+                    "model.norm=none", "train.epochs=4", "train.early_stop_patience=1"], nproc=1)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["status"] == "early_stopped" and result["epoch"] == 2
