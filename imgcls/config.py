@@ -52,6 +52,9 @@ class TrainConfig:
     accum_steps: int = 1             # micro-batches per optimizer step
     precision: str = "auto"          # auto (bf16 on CPU, fp16 on CUDA) | bf16 | fp16 | fp32
     label_smoothing: float = 0.0
+    focal_gamma: float = 0.0         # > 0: focal loss instead of cross-entropy
+    mixup_alpha: float = 0.0         # > 0: Mixup with Beta(alpha, alpha)
+    cutmix_alpha: float = 0.0        # > 0: CutMix (with Mixup too: one of them per batch)
     grad_clip: float = 0.0           # max grad norm; 0 = off
     ema_decay: float = 0.0           # 0 = no EMA of the weights
     early_stop_patience: int = 0     # epochs without val improvement; 0 = off
@@ -62,6 +65,13 @@ class TrainConfig:
     keep_last: int = 3               # checkpoints kept besides the best
     max_steps: int = 0               # stop (with a checkpoint) after this many steps; 0 = run all epochs
     max_requeues: int = 3            # fail after this many consecutive resumes that made no progress
+
+
+@dataclass
+class DistillConfig:
+    teacher: str = ""                # a checkpoint (file or URL): distil its predictions into this model
+    temperature: float = 4.0
+    alpha: float = 0.5               # weight of the distillation term; 1 - alpha for the labels
 
 
 @dataclass
@@ -81,6 +91,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
 
 

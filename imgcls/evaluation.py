@@ -37,6 +37,21 @@ def evaluate(model, reader: ShardReader, device, autocast, num_classes: int) -> 
             "macro_f1": confusion.macro_f1, "count": int(totals[2].item()), "confusion": confusion}
 
 
+def model_from_checkpoint(state: dict, num_classes: int, in_channels: int, use_ema: bool = True):
+    """(model in eval mode, "ema" | "model"): the checkpoint's architecture with its weights,
+    the EMA ones when present and wanted."""
+    from imgcls.config import from_dict
+    from imgcls.models import build_model
+
+    cfg = from_dict(state["config"])
+    model = build_model(cfg.model, num_classes, in_channels)
+    if use_ema and "ema" in state:  # AveragedModel's state: module.* plus n_averaged
+        model.load_state_dict({k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")})
+        return model.eval(), "ema"
+    model.load_state_dict(state["model"])
+    return model.eval(), "model"
+
+
 def run_dir_of(checkpoint_url: str) -> str:
     """RUN_DIR for RUN_DIR/checkpoints/step-N.pt."""
     return checkpoint_url.rsplit("/", 2)[0]
@@ -47,7 +62,6 @@ def evaluate_checkpoint(checkpoint_url: str, split: str = "test", data_url: str 
     """Evaluate a checkpoint on a split; rank 0 writes report.txt, metrics.json, confusion.json and
     confusion.png to OUT_DIR (default RUN_DIR/eval/SPLIT). Works under torchrun or alone."""
     from imgcls.config import from_dict
-    from imgcls.models import build_model
     from imgcls.trainer import resolve_precision
 
     dist = distributed.init_distributed()
@@ -57,18 +71,15 @@ def evaluate_checkpoint(checkpoint_url: str, split: str = "test", data_url: str 
         cfg.data.url = data_url
     manifest = read_manifest(cfg.data.url)
     classes = manifest["classes"]
-    model = build_model(cfg.model, len(classes), manifest["image"]["channels"]).to(dist.device)
-    weights = state["model"]
-    if use_ema and "ema" in state:  # AveragedModel's state: module.* plus n_averaged
-        weights = {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
-    model.load_state_dict(weights)
+    model, weights = model_from_checkpoint(state, len(classes), manifest["image"]["channels"], use_ema)
+    model = model.to(dist.device)
     reader = ShardReader(cfg.data, split, rank=dist.rank, world_size=dist.world_size, train=False, manifest=manifest)
     dtype = resolve_precision(cfg.train.precision, dist.device)
     autocast = (lambda: torch.autocast(dist.device.type, dtype=dtype)) if dtype else contextlib.nullcontext
     metrics = evaluate(model, reader, dist.device, autocast, len(classes))
     confusion = metrics.pop("confusion")
     report = confusion.classification_report(classes)
-    result = {"checkpoint": checkpoint_url, "split": split, "weights": "ema" if weights is not state["model"] else "model",
+    result = {"checkpoint": checkpoint_url, "split": split, "weights": weights,
               **metrics, "per_class": confusion.to_json(classes)}
     if dist.is_main:
         out = out_dir or storage.join(run_dir_of(checkpoint_url), "eval", split)

@@ -15,13 +15,13 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from imgcls import checkpoint, distributed, storage
 from imgcls.config import Config, save_config, to_dict
 from imgcls.data import DataError, ShardReader, read_manifest
-from imgcls.evaluation import evaluate
+from imgcls.evaluation import evaluate, model_from_checkpoint
+from imgcls.losses import classification_loss, distillation_loss, mix_batch
 from imgcls.models import apply_unfreeze_schedule, build_model
 from imgcls.signals import StopRequest
 from imgcls.tracking import Tracker
@@ -98,7 +98,32 @@ def make_schedule(cfg: Config, optimizer, total_steps: int, steps_per_epoch: int
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def forward_backward(ddp, micro_batches: list[dict], scaler, autocast, device, *, label_smoothing: float = 0.0,
+class Objective:
+    """The loss of one micro-batch: cross-entropy or focal loss with label smoothing, against
+    the Mixup/CutMix targets when the batch was mixed, plus distillation from a teacher."""
+
+    def __init__(self, train_cfg=None, distill_cfg=None, teacher: torch.nn.Module | None = None):
+        self.label_smoothing = train_cfg.label_smoothing if train_cfg else 0.0
+        self.focal_gamma = train_cfg.focal_gamma if train_cfg else 0.0
+        self.distill, self.teacher = distill_cfg, teacher
+
+    def __call__(self, logits, images, labels, batch) -> torch.Tensor:
+        def loss_for(targets):
+            return classification_loss(logits, targets, label_smoothing=self.label_smoothing,
+                                       focal_gamma=self.focal_gamma)
+        loss = loss_for(labels)
+        if "label_b" in batch:
+            lam = batch["lam"]
+            loss = lam * loss + (1 - lam) * loss_for(batch["label_b"].to(labels.device))
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_logits = self.teacher(images).float()
+            alpha = self.distill.alpha
+            loss = (1 - alpha) * loss + alpha * distillation_loss(logits, teacher_logits, self.distill.temperature)
+        return loss
+
+
+def forward_backward(ddp, micro_batches: list[dict], scaler, autocast, device, *, objective: Objective | None = None,
                      channels_last: bool = False, distributed_enabled: bool = False):
     """Accumulate the gradient of the mean loss over `micro_batches` (one optimizer step).
 
@@ -107,6 +132,7 @@ def forward_backward(ddp, micro_batches: list[dict], scaler, autocast, device, *
     the effective batch whatever the split into ranks and micro-batches.
     Returns [loss sum, correct, seen] over this rank's samples.
     """
+    objective = objective or Objective()
     totals = torch.zeros(3, dtype=torch.float64)
     accum = len(micro_batches)
     for micro, batch in enumerate(micro_batches):
@@ -118,7 +144,7 @@ def forward_backward(ddp, micro_batches: list[dict], scaler, autocast, device, *
         with contextlib.nullcontext() if last or not distributed_enabled else ddp.no_sync():
             with autocast():
                 logits = ddp(images)
-                loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+                loss = objective(logits.float(), images, labels, batch)
             scaler.scale(loss / accum).backward()
         _maybe_inject_fault()
         totals[0] += loss.detach().double() * len(labels)
@@ -220,6 +246,13 @@ def _train(cfg: Config, dist, stop: StopRequest) -> dict:
             checkpoint.save(snapshot, run_dir, progress.step, cfg.train.keep_last, best=best)
 
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
+    teacher = None
+    if cfg.distill.teacher:
+        teacher_state = checkpoint.load(cfg.distill.teacher)
+        teacher, _ = model_from_checkpoint(teacher_state, num_classes, channels)
+        teacher = teacher.to(device).requires_grad_(False)
+        del teacher_state
+    objective = Objective(cfg.train, cfg.distill, teacher)
     compiled = torch.compile(model) if cfg.train.compile else model
     status, reason = "done", ""
     bar = None
@@ -241,11 +274,14 @@ def _train(cfg: Config, dist, stop: StopRequest) -> dict:
                 batch = next(batches)
                 if batch["position"] != reader.position + micro:
                     raise DataError(f"reader order broke: got batch {batch['position']}, expected {reader.position + micro}")
+                if cfg.train.mixup_alpha > 0 or cfg.train.cutmix_alpha > 0:
+                    batch["image"], batch["label_b"], batch["lam"] = mix_batch(
+                        batch["image"], batch["label"], seed=cfg.run.seed, epoch=epoch, position=batch["position"],
+                        mixup_alpha=cfg.train.mixup_alpha, cutmix_alpha=cfg.train.cutmix_alpha)
                 micro_batches.append(batch)
                 window["bad"] += batch["bad"]
             flags = torch.zeros(5, dtype=torch.float64)  # loss sum, correct, seen, non-finite, stop
-            flags[:3] = forward_backward(ddp, micro_batches, scaler, autocast, device,
-                                         label_smoothing=cfg.train.label_smoothing,
+            flags[:3] = forward_backward(ddp, micro_batches, scaler, autocast, device, objective=objective,
                                          channels_last=cfg.model.channels_last, distributed_enabled=dist.enabled)
             flags[3] = float(not math.isfinite(flags[0].item()))
             flags[4] = float(stop.requested)

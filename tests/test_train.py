@@ -176,3 +176,24 @@ def test_early_stopping_on_a_plateau(dataset, tmp_path):
                     "model.norm=none", "train.epochs=4", "train.early_stop_patience=1"], nproc=1)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["status"] == "early_stopped" and result["epoch"] == 2
+
+
+def test_mixup_cutmix_focal_resume_exactly(dataset, tmp_path):
+    mixed = [*SMALL, "train.mixup_alpha=0.4", "train.cutmix_alpha=1.0", "train.focal_gamma=2.0"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    torchrun([f"data.url={dataset}", f"run.dir={straight}", *mixed])
+    torchrun([f"data.url={dataset}", f"run.dir={stopped}", *mixed, "train.max_steps=9"])
+    torchrun([f"data.url={dataset}", f"run.dir={stopped}", *mixed])
+    assert_same_weights(final_state(str(stopped))["model"], final_state(str(straight))["model"])
+    assert json.loads((straight / "metrics.jsonl").read_text().splitlines()[-1])["val/acc"] > 0.5
+
+
+def test_distillation_trains_a_student_through_the_same_trainer_and_resumes(uninterrupted, dataset, tmp_path):
+    teacher = f"{uninterrupted[0]}/checkpoints/best.pt"
+    student = [*SMALL, "model.width=4", f"distill.teacher={teacher}", "distill.temperature=3.0", "distill.alpha=0.7"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    torchrun([f"data.url={dataset}", f"run.dir={straight}", *student])
+    torchrun([f"data.url={dataset}", f"run.dir={stopped}", *student, "train.max_steps=9"])
+    torchrun([f"data.url={dataset}", f"run.dir={stopped}", *student])
+    assert_same_weights(final_state(str(stopped))["model"], final_state(str(straight))["model"])
+    assert final_state(str(straight))["config"]["distill"]["teacher"] == teacher

@@ -1,0 +1,54 @@
+"""Training objectives: cross-entropy or focal loss, Mixup/CutMix targets, distillation.
+
+Mixup/CutMix draw their mixing from (seed, epoch, batch position) alone, like the
+augmentation, so a resumed run mixes every batch exactly as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def classification_loss(logits, labels, *, label_smoothing: float = 0.0, focal_gamma: float = 0.0):
+    """Mean cross-entropy, or focal loss (Lin et al. 2017) when focal_gamma > 0."""
+    if focal_gamma <= 0:
+        return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    ce = F.cross_entropy(logits, labels, label_smoothing=label_smoothing, reduction="none")
+    p_true = torch.exp(-F.cross_entropy(logits, labels, reduction="none"))
+    return ((1 - p_true) ** focal_gamma * ce).mean()
+
+
+def mix_batch(images, labels, *, seed: int, epoch: int, position: int, mixup_alpha: float, cutmix_alpha: float):
+    """Mixup or CutMix (one of them, chosen per batch when both are on).
+
+    Returns (images, labels_b, lam): the loss is lam·L(labels) + (1-lam)·L(labels_b).
+    """
+    digest = hashlib.blake2b(f"mix:{seed}:{epoch}:{position}".encode(), digest_size=8).digest()
+    rng = np.random.default_rng(int.from_bytes(digest, "little"))
+    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or rng.random() < 0.5)
+    alpha = cutmix_alpha if use_cutmix else mixup_alpha
+    lam = float(rng.beta(alpha, alpha))
+    partner = torch.from_numpy(rng.permutation(len(labels)))
+    if use_cutmix:
+        h, w = images.shape[-2:]
+        cut_h, cut_w = int(h * np.sqrt(1 - lam)), int(w * np.sqrt(1 - lam))
+        cy, cx = rng.integers(h), rng.integers(w)
+        y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h)
+        x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
+        images = images.clone()
+        images[..., y0:y1, x0:x1] = images[partner][..., y0:y1, x0:x1]
+        lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)  # the pasted area decides the label weight
+    else:
+        images = lam * images + (1 - lam) * images[partner]
+    return images, labels[partner], lam
+
+
+def distillation_loss(student_logits, teacher_logits, temperature: float):
+    """Hinton et al. 2015: KL between softened distributions, scaled by T² to keep gradients
+    comparable as T changes."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
+                    reduction="batchmean", log_target=True) * t * t
