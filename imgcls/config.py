@@ -75,6 +75,23 @@ class DistillConfig:
 
 
 @dataclass
+class PruneConfig:
+    """Magnitude pruning kept during training (masks live in the checkpoint)."""
+    sparsity: float = 0.0            # fraction of weights (or channels) set to zero; 0 = off
+    method: str = "unstructured"     # unstructured (L1 per weight) | channel (L2 per output channel)
+
+
+@dataclass
+class HPOConfig:
+    """Set by jobs/sweep.py for a trial; empty for ordinary runs."""
+    storage: str = ""                # optuna storage URL, e.g. sqlite:////shared/sweeps/study.db
+    study: str = ""
+    trial_id: int = -1
+    metric: str = "val/acc"          # reported after every epoch; pruned trials stop early
+    space: dict = field(default_factory=dict)   # the search space (read by jobs/sweep.py)
+
+
+@dataclass
 class TrackConfig:
     wandb: str = "auto"              # auto (online with an API key, else offline) | online | offline | disabled
     project: str = "imgcls"
@@ -92,6 +109,8 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    hpo: HPOConfig = field(default_factory=HPOConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
 
 

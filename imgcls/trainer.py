@@ -171,7 +171,7 @@ _batches_seen = 0
 def train(cfg: Config) -> dict:
     """Train until the epochs are done, early stopping, `max_steps`, or a stop signal.
 
-    Returns {"status": "done" | "stopped" | "early_stopped", "step", "epoch", ...}.
+    Returns {"status": "done" | "stopped" | "early_stopped" | "pruned", "step", "epoch", ...}.
     "stopped" means a checkpoint was written for a requeued job to resume from.
     """
     stop = StopRequest()
@@ -197,6 +197,9 @@ def _train(cfg: Config, dist, stop: StopRequest) -> dict:
                   if "val" in manifest["splits"] else None)
 
     model = build_model(cfg.model, num_classes, channels).to(device)
+    if cfg.prune.sparsity > 0:  # before loading a checkpoint, whose state has the masks
+        from imgcls.pruning import apply_pruning
+        apply_pruning(model, cfg.prune)
     accum = cfg.train.accum_steps
     steps_per_epoch = [reader.batches_per_epoch(e) // accum for e in range(cfg.train.epochs)]
     if min(steps_per_epoch, default=0) == 0:
@@ -343,7 +346,15 @@ def _train(cfg: Config, dist, stop: StopRequest) -> dict:
             if dist.is_main:
                 log.info("epoch %d: val acc %.4f loss %.4f (%d samples)", epoch + 1, metrics["acc"], metrics["loss"], metrics["count"])
                 _write_epoch_plots(run_dir, tracker, confusion, manifest["classes"], progress.step)
+        prune = torch.zeros(1)
+        if cfg.hpo.study and val_reader is not None and dist.is_main:
+            from imgcls import hpo
+            prune[0] = float(hpo.report(cfg.hpo, record[cfg.hpo.metric], epoch + 1))
+        distributed.all_reduce_sum(prune)  # rank 0 asked the study; every rank follows
         save(best=improved)
+        if prune.item() > 0:
+            status = "pruned"
+            break
         if cfg.train.early_stop_patience and progress.bad_epochs >= cfg.train.early_stop_patience:
             status = "early_stopped"
             break
