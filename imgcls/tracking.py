@@ -99,11 +99,14 @@ class Tracker:
         with open(path, "a") as f:
             f.write(line)
 
-    def log_image(self, step: int, name: str, path: str) -> None:
+    def log_image(self, step: int, name: str, url: str) -> None:
         if self.enabled and self.run is not None:
-            import wandb
+            import io
 
-            self.run.log({"step": step, name: wandb.Image(path)})
+            import wandb
+            from PIL import Image
+
+            self.run.log({"step": step, name: wandb.Image(Image.open(io.BytesIO(storage.read_bytes(url))))})
 
     def finish(self) -> None:
         if self.run is not None:

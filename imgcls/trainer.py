@@ -374,15 +374,10 @@ def _train(cfg: Config, dist, stop: StopRequest) -> dict:
 
 
 def _write_epoch_plots(run_dir, tracker, confusion, class_names, step) -> None:
-    """Training curves and the val confusion matrix, as PNGs in the run dir (local runs)."""
-    if "://" in run_dir and not run_dir.startswith("file://"):
-        return
-    from pathlib import Path
-
+    """Training curves and the val confusion matrix as PNGs in the run dir (any URL)."""
     from imgcls.plots import plot_confusion_matrix, plot_training_curves
 
-    out = Path(run_dir.removeprefix("file://"))
-    out.mkdir(parents=True, exist_ok=True)
-    plot_training_curves(tracker.records, out / "training_curves.png")
-    plot_confusion_matrix(confusion.matrix.numpy(), class_names, out / "confusion_val.png")
-    tracker.log_image(step, "val/confusion_matrix", str(out / "confusion_val.png"))
+    plot_training_curves(tracker.records, storage.join(run_dir, "training_curves.png"))
+    confusion_png = storage.join(run_dir, "confusion_val.png")
+    plot_confusion_matrix(confusion.matrix.numpy(), class_names, confusion_png)
+    tracker.log_image(step, "val/confusion_matrix", confusion_png)
