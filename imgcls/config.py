@@ -150,6 +150,11 @@ def _coerce(value, hint, key):
         return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
         raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
     return value
@@ -198,7 +203,8 @@ def _merge(into: dict, update: dict, source: str, strict: bool = True, where: st
     for key, value in update.items():
         if strict and key not in into:
             raise ConfigError(f"{source}: unknown config key {where + key!r}")
-        if isinstance(value, dict) and isinstance(into.get(key), dict):
+        # a dict field that is empty by default (hpo.space) is free-form: taken as it is
+        if isinstance(value, dict) and isinstance(into.get(key), dict) and into[key]:
             _merge(into[key], value, source, strict, where + key + ".")
         else:
             into[key] = value

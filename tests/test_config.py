@@ -1,0 +1,38 @@
+"""The typed config: YAML + key=value overrides, with errors that name the key."""
+import pytest
+
+from imgcls.config import ConfigError, load_config, to_dict
+
+
+def test_yaml_then_overrides(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("optim:\n  lr: 0.3\ntrain:\n  epochs: 7\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("include: base.yaml\ntrain:\n  accum_steps: 2\n")
+    cfg = load_config(child, ["optim.lr=1e-3", "data.mean=[0.5]", "model.name=resnet18", "track.wandb=disabled"])
+    assert cfg.optim.lr == 0.001 and cfg.train.epochs == 7 and cfg.train.accum_steps == 2
+    assert cfg.data.mean == [0.5] and cfg.model.name == "resnet18"
+    assert to_dict(cfg)["optim"]["lr"] == 0.001
+
+
+def test_the_shipped_recipe_loads():
+    cfg = load_config("configs/fashion_mnist.yaml")
+    assert cfg.data.url and cfg.train.epochs > 0
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lrr=0.1", "unknown config key 'optim.lrr'"),
+    ("nothing.lr=0.1", "unknown config key 'nothing.lr'"),
+    ("train.epochs=ten", "train.epochs: expected int"),
+    ("train.epochs", "is not key=value"),
+])
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_unknown_key_in_a_file_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  epocs: 3\n")
+    with pytest.raises(ConfigError, match=f"{path}: unknown config key 'train.epocs'"):
+        load_config(path)
