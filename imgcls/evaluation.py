@@ -44,12 +44,20 @@ def model_from_checkpoint(state: dict, num_classes: int, in_channels: int, use_e
     from imgcls.models import build_model
 
     cfg = from_dict(state["config"])
+    cfg.model.pretrained = ""  # every weight is in the checkpoint; the original file need not exist here
     model = build_model(cfg.model, num_classes, in_channels)
+    if cfg.prune.sparsity > 0:  # the state holds weight_orig/weight_mask: load into a masked model
+        from imgcls.pruning import apply_pruning, make_permanent
+        apply_pruning(model, cfg.prune)
     if use_ema and "ema" in state:  # AveragedModel's state: module.* plus n_averaged
         model.load_state_dict({k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")})
-        return model.eval(), "ema"
-    model.load_state_dict(state["model"])
-    return model.eval(), "model"
+        weights = "ema"
+    else:
+        model.load_state_dict(state["model"])
+        weights = "model"
+    if cfg.prune.sparsity > 0:
+        make_permanent(model)  # a plain `weight` with the zeros baked in
+    return model.eval(), weights
 
 
 def run_dir_of(checkpoint_url: str) -> str:

@@ -411,6 +411,11 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
             for prefix in ("module.", "_orig_mod."):
                 key = key.removeprefix(prefix)
             state[key] = value
+    # a pruned model's checkpoint: weight = weight_orig * weight_mask (torch.nn.utils.prune)
+    for key in [k for k in state if k.endswith("_orig")]:
+        mask = state.pop(key.removesuffix("_orig") + "_mask", None)
+        if mask is not None:
+            state[key.removesuffix("_orig")] = state.pop(key) * mask
     return state
 
 
