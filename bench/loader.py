@@ -4,8 +4,8 @@
     .venv/bin/python bench/loader.py --limit 8000 --reps 2   # a quick run
 
 (a) shards, local   ShardReader over shards built with shards.build(SOURCE, <workdir>/shards)
-(b) shards, S3      the same shards built to s3:// on a moto server this script starts on a
-                    free 127.0.0.1 port (and stops at the end; only that process)
+(b) shards, S3      the same shard files, uploaded to s3:// on a moto server this script
+                    starts on a free 127.0.0.1 port (and stops at the end; only that process)
 (c) ImageFolder     torchvision ImageFolder over the same split's images written as PNG files
                     in class subfolders, with the equivalent torchvision.transforms.v2 pipeline
                     on PIL images, in a DataLoader (shuffle, drop_last like the reader)
@@ -25,6 +25,7 @@ import json
 import math
 import os
 import shutil
+import resource
 import signal
 import socket
 import statistics
@@ -78,6 +79,14 @@ class MotoServer:
                     raise TimeoutError(f"moto server not listening on {self.endpoint} after 60 s")
                 time.sleep(0.1)
 
+    def cpu_seconds(self) -> float:
+        """CPU time the server process has used so far (Linux /proc; 0 elsewhere)."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            return 0.0
+
     def env(self) -> dict[str, str]:
         return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "bench-key-id",
                 "AWS_SECRET_ACCESS_KEY": "bench-secret", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -113,6 +122,26 @@ def build_shards(source, dest, args, split):
 
     return shards.build(source, dest, split=split, seed=0, shard_samples=args.shard_samples,
                         workers=2, progress=False)
+
+
+def upload(local: Path, url: str) -> None:
+    """The local shards and manifest, byte for byte, to `url` (the manifest last, as
+    shards.build does), checked against the manifest's sizes and sha256."""
+    import hashlib
+
+    from imgcls import storage
+
+    manifest = json.loads((local / "manifest.json").read_bytes())
+    fs, root = storage.filesystem(url)
+    entries = [s for split in manifest["splits"].values() for s in split["shards"]]
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda s: fs.put_file(str(local / s["path"]), f"{root}/{s['path']}"), entries))
+    fs.put_file(str(local / "manifest.json"), f"{root}/manifest.json")
+    fs.invalidate_cache()
+    for s in entries:
+        data = fs.cat_file(f"{root}/{s['path']}")
+        if len(data) != s["bytes"] or hashlib.sha256(data).hexdigest() != s["sha256"]:
+            raise RuntimeError(f"{url}/{s['path']} differs from the local shard after upload")
 
 
 def write_png_folder(manifest: dict, shard_root: Path, split: str, root: Path) -> int:
@@ -218,10 +247,20 @@ class ImageFolderMethod(Method):
 
 
 # ---- timing and report ------------------------------------------------------------------
-def timed(method: Method, epoch: int) -> tuple[int, float]:
+def cpu_seconds() -> float:
+    """CPU time of this process (all threads) and of its finished, waited-for children
+    (DataLoader workers are joined at the end of each epoch; the moto server is not)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def timed(method: Method, epoch: int, server: MotoServer | None = None) -> dict:
+    server_cpu, cpu = server.cpu_seconds() if server else 0.0, cpu_seconds()
     start = time.perf_counter()
     n = method.epoch(epoch)
-    return n, time.perf_counter() - start
+    wall = time.perf_counter() - start
+    return {"n": n, "wall": wall, "cpu": cpu_seconds() - cpu,
+            "server_cpu": (server.cpu_seconds() - server_cpu) if server else 0.0}
 
 
 def mean_std(values):
@@ -230,23 +269,31 @@ def mean_std(values):
 
 def report(args, info, methods, results) -> str:
     a, b, c = methods
-    rate = {m.name: [n / t for n, t in results[m.name]] for m in methods}
+    rate = {m.name: [r["n"] / r["wall"] for r in results[m.name]] for m in methods}
     lines = [
         f"Loader throughput: {info['source']} {args.split} split, {info['count']} samples "
         f"({info['shards']} shards of <= {args.shard_samples}), batch {args.batch_size}, "
         f"num_workers {args.num_workers}, {args.reps} timed epochs per method after 1 warm-up, "
-        f"interleaved; {os.cpu_count()} CPUs, torch {torch.__version__}",
+        f"interleaved; {os.cpu_count()} CPUs (load average {info['load'][0]:.1f} at the start, "
+        f"{os.getloadavg()[0]:.1f} at the end: the machine is shared), torch {torch.__version__}",
         f"augmentation: {info['augment']}; normalize mean {info['mean']} std {info['std']}",
+        "timing: time.perf_counter around whole epochs, DataLoader creation and worker start-up "
+        "included; same batch size, num_workers and prefetch_factor (4) for all three; "
+        f"local files under {info['workdir']}",
         "",
-        "| method | samples/epoch | samples/s (mean ± std) | epoch s (mean) | vs ImageFolder |",
-        "|---|---:|---:|---:|---:|",
+        "| method | samples/epoch | samples/s (mean ± std) | epoch s (mean) | CPU s/epoch | vs ImageFolder |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     ref = statistics.fmean(rate[c.name])
     for m in methods:
         mu, sd = mean_std(rate[m.name])
-        n = results[m.name][0][0]
-        secs = statistics.fmean(t for _, t in results[m.name])
-        lines.append(f"| {m.name} | {n} | {mu:,.0f} ± {sd:,.0f} | {secs:.2f} | {mu / ref:.2f}x |")
+        runs = results[m.name]
+        secs = statistics.fmean(r["wall"] for r in runs)
+        cpu = statistics.fmean(r["cpu"] for r in runs)
+        server = statistics.fmean(r["server_cpu"] for r in runs)
+        cpu_text = f"{cpu:.2f}" + (f" + {server:.2f} moto" if server else "")
+        lines.append(f"| {m.name} | {runs[0]['n']} | {mu:,.0f} ± {sd:,.0f} | {secs:.2f} | {cpu_text} | "
+                     f"{mu / ref:.2f}x |")
     lines += ["", "| ratio | of means | per repetition (min–max) | target | met |", "|---|---:|---:|---:|:---:|"]
     for label, num, den, target in (("shard-local / ImageFolder", a, c, TARGET_VS_IMAGEFOLDER),
                                     ("S3 / local", b, a, TARGET_S3_VS_LOCAL)):
@@ -254,6 +301,9 @@ def report(args, info, methods, results) -> str:
         per_rep = [x / y for x, y in zip(rate[num.name], rate[den.name])]
         lines.append(f"| {label} | {ratio:.2f}x | {min(per_rep):.2f}–{max(per_rep):.2f}x | "
                      f">= {target}x | {'yes' if ratio >= target else 'NO'} |")
+    lines += ["", "CPU s/epoch: this process (all threads) plus its DataLoader workers, per timed epoch; "
+              "for S3 also the moto server's CPU, on the same cores. Per repetition: the ratio within "
+              "each interleaved round."]
     return "\n".join(lines)
 
 
@@ -276,7 +326,7 @@ def parse_args(argv=None):
                    help="skip the reader's sha256 check of each shard")
     p.add_argument("--workdir", type=Path,
                    help="keep shards and PNGs here and reuse them next time (default: a temporary "
-                        "directory, removed at the end)")
+                        "directory on /dev/shm when there is one, removed at the end)")
     p.add_argument("--only", default="abc", help="subset of methods to run, e.g. 'ac' (default abc)")
     args = p.parse_args(argv)
     if args.limit is not None and args.limit < 1:
@@ -293,16 +343,23 @@ def main(argv=None) -> int:
 
     # SIGTERM runs the finally blocks below too: the moto server never outlives us.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-loader-"))
+    # Default: a temporary directory on tmpfs. On this machine's disk (ext4 with online discard)
+    # deleting the ~47k PNG files afterwards alone takes minutes.
+    shm = Path("/dev/shm")
+    tmp_root = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-loader-", dir=tmp_root))
     workdir.mkdir(parents=True, exist_ok=True)
     server = None
     try:
-        t0 = time.perf_counter()
+        t0, load = time.perf_counter(), os.getloadavg()
         source, split_fractions = args.source, (0.7, 0.2, 0.1)
         if args.limit:
-            source, split_fractions = limited_source(args.source, args.limit, workdir), (1.0, 0.0, 0.0)
             if args.split != "train":
                 sys.exit("--limit puts every sample in the train split; use --split train")
+            # enough shards for every worker (the reader needs >= 1 each; 2 each balances them)
+            args.shard_samples = min(args.shard_samples,
+                                     max(1, math.ceil(args.limit / (2 * max(1, args.num_workers)))))
+            source, split_fractions = limited_source(args.source, args.limit, workdir), (1.0, 0.0, 0.0)
         local = workdir / "shards"
         manifest = build_shards(source, str(local), args, split_fractions)
         split = manifest["splits"][args.split]
@@ -319,9 +376,7 @@ def main(argv=None) -> int:
             bucket = f"bench-{uuid.uuid4().hex[:8]}"
             s3fs.S3FileSystem(skip_instance_cache=True).mkdir(bucket)
             s3_url = f"s3://{bucket}/shards"
-            s3_manifest = build_shards(source, s3_url, args, split_fractions)
-            if s3_manifest["splits"] != manifest["splits"]:
-                raise RuntimeError("the S3 build differs from the local build")
+            upload(local, s3_url)
             print(f"# S3 shards: {s3_url} at {server.endpoint} [{time.perf_counter() - t0:.1f} s]",
                   file=sys.stderr)
 
@@ -355,22 +410,24 @@ def main(argv=None) -> int:
         results = {m.name: [] for m in methods}
         for rep in range(args.reps + 1):  # rep 0: warm-up, discarded
             for m in methods:
-                n, secs = timed(m, epoch=rep)
-                print(f"# {'warm-up' if rep == 0 else f'rep {rep}'} {m.name}: {n} samples in "
-                      f"{secs:.2f} s = {n / secs:,.0f}/s", file=sys.stderr, flush=True)
+                r = timed(m, rep, server if m.name.startswith("(b)") else None)
+                print(f"# {'warm-up' if rep == 0 else f'rep {rep}'} {m.name}: {r['n']} samples in "
+                      f"{r['wall']:.2f} s = {r['n'] / r['wall']:,.0f}/s, CPU {r['cpu']:.2f} s"
+                      + (f" + moto {r['server_cpu']:.2f} s" if r["server_cpu"] else ""),
+                      file=sys.stderr, flush=True)
                 if rep:
-                    results[m.name].append((n, secs))
+                    results[m.name].append(r)
 
         if len(methods) == 3:
             info = {"source": args.source + (f" (first {args.limit})" if args.limit else ""),
                     "count": split["count"], "shards": len(split["shards"]),
                     "augment": f"crop pad {aug.pad}, flip {aug.flip}, rotate ±{aug.rotate_deg:g}°, "
                                f"brightness {aug.brightness:g}, contrast {aug.contrast:g}",
-                    "mean": mean, "std": std}
+                    "mean": mean, "std": std, "load": load, "workdir": workdir}
             print(report(args, info, methods, results))
         else:
             for m in methods:
-                mu, sd = mean_std([n / t for n, t in results[m.name]])
+                mu, sd = mean_std([r["n"] / r["wall"] for r in results[m.name]])
                 print(f"| {m.name} | {mu:,.0f} ± {sd:,.0f} samples/s |")
         print(f"# total {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     finally:

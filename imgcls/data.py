@@ -17,7 +17,7 @@ import io
 import json
 import logging
 import os
-import re
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -68,62 +68,50 @@ def interleave(counts: list[int]) -> list[tuple[int, int]]:
     return order
 
 
-# ---- a fast path for plain tars --------------------------------------------------------
-# webdataset's tar_file_iterator goes through Python's tarfile, about 20 µs per member: most of
-# a worker's time. Shards as shards.format.write_tar (Python's tarfile) or GNU tar write them are
-# a run of plain ustar headers, so they are parsed here directly; anything else gives None and
-# goes through tar_file_iterator as before. For the tars accepted, the members are exactly the
-# ones tar_file_iterator yields (it skips nothing of them: all are regular files, none named
-# __*__); tarfile would parse every header field accepted here to the same values.
-_PLAIN_NAME = re.compile(rb"[A-Za-z0-9_./-]+")
-# (offset, width) of the numeric fields tarfile parses: mode, uid, gid, size, mtime, devmajor, devminor.
-# Accepted only as written by tarfile/GNU tar: width-1 octal digits, then NUL or space; or a
-# first byte NUL (tarfile reads "", i.e. 0: how it writes devmajor/devminor of regular files).
-_OCTAL_FIELDS = ((100, 8), (108, 8), (116, 8), (124, 12), (136, 12), (329, 8), (337, 8))
 
+class _ReadAhead:
+    """Fetches the next shard of a worker's plan in a background thread while the current one
+    is decoded, so that waiting for storage (S3 latency) overlaps with work.
 
-def plain_tar_members(data: bytes) -> list[tuple[str, bytes]] | None:
-    """[(name, bytes)] of every member of a plain tar, or None when `data` is anything else.
-
-    Plain: every header has a valid (unsigned) checksum, canonical octal numbers, type regular
-    file, no ustar prefix, a name of [A-Za-z0-9_./-] not starting with "__" nor ending with "/";
-    each member's data and padding is complete; the archive ends with a zero block.
+    take(shard) returns what fetch(shard) returns, or raises what it raises, and only then
+    starts fetching the next shard of the plan: errors surface at the same point of the
+    stream as without read-ahead, and no shard outside the plan is ever opened. At most one
+    shard is held ahead. A shard that is not the plan's next is fetched directly.
     """
-    try:
-        n, pos = len(data), 0
-        offsets, members = [], []
-        while True:
-            if pos + 512 > n:
-                return None
-            end = data.find(b"\0", pos, pos + 100)
-            name = data[pos:pos + 100 if end < 0 else end]
-            if not name:
-                if data.count(0, pos, pos + 512) == 512 and members:
-                    break  # end of archive: tarfile stops at the first zero block
-                return None
-            if not _PLAIN_NAME.fullmatch(name) or name.startswith(b"__") or name.endswith(b"/"):
-                return None
-            size = int(data[pos + 124:pos + 135], 8)
-            start = pos + 512
-            pos = start + -(-size // 512) * 512
-            if size < 0 or pos > n:
-                return None
-            offsets.append(start - 512)
-            members.append((name.decode("ascii"), data[start:start + size]))
-        heads = np.frombuffer(data, np.uint8)[np.asarray(offsets)[:, None] + np.arange(512)]
-        digit = (heads >= 0x30) & (heads <= 0x37)
-        stop = (heads == 0) | (heads == 0x20)
-        ok = (np.isin(heads[:, 156], (0x30, 0)) & (heads[:, 345] == 0)
-              & digit[:, 148:154].all(1) & stop[:, 154] & stop[:, 155])
-        for at, width in _OCTAL_FIELDS:
-            ok &= (digit[:, at:at + width - 1].all(1) & stop[:, at + width - 1]) | (heads[:, at] == 0)
-        stored = (heads[:, 148:154].astype(np.int64) - 0x30) @ (8 ** np.arange(5, -1, -1))
-        actual = heads.sum(1, dtype=np.int64) - heads[:, 148:156].sum(1, dtype=np.int64) + 8 * 0x20
-        if not (ok & (stored == actual)).all():
-            return None
-        return members
-    except Exception:  # never an error of its own: the general reader decides
-        return None
+
+    def __init__(self, fetch, plan: list[int]):
+        self.fetch, self.plan, self.next = fetch, plan, 0
+        self.pending: tuple[int, threading.Thread, dict] | None = None
+
+    def take(self, shard_id: int):
+        if self.next >= len(self.plan) or self.plan[self.next] != shard_id:
+            return self.fetch(shard_id)
+        self.next += 1
+        if self.pending is not None and self.pending[0] == shard_id:
+            _, thread, box = self.pending
+            self.pending = None
+            thread.join()
+            if "error" in box:
+                raise box["error"]
+            result = box["result"]
+        else:
+            result = self.fetch(shard_id)
+        if self.next < len(self.plan):
+            self.pending = (self.plan[self.next], *self._start(self.plan[self.next]))
+        return result
+
+    def _start(self, shard_id: int):
+        box: dict = {}
+
+        def run():
+            try:
+                box["result"] = self.fetch(shard_id)
+            except BaseException as e:  # re-raised by take(), in the reading thread
+                box["error"] = e
+
+        thread = threading.Thread(target=run, name=f"shard-read-ahead-{shard_id}", daemon=True)
+        thread.start()
+        return thread, box
 
 
 _frozen_in: int | None = None
@@ -239,8 +227,7 @@ class ShardReader(IterableDataset):
         begin, end = first_batch * bsz, end_batch * bsz
         total = sum(self.shards[i]["count"] for i in shard_ids)
         end = min(end, total)
-        samples, bad, offset = [], 0, 0
-        batch_index = first_batch
+        plan, offset = [], 0  # (shard, lo, hi) of every shard this worker opens, in order
         for shard_id in shard_ids:
             count = self.shards[shard_id]["count"]
             if offset + count <= begin:           # wholly before the resume point: never opened
@@ -248,27 +235,35 @@ class ShardReader(IterableDataset):
                 continue
             if offset >= end:
                 break
-            for sample in self._read_shard(epoch, shard_id, max(0, begin - offset), min(count, end - offset)):
-                decoded = self._decode(shard_id, sample)
-                if decoded is None:
-                    bad += 1
-                else:
-                    samples.append(decoded)
-                if len(samples) + bad == bsz:
-                    yield self._collate(epoch, samples, bad, positions[batch_index])
-                    samples, bad, batch_index = [], 0, batch_index + 1
+            plan.append((shard_id, max(0, begin - offset), min(count, end - offset)))
             offset += count
+        samples, bad = [], 0
+        batch_index = first_batch
+        self._ahead = _ReadAhead(self._fetch_shard, [shard_id for shard_id, _, _ in plan])
+        try:
+            for shard_id, lo, hi in plan:
+                for sample in self._read_shard(epoch, shard_id, lo, hi):
+                    decoded = self._decode(shard_id, sample)
+                    if decoded is None:
+                        bad += 1
+                    else:
+                        samples.append(decoded)
+                    if len(samples) + bad == bsz:
+                        yield self._collate(epoch, samples, bad, positions[batch_index])
+                        samples, bad, batch_index = [], 0, batch_index + 1
+        finally:
+            self._ahead = None
         if samples or bad:  # eval's partial last batch
             yield self._collate(epoch, samples, bad, positions.get(batch_index, -1))
 
     def shard_url(self, shard_id: int) -> str:
         return storage.join(self.cfg.url, self.shards[shard_id]["path"])
 
-    def _read_shard(self, epoch: int, shard_id: int, lo: int, hi: int):
-        """Samples lo..hi-1 of the shard in this epoch's order, still encoded."""
+    def _fetch_shard(self, shard_id: int) -> tuple[bytes, str | None]:
+        """The shard's bytes, and their sha256 when checksums are verified. Thread-safe."""
         import webdataset as wds
 
-        meta, url = self.shards[shard_id], self.shard_url(shard_id)
+        url = self.shard_url(shard_id)
         try:
             with wds.gopen(url) as stream:  # fsspec-backed for s3:// etc. (storage.register_webdataset_handlers)
                 data = stream.read()
@@ -276,16 +271,21 @@ class ShardReader(IterableDataset):
             raise DataError(f"shard {url} is missing") from None
         except Exception as e:
             raise DataError(f"shard {url} could not be read: {e}") from e
+        return data, hashlib.sha256(data).hexdigest() if self.cfg.verify_checksums else None
+
+    def _read_shard(self, epoch: int, shard_id: int, lo: int, hi: int):
+        """Samples lo..hi-1 of the shard in this epoch's order, still encoded."""
+        import webdataset as wds
+
+        meta, url = self.shards[shard_id], self.shard_url(shard_id)
+        ahead = getattr(self, "_ahead", None)
+        data, digest = ahead.take(shard_id) if ahead is not None else self._fetch_shard(shard_id)
         if self.cfg.verify_checksums:
-            if len(data) != meta["bytes"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
+            if len(data) != meta["bytes"] or digest != meta["sha256"]:
                 raise DataError(f"shard {url} is corrupt: size or sha256 differs from the manifest "
                                 f"(run `python -m shards verify {self.cfg.url}`)")
         try:
-            plain = plain_tar_members(data)
-            if plain is None:  # anything unusual: webdataset's reader, with its own errors
-                files = wds.tariterators.tar_file_iterator(io.BytesIO(data))
-            else:
-                files = ({"fname": name, "data": payload} for name, payload in plain)
+            files = wds.tariterators.tar_file_iterator(io.BytesIO(data))
             members = ({**m, "__url__": url} for m in files)
             samples = list(wds.tariterators.group_by_keys(members))
         except Exception as e:
