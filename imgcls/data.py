@@ -68,7 +68,6 @@ def interleave(counts: list[int]) -> list[tuple[int, int]]:
     return order
 
 
-
 class _ReadAhead:
     """Fetches the next shard of a worker's plan in a background thread while the current one
     is decoded, so that waiting for storage (S3 latency) overlaps with work.
