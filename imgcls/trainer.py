@@ -8,6 +8,7 @@ sample's augmentation depends only on (seed, epoch, key), and every rank's RNGs 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -41,14 +42,26 @@ class Progress:
     best: float = -math.inf      # best value of train.early_stop_metric
     bad_epochs: int = 0          # epochs since `best` improved
     restarts: int = 0            # how many times this run was resumed
-    resumed_at: int = -1         # the step of the latest resume
-    stalled: int = 0             # consecutive resumes at that same step: no progress between them
 
     def state_dict(self) -> dict:
         return dict(vars(self))
 
     def load_state_dict(self, state: dict) -> None:
         vars(self).update(state)
+
+
+def record_resume(run_dir: str, step: int) -> int:
+    """Append this resume's step to RUN_DIR/resumes.jsonl (outside the checkpoint: a job that
+    dies before its next checkpoint must still be counted) and return how many resumes in a
+    row before this one started at the same step, i.e. made no progress."""
+    url = storage.join(run_dir, "resumes.jsonl")
+    old = storage.read_bytes(url).decode() if storage.exists(url) else ""
+    steps = [json.loads(line)["step"] for line in old.splitlines() if line.strip()] + [step]
+    storage.write_bytes_atomic(url, (old + json.dumps({"step": step, "time": time.time()}) + "\n").encode())
+    stalled = 0
+    while stalled + 1 < len(steps) and steps[-2 - stalled] == step:
+        stalled += 1
+    return stalled
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
@@ -227,11 +240,11 @@ def _train(cfg: Config, dist, stop: StopRequest) -> dict:
             part.load_state_dict(state[name])
         rng.load_state_dict(state["rng"])
         progress.restarts += 1
-        progress.stalled = progress.stalled + 1 if progress.step == progress.resumed_at else 0
-        progress.resumed_at = progress.step
-        if progress.stalled > cfg.train.max_requeues:
-            raise RuntimeError(f"{run_dir}: resumed {progress.stalled} times at step {progress.step} without "
-                               f"progress (train.max_requeues={cfg.train.max_requeues}); giving up")
+        if dist.is_main:
+            stalled = record_resume(run_dir, progress.step)
+            if stalled > cfg.train.max_requeues:
+                raise RuntimeError(f"{run_dir}: resumed {stalled} times at step {progress.step} without progress "
+                                   f"(train.max_requeues={cfg.train.max_requeues}); giving up")
         if dist.is_main:
             log.info("resumed from %s at step %d (epoch %d, batch %d)", url, progress.step, reader.epoch, reader.position)
     if dist.is_main:

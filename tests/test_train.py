@@ -197,3 +197,14 @@ def test_distillation_trains_a_student_through_the_same_trainer_and_resumes(unin
     torchrun([f"data.url={dataset}", f"run.dir={stopped}", *student])
     assert_same_weights(final_state(str(stopped))["model"], final_state(str(straight))["model"])
     assert final_state(str(straight))["config"]["distill"]["teacher"] == teacher
+
+
+def test_a_run_that_keeps_dying_before_progress_gives_up(dataset, tmp_path):
+    run_dir = tmp_path / "stalled"
+    args = [f"data.url={dataset}", f"run.dir={run_dir}", *SMALL, "train.max_requeues=2"]
+    torchrun([*args, "train.max_steps=2"], nproc=1)
+    for attempt in range(3):  # each resumes at step 2 and dies in its first micro-batch
+        out = torchrun(args, nproc=1, env={"IMGCLS_CRASH_AFTER_BATCHES": "1"}, check=False)
+        assert out.returncode != 0 and "without progress" not in out.stderr
+    out = torchrun(args, nproc=1, env={"IMGCLS_CRASH_AFTER_BATCHES": "1"}, check=False)
+    assert out.returncode != 0 and "resumed 3 times at step 2 without progress" in out.stderr
