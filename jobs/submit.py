@@ -15,32 +15,17 @@ import argparse
 import json
 import sys
 
-from imgcls.cluster import SlurmOptions, submit
+from imgcls.cluster import submit
 from imgcls.config import load_config
 from imgcls.tracking import configure_logging, wandb_mode
+from slurm_args import add_slurm_arguments, slurm_options
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/fashion_mnist.yaml")
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    p.add_argument("--cluster", choices=("slurm", "local", "debug"), default="slurm")
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=0, help="one task per GPU (0: CPU tasks)")
-    p.add_argument("--tasks-per-node", type=int, default=1, help="CPU tasks per node when --gpus-per-node is 0")
-    p.add_argument("--cpus-per-task", type=int, default=1)
-    p.add_argument("--mem-gb", type=float, default=0)
-    p.add_argument("--time", type=int, default=60, help="time limit in minutes")
-    p.add_argument("--partition", default="")
-    p.add_argument("--account", default="")
-    p.add_argument("--qos", default="")
-    p.add_argument("--constraint", default="")
-    p.add_argument("--exclude", default="")
-    p.add_argument("--job-name", default="imgcls")
-    p.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE", help="extra sbatch option")
-    p.add_argument("--setup", action="append", default=[], metavar="LINE",
-                   help="shell line run before the tasks, e.g. 'module load cuda' (repeatable)")
-    p.add_argument("--signal-margin", type=int, default=120, help="seconds of USR2 warning before the time limit")
+    add_slurm_arguments(p)
     p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
                    help="grid over values (repeatable): one job array, one run dir per task")
     p.add_argument("--resume", default="", metavar="RUN_DIR", help="resubmit a run with its saved config and code")
@@ -52,15 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     configure_logging()
     cfg = load_config(args.config, args.overrides)
-    sbatch = {}
-    for item in args.sbatch:
-        key, _, value = item.partition("=")
-        sbatch[key.lstrip("-").replace("-", "_")] = value or True
-    opts = SlurmOptions(
-        nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
-        cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb, time_min=args.time, partition=args.partition,
-        account=args.account, qos=args.qos, constraint=args.constraint, exclude=args.exclude,
-        job_name=args.job_name, sbatch=sbatch, setup=args.setup, signal_margin_s=args.signal_margin)
+    opts = slurm_options(args)
     sub = submit(cfg, opts, cluster=args.cluster, sweeps=args.sweep, resume=args.resume)
     mode = wandb_mode(cfg.track.wandb)
     for job_id, run_dir, log_path, run_id in zip(sub.job_ids, sub.run_dirs, sub.log_paths, sub.run_ids):

@@ -39,9 +39,10 @@ import optuna
 from optuna.trial import TrialState
 
 from imgcls import hpo
-from imgcls.cluster import SlurmOptions, _run_task, absolute_paths, make_executor, snapshot_code
+from imgcls.cluster import _run_task, absolute_paths, make_executor, snapshot_code
 from imgcls.config import from_dict, load_config, save_config, to_dict
 from imgcls.tracking import configure_logging
+from slurm_args import add_slurm_arguments, slurm_options
 
 log = logging.getLogger("sweep")
 
@@ -62,36 +63,8 @@ def parse_args(argv):
                    help="no pruning before this epoch (default: %(default)s: from the first epoch's end)")
     p.add_argument("--max-failures", type=int, default=0, help="stop after this many failed trials (default: --n-trials)")
     p.add_argument("--poll", type=float, default=2.0, help="seconds between checks of the running jobs")
-    p.add_argument("--cluster", choices=("slurm", "local", "debug"), default="slurm")
-    # SLURM options, per trial, as in jobs/submit.py
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=0, help="one task per GPU (0: CPU tasks)")
-    p.add_argument("--tasks-per-node", type=int, default=1, help="CPU tasks per node when --gpus-per-node is 0")
-    p.add_argument("--cpus-per-task", type=int, default=1)
-    p.add_argument("--mem-gb", type=float, default=0)
-    p.add_argument("--time", type=int, default=60, help="time limit of one trial in minutes")
-    p.add_argument("--partition", default="")
-    p.add_argument("--account", default="")
-    p.add_argument("--qos", default="")
-    p.add_argument("--constraint", default="")
-    p.add_argument("--exclude", default="")
-    p.add_argument("--job-name", default="imgcls-sweep")
-    p.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE", help="extra sbatch option")
-    p.add_argument("--setup", action="append", default=[], metavar="LINE", help="shell line before the tasks")
-    p.add_argument("--signal-margin", type=int, default=120, help="seconds of USR2 warning before the time limit")
+    add_slurm_arguments(p, job_name="imgcls-sweep")  # per trial, as in jobs/submit.py
     return p.parse_intermixed_args(argv)  # positionals before and after options
-
-
-def slurm_options(args) -> SlurmOptions:
-    sbatch = {}
-    for item in args.sbatch:
-        key, _, value = item.partition("=")
-        sbatch[key.lstrip("-").replace("-", "_")] = value or True
-    return SlurmOptions(
-        nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
-        cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb, time_min=args.time, partition=args.partition,
-        account=args.account, qos=args.qos, constraint=args.constraint, exclude=args.exclude,
-        job_name=args.job_name, sbatch=sbatch, setup=args.setup, signal_margin_s=args.signal_margin)
 
 
 class Sweep:
