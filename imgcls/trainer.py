@@ -240,12 +240,11 @@ def _train(cfg: Config, dist, stop: StopRequest) -> dict:
             part.load_state_dict(state[name])
         rng.load_state_dict(state["rng"])
         progress.restarts += 1
-        if dist.is_main:
+        if dist.is_main:  # the other ranks are ended by torchrun/srun if this raises
             stalled = record_resume(run_dir, progress.step)
             if stalled > cfg.train.max_requeues:
                 raise RuntimeError(f"{run_dir}: resumed {stalled} times at step {progress.step} without progress "
                                    f"(train.max_requeues={cfg.train.max_requeues}); giving up")
-        if dist.is_main:
             log.info("resumed from %s at step %d (epoch %d, batch %d)", url, progress.step, reader.epoch, reader.position)
     if dist.is_main:
         save_config(cfg, storage.join(run_dir, "config.yaml"))
