@@ -187,8 +187,6 @@ class Submission:
 def submit(cfg: Config, opts: SlurmOptions, cluster: str = "slurm", sweeps: list[str] = (),
            resume: str = "") -> Submission:
     """Submit one training job, or a job array over the sweep grid, and return at once."""
-    import submitit
-
     if resume:
         run_dir = Path(resume).resolve()
         info = json.loads((run_dir / "submit.json").read_text())

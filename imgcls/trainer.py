@@ -8,6 +8,7 @@ sample's augmentation depends only on (seed, epoch, key), and every rank's RNGs 
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -192,6 +193,7 @@ def train(cfg: Config) -> dict:
     # No cleanup collective on failure: the other ranks may be inside one; torchrun or srun
     # (--kill-on-bad-exit) ends them.
     result = _train(cfg, dist, stop)
+    gc.collect()  # _train's DDP model (and any cycle holding its reducer) is gone before the group
     distributed.shutdown()
     return result
 
@@ -379,9 +381,6 @@ def _train(cfg: Config, dist, stop: StopRequest) -> dict:
     result = {"status": status, "reason": reason, "step": progress.step, "epoch": reader.epoch,
               "best": progress.best if math.isfinite(progress.best) else None,
               "run_id": tracker.run_id, "restarts": progress.restarts}
-    # Free the DDP model (and its reducer) before the process group goes away.
-    ddp = None
-    del parts, ema, compiled
     return result
 
 
