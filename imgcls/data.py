@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import io
 import json
 import logging
 import os
@@ -26,6 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from imgcls import storage
 from imgcls.augment import AugmentConfig, augment_batch, draw_params
+from shards.format import decode_sample, read_tar
 
 log = logging.getLogger(__name__)
 storage.register_webdataset_handlers()
@@ -274,8 +274,6 @@ class ShardReader(IterableDataset):
 
     def _read_shard(self, epoch: int, shard_id: int, lo: int, hi: int):
         """Samples lo..hi-1 of the shard in this epoch's order, still encoded."""
-        import webdataset as wds
-
         meta, url = self.shards[shard_id], self.shard_url(shard_id)
         ahead = getattr(self, "_ahead", None)
         data, digest = ahead.take(shard_id) if ahead is not None else self._fetch_shard(shard_id)
@@ -284,9 +282,7 @@ class ShardReader(IterableDataset):
                 raise DataError(f"shard {url} is corrupt: size or sha256 differs from the manifest "
                                 f"(run `python -m shards verify {self.cfg.url}`)")
         try:
-            files = wds.tariterators.tar_file_iterator(io.BytesIO(data))
-            members = ({**m, "__url__": url} for m in files)
-            samples = list(wds.tariterators.group_by_keys(members))
+            samples = [{**sample, "__url__": url} for sample in read_tar(data)]
         except Exception as e:
             raise DataError(f"shard {url} is not a readable tar: {e}") from e
         if len(samples) != meta["count"]:
@@ -298,8 +294,6 @@ class ShardReader(IterableDataset):
 
     def _decode(self, shard_id: int, sample: dict):
         """(key, image HWC uint8, label), or None for a bad sample when skipping is allowed."""
-        from shards.format import decode_sample
-
         try:
             image, label = decode_sample(sample, self.manifest)
         except ValueError as e:

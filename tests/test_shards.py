@@ -434,3 +434,40 @@ def test_format_helpers():
     with pytest.raises(ValueError, match="sample k: label 3 is outside"):
         shards.decode_sample({"__key__": "k", "cls": b"3", "raw": array.tobytes()},
                              {"encoding": "raw", "image": meta, "classes": ["a", "b", "c"]})
+
+
+def _tar(members, **kwargs) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", **kwargs) as tar:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return out.getvalue()
+
+
+def test_read_tar_fast_path_agrees_with_tarfile_and_falls_back_for_other_headers():
+    from shards.format import _NotPlainUstar, _tarfile_members, _ustar_members, read_tar, write_tar
+
+    plain = write_tar([(f"dir/k{i}", i % 3, "raw", bytes([i]) * (100 + 300 * i)) for i in range(5)])
+    assert list(_ustar_members(plain)) == list(_tarfile_members(plain))
+    samples = list(read_tar(plain))
+    assert [s["__key__"] for s in samples] == [f"dir/k{i}" for i in range(5)]
+    assert samples[3]["cls"] == b"0" and samples[3]["raw"] == bytes([3]) * 1000
+
+    # A GNU long name and a pax header are not plain ustar: the whole shard goes through tarfile.
+    long_key = "x" * 120
+    for fmt in (tarfile.GNU_FORMAT, tarfile.PAX_FORMAT):
+        data = _tar([(f"{long_key}.cls", b"1"), (f"{long_key}.raw", b"abc"), ("b.cls", b"2")], format=fmt)
+        with pytest.raises(_NotPlainUstar):
+            list(_ustar_members(data))
+        assert [(s["__key__"], s["cls"]) for s in read_tar(data)] == [(long_key, b"1"), ("b", b"2")]
+
+    broken = bytearray(plain)
+    broken[10] ^= 1  # a name byte: the header checksum no longer matches
+    with pytest.raises(ValueError, match="bad checksum"):
+        list(read_tar(bytes(broken)))
+    with pytest.raises(ValueError, match="truncated"):
+        list(read_tar(plain[:512 + 50]))
+    with pytest.raises(ValueError, match="has no extension"):
+        list(read_tar(_tar([("noext", b"1")], format=tarfile.USTAR_FORMAT)))
