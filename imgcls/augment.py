@@ -26,38 +26,52 @@ class AugmentConfig:
     contrast: float = 0.0       # factor in [1-c, 1+c]
 
 
-def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
-    digest = hashlib.blake2b(f"{seed}:{epoch}:{key}".encode(), digest_size=8).digest()
-    return np.random.default_rng(int.from_bytes(digest, "little"))
+def sample_uniforms(seed: int, epoch: int, key: str) -> np.ndarray:
+    """Six uniforms in [0, 1) from a hash of (seed, epoch, key): one blake2b call per sample,
+    no generator object (building a numpy Generator per sample took longer than the hash)."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{key}".encode(), digest_size=48).digest()
+    return (np.frombuffer(digest, dtype="<u8") >> 11) * 2.0 ** -53  # the top 53 bits of each word
 
 
 def draw_params(cfg: AugmentConfig, seed: int, epoch: int, keys: list[str]) -> np.ndarray:
     """One row per sample: dx, dy, flip, angle, brightness, contrast."""
-    params = np.zeros((len(keys), 6), dtype=np.float64)
-    for i, key in enumerate(keys):
-        rng = sample_rng(seed, epoch, key)
-        u = rng.random(6)  # always six draws, so turning one option off leaves the others unchanged
-        params[i] = (
-            math.floor(u[0] * (2 * cfg.pad + 1)) - cfg.pad,
-            math.floor(u[1] * (2 * cfg.pad + 1)) - cfg.pad,
-            float(cfg.flip and u[2] < 0.5),
-            (2 * u[3] - 1) * cfg.rotate_deg,
-            1 + (2 * u[4] - 1) * cfg.brightness,
-            1 + (2 * u[5] - 1) * cfg.contrast,
-        )
-    return params
+    if not keys:
+        return np.zeros((0, 6))
+    # always six draws, so turning one option off leaves the others unchanged
+    u = np.stack([sample_uniforms(seed, epoch, key) for key in keys])
+    return np.stack([
+        np.floor(u[:, 0] * (2 * cfg.pad + 1)) - cfg.pad,
+        np.floor(u[:, 1] * (2 * cfg.pad + 1)) - cfg.pad,
+        (u[:, 2] < 0.5) & cfg.flip,
+        (2 * u[:, 3] - 1) * cfg.rotate_deg,
+        1 + (2 * u[:, 4] - 1) * cfg.brightness,
+        1 + (2 * u[:, 5] - 1) * cfg.contrast,
+    ], axis=1).astype(np.float64)
 
 
 def augment_batch(images: torch.Tensor, params: np.ndarray) -> torch.Tensor:
     """images: float [B,C,H,W] in [0,1]. Returns the augmented batch, still in [0,1]."""
+    if params[:, 3].any():
+        images = _warp(images, params)
+    elif params[:, :3].any():  # no rotation: the same result by indexing, several times faster
+        images = _shift_flip(images, params[:, 0].astype(np.int64), params[:, 1].astype(np.int64),
+                             params[:, 2] > 0)
+    if (params[:, 4:] != 1).any():
+        bright, contrast = torch.from_numpy(params[:, 4:]).to(images.dtype).view(-1, 2, 1, 1, 1).unbind(1)
+        mean = images.mean(dim=(1, 2, 3), keepdim=True)
+        images = ((images - mean) * contrast + mean) * bright
+        images = images.clamp_(0, 1)
+    return images
+
+
+def _warp(images: torch.Tensor, params: np.ndarray) -> torch.Tensor:
+    """Crop (a shift with zero fill), flip and rotation as one bilinear affine grid_sample."""
     b, _, h, w = images.shape
-    p = torch.from_numpy(params).to(images.dtype)
-    dx, dy, flip, angle, bright, contrast = p.unbind(1)
+    dx, dy, flip, angle = torch.from_numpy(params[:, :4]).to(images.dtype).unbind(1)
     theta = torch.deg2rad(angle)
     sign = 1 - 2 * flip  # -1 mirrors x
     cos, sin = torch.cos(theta), torch.sin(theta)
-    # Output pixel (x, y) samples input at R·(sign·x, y) - shift, in normalised coordinates:
-    # a crop from a zero-padded image is a shift with zero fill.
+    # Output pixel (x, y) samples input at R·(sign·x, y) - shift, in normalised coordinates.
     affine = torch.zeros(b, 2, 3, dtype=images.dtype)
     affine[:, 0, 0] = cos * sign
     affine[:, 0, 1] = -sin
@@ -65,11 +79,19 @@ def augment_batch(images: torch.Tensor, params: np.ndarray) -> torch.Tensor:
     affine[:, 1, 1] = cos
     affine[:, 0, 2] = -2 * dx / w
     affine[:, 1, 2] = -2 * dy / h
-    if params[:, :4].any():
-        grid = F.affine_grid(affine, list(images.shape), align_corners=False)
-        images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    if (params[:, 4:] != 1).any():
-        mean = images.mean(dim=(1, 2, 3), keepdim=True)
-        images = (images - mean) * contrast.view(b, 1, 1, 1) + mean
-        images = (images * bright.view(b, 1, 1, 1)).clamp_(0, 1)
-    return images
+    grid = F.affine_grid(affine, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def _shift_flip(images: torch.Tensor, dx: np.ndarray, dy: np.ndarray, flip: np.ndarray) -> torch.Tensor:
+    """Integer shifts with zero fill and horizontal flips by indexing: what `_warp` computes
+    for these parameters with no rotation (it then samples exactly at pixel centres)."""
+    b, _, h, w = images.shape
+    pad = int(max(np.abs(dx).max(), np.abs(dy).max()))
+    padded = F.pad(images, (pad, pad, pad, pad))
+    cols = torch.arange(w).repeat(b, 1)
+    cols = torch.where(torch.from_numpy(flip)[:, None], w - 1 - cols, cols)  # flip, then shift
+    cols = cols - torch.from_numpy(dx)[:, None] + pad
+    rows = torch.arange(h)[None, :] - torch.from_numpy(dy)[:, None] + pad
+    batch = torch.arange(b)[:, None, None]
+    return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
