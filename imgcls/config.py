@@ -57,6 +57,9 @@ class TrainConfig:
     cutmix_alpha: float = 0.0        # > 0: CutMix (with Mixup too: one of them per batch)
     grad_clip: float = 0.0           # max grad norm; 0 = off
     ema_decay: float = 0.0           # 0 = no EMA of the weights
+    # evaluation (per-epoch val and jobs/evaluate.py) averages the logits of each image and its
+    # mirror image; for data where flips are label-preserving (train with data.augment.flip)
+    eval_flip: bool = False
     early_stop_patience: int = 0     # epochs without val improvement; 0 = off
     early_stop_metric: str = "val/acc"
     compile: bool = False            # torch.compile: off by default, slower on small CPUs
@@ -97,6 +100,9 @@ class TrackConfig:
     project: str = "imgcls"
     entity: str = ""
     progress: bool = True            # tqdm bar on rank 0
+    # rank 0 redraws the training-curve and confusion PNGs at most this often, and after the
+    # last epoch: drawing takes ~0.5 s (3 s the first time), during which every rank waits
+    plots_every_s: float = 60.0
     run_id: str = ""                 # wandb run id for a new run (jobs/submit.py sets it); default random
 
 

@@ -277,6 +277,7 @@ def _train(cfg: Config, dist, stop: StopRequest) -> dict:
         from tqdm import tqdm
         bar = tqdm(total=total_steps, initial=progress.step, unit="step", dynamic_ncols=True)
 
+    unplotted, last_plot = None, time.monotonic()
     while reader.epoch < cfg.train.epochs:
         epoch = reader.epoch
         if apply_unfreeze_schedule(model, cfg.model.unfreeze_schedule, epoch) and dist.is_main:
@@ -348,7 +349,7 @@ def _train(cfg: Config, dist, stop: StopRequest) -> dict:
         improved = False
         if val_reader is not None:
             val_model = ema.module if ema is not None else model
-            metrics = evaluate(val_model, val_reader, device, autocast, num_classes)
+            metrics = evaluate(val_model, val_reader, device, autocast, num_classes, flip=cfg.train.eval_flip)
             confusion = metrics.pop("confusion")
             record = {"epoch": epoch + 1, **{f"val/{k}": v for k, v in metrics.items()}}
             tracker.log(progress.step, record)
@@ -359,7 +360,10 @@ def _train(cfg: Config, dist, stop: StopRequest) -> dict:
             progress.best, progress.bad_epochs = (value, 0) if improved else (progress.best, progress.bad_epochs + 1)
             if dist.is_main:
                 log.info("epoch %d: val acc %.4f loss %.4f (%d samples)", epoch + 1, metrics["acc"], metrics["loss"], metrics["count"])
-                _write_epoch_plots(run_dir, tracker, confusion, manifest["classes"], progress.step)
+                unplotted = (confusion, progress.step)
+                if time.monotonic() - last_plot >= cfg.track.plots_every_s:
+                    _write_epoch_plots(run_dir, tracker, confusion, manifest["classes"], progress.step)
+                    unplotted, last_plot = None, time.monotonic()
         prune = torch.zeros(1)
         if cfg.hpo.study and val_reader is not None and dist.is_main:
             from imgcls import hpo
@@ -375,6 +379,8 @@ def _train(cfg: Config, dist, stop: StopRequest) -> dict:
         if dist.enabled:
             del ddp
 
+    if unplotted is not None:
+        _write_epoch_plots(run_dir, tracker, unplotted[0], manifest["classes"], unplotted[1])
     if bar is not None:
         bar.close()
     tracker.finish()
