@@ -13,9 +13,10 @@ from imgcls.data import ShardReader, read_manifest
 from imgcls.metrics import ConfusionMatrix
 
 
-def evaluate(model, reader: ShardReader, device, autocast, num_classes: int) -> dict:
+def evaluate(model, reader: ShardReader, device, autocast, num_classes: int, flip: bool = False) -> dict:
     """Each rank reads its own shards, every sample of the split exactly once, with no
-    collective per batch (ranks may hold unequal shares); the sums are reduced at the end."""
+    collective per batch (ranks may hold unequal shares); the sums are reduced at the end.
+    With `flip`, the logits are the mean over each image and its horizontal mirror."""
     model.eval()
     confusion = ConfusionMatrix(num_classes)
     totals = torch.zeros(3, dtype=torch.float64)  # loss sum, top-5 correct, count
@@ -25,6 +26,8 @@ def evaluate(model, reader: ShardReader, device, autocast, num_classes: int) -> 
             images, labels = batch["image"].to(device), batch["label"].to(device)
             with autocast():
                 logits = model(images).float()
+                if flip:
+                    logits = (logits + model(images.flip(3)).float()) / 2
             totals[0] += F.cross_entropy(logits, labels, reduction="sum").item()
             totals[1] += (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1).sum().item()
             totals[2] += len(labels)
@@ -84,7 +87,7 @@ def evaluate_checkpoint(checkpoint_url: str, split: str = "test", data_url: str 
     reader = ShardReader(cfg.data, split, rank=dist.rank, world_size=dist.world_size, train=False, manifest=manifest)
     dtype = resolve_precision(cfg.train.precision, dist.device)
     autocast = (lambda: torch.autocast(dist.device.type, dtype=dtype)) if dtype else contextlib.nullcontext
-    metrics = evaluate(model, reader, dist.device, autocast, len(classes))
+    metrics = evaluate(model, reader, dist.device, autocast, len(classes), flip=cfg.train.eval_flip)
     confusion = metrics.pop("confusion")
     report = confusion.classification_report(classes)
     result = {"checkpoint": checkpoint_url, "split": split, "weights": weights,

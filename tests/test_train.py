@@ -2,6 +2,8 @@
 non-finite loss, checkpoints on S3, and the distributed maths of accumulation."""
 from __future__ import annotations
 
+import contextlib
+
 import json
 import subprocess
 import sys
@@ -208,3 +210,29 @@ def test_a_run_that_keeps_dying_before_progress_gives_up(dataset, tmp_path):
         assert out.returncode != 0 and "without progress" not in out.stderr
     out = torchrun(args, nproc=1, env={"IMGCLS_CRASH_AFTER_BATCHES": "1"}, check=False)
     assert out.returncode != 0 and "resumed 3 times at step 2 without progress" in out.stderr
+
+
+def test_eval_flip_averages_the_logits_of_each_image_and_its_mirror(uninterrupted):
+    import torch.nn.functional as F
+
+    from imgcls.data import ShardReader, read_manifest
+    from imgcls.config import from_dict
+    from imgcls.evaluation import evaluate, model_from_checkpoint
+
+    run_dir, _ = uninterrupted
+    state = checkpoint.load(f"{run_dir}/checkpoints/best.pt")
+    cfg = from_dict(state["config"])
+    manifest = read_manifest(cfg.data.url)
+    model, _ = model_from_checkpoint(state, 4, 1)
+    cfg.data.num_workers = 0
+    reader = ShardReader(cfg.data, "test", train=False, manifest=manifest)
+    images = torch.cat([b["image"] for b in reader.loader()])
+    labels = torch.cat([b["label"] for b in reader.loader()])
+    with torch.no_grad():
+        mean_logits = (model(images) + model(images.flip(3))) / 2
+    plain = evaluate(model, reader, torch.device("cpu"), contextlib.nullcontext, 4)
+    flipped = evaluate(model, reader, torch.device("cpu"), contextlib.nullcontext, 4, flip=True)
+    assert flipped["count"] == plain["count"] == 200
+    assert flipped["acc"] == (mean_logits.argmax(1) == labels).float().mean().item()
+    assert flipped["loss"] == pytest.approx(F.cross_entropy(mean_logits, labels).item(), rel=1e-5)
+    assert flipped["loss"] != pytest.approx(plain["loss"], rel=1e-5)  # the mirror views do count
