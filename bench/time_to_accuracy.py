@@ -9,7 +9,8 @@
     clock from launching torchrun (start-up included) to the metrics.jsonl record of each
     epoch's end (after that epoch's validation, which is part of the recipe). After the run,
     every epoch-end checkpoint is evaluated on the official test set with jobs/evaluate.py's
-    code (EMA weights when the recipe keeps them); that evaluation is not training time.
+    code (EMA weights, and mirror-image averaging with train.eval_flip, when the recipe uses
+    them); that evaluation is not training time.
 (B) the tutorial baseline: TutorialCNN (imgcls.models, `tutorial_cnn`), Adam lr 1e-3, StepLR
     (5 epochs, gamma 0.1), batch 32, random horizontal flips only, 20 epochs, fp32, as a plain
     single-process loop on in-memory tensors with torch's default threads. Like the tutorial it
@@ -132,7 +133,8 @@ def fmt_time(row: dict | None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default="/tmp/fm", help="Fashion-MNIST shards (built here if missing)")
+    parser.add_argument("--data", default="/tmp/fm-54k", help="Fashion-MNIST shards (built here if "
+                        "missing, as scripts/quickstart.sh builds them: 54k train, 6k val, 10k test)")
     parser.add_argument("--workdir", default="/tmp/tta", help="run dirs and logs")
     parser.add_argument("--config", default="configs/fashion_mnist.yaml")
     parser.add_argument("--b-epochs", type=int, default=20)
@@ -143,7 +145,7 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     if not Path(args.data, "manifest.json").exists():
         subprocess.run([sys.executable, "-m", "shards", "build", "fashion-mnist", args.data,
-                        "--shard-samples", "2000", "--no-progress"], cwd=REPO, check=True)
+                        "--split", "0.9,0.1,0", "--shard-samples", "1000", "--no-progress"], cwd=REPO, check=True)
     load_start = os.getloadavg()
     a = run_a(args, workdir) if args.only != "b" else []
     b = run_b(args) if args.only != "a" else []

@@ -10,7 +10,8 @@ DATA=${DATA:-data/fashion-mnist}
 RUN_DIR=${RUN_DIR:-runs/fashion_mnist}
 
 if [ ! -f "$DATA/manifest.json" ]; then
-    "$PY" -m shards build fashion-mnist "$DATA" --no-progress
+    # the official 10k test split stays; 10% of the 60k training images are held out as val
+    "$PY" -m shards build fashion-mnist "$DATA" --split 0.9,0.1,0 --shard-samples 1000 --no-progress
 fi
 "$PY" -m shards verify "$DATA"
 "$PY" -m shards inspect "$DATA"
