@@ -100,6 +100,9 @@ class Tracker:
             f.write(line)
 
     def log_image(self, step: int, name: str, url: str) -> None:
+        """Log the image at `step`, or at the last logged step when that is later (a plot drawn
+        after a stop), so the run's steps never go backwards."""
+        step = max(step, self.last_step)
         if self.enabled and self.run is not None:
             import io
 

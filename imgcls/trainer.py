@@ -360,7 +360,7 @@ def _train(cfg: Config, dist, stop: StopRequest) -> dict:
             progress.best, progress.bad_epochs = (value, 0) if improved else (progress.best, progress.bad_epochs + 1)
             if dist.is_main:
                 log.info("epoch %d: val acc %.4f loss %.4f (%d samples)", epoch + 1, metrics["acc"], metrics["loss"], metrics["count"])
-                unplotted = (confusion, progress.step)
+                unplotted = confusion
                 if time.monotonic() - last_plot >= cfg.track.plots_every_s:
                     _write_epoch_plots(run_dir, tracker, confusion, manifest["classes"], progress.step)
                     unplotted, last_plot = None, time.monotonic()
@@ -380,7 +380,7 @@ def _train(cfg: Config, dist, stop: StopRequest) -> dict:
             del ddp
 
     if unplotted is not None:
-        _write_epoch_plots(run_dir, tracker, unplotted[0], manifest["classes"], unplotted[1])
+        _write_epoch_plots(run_dir, tracker, unplotted, manifest["classes"], progress.step)
     if bar is not None:
         bar.close()
     tracker.finish()
