@@ -92,7 +92,7 @@ def final_weights(run_dir: Path) -> dict:
 
 def test_preempted_job_checkpoints_requeues_and_matches_an_uninterrupted_run(slurm_cluster, dataset, tmp_path):
     run_dir = tmp_path / "preempted"
-    args = job_config(dataset, run_dir, epochs=6)
+    args = job_config(dataset, run_dir, epochs=12)  # ~1 s per epoch: still running when preempted
     job = submit("--nodes", "2", "--time", "10", *args)
     wait_for(lambda: logged_step(run_dir) >= 20, 120, "the job to train 20 steps")
     urgent = slurm_cluster.sbatch("-p", "urgent", "-N", "4", "--exclusive", "--wrap", "sleep 3")
@@ -105,7 +105,7 @@ def test_preempted_job_checkpoints_requeues_and_matches_an_uninterrupted_run(slu
     assert state["progress"]["restarts"] >= 1
     # the same config, uninterrupted, under torchrun: bitwise the same weights
     reference_dir = tmp_path / "reference"
-    torchrun(job_config(dataset, reference_dir, epochs=6, wandb="disabled"))
+    torchrun(job_config(dataset, reference_dir, epochs=12, wandb="disabled"))
     reference = final_weights(reference_dir)
     assert state["progress"]["step"] == reference["progress"]["step"]
     for name, tensor in reference["model"].items():
@@ -124,12 +124,12 @@ def test_preempted_job_checkpoints_requeues_and_matches_an_uninterrupted_run(slu
 def test_time_limit_requeues_and_finishes_on_four_nodes(slurm_cluster, dataset, tmp_path):
     run_dir = tmp_path / "timelimit"
     # USR2 40 s before a 2-minute limit: slurmctld checks limits every 30 s, so it comes 50-80 s
-    # after the start; 80 epochs take well over 80 s even on an idle machine (40 did not)
-    job = submit("--nodes", "4", "--time", "2", "--signal-margin", "40", *job_config(dataset, run_dir, epochs=80))
+    # after the start; 160 epochs take about 140 s on an idle machine (80 took 70 s: too few)
+    job = submit("--nodes", "4", "--time", "2", "--signal-margin", "40", *job_config(dataset, run_dir, epochs=160))
     assert wait_state(slurm_cluster, job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 720) == "COMPLETED", \
         log_tail(run_dir, job)
     state = final_weights(run_dir)
-    assert state["progress"]["restarts"] >= 1 and state["data"]["epoch"] == 80
+    assert state["progress"]["restarts"] >= 1 and state["data"]["epoch"] == 160
     row = next(r for r in status(tmp_path) if r["run_dir"] == str(run_dir))
     assert row["requeues"] >= 1 and row["slurm_restarts"] >= 1 and row["state"] == "COMPLETED"
     assert len({a["host"] for a in attempts(run_dir)}) >= 1
@@ -155,7 +155,7 @@ def rank_pid(job_id: str, rank: int) -> int | None:
 
 def test_usr2_requeues_then_a_killed_rank_fails_and_resume_finishes(slurm_cluster, dataset, tmp_path):
     run_dir = tmp_path / "killed"
-    job = submit("--nodes", "2", "--time", "10", *job_config(dataset, run_dir, epochs=10))
+    job = submit("--nodes", "2", "--time", "10", *job_config(dataset, run_dir, epochs=20))
     wait_for(lambda: logged_step(run_dir) >= 10, 120, "the job to train 10 steps")
     subprocess.run(["scancel", "--signal=USR2", job], check=True, env={**os.environ, **slurm_cluster.env})
     # it checkpoints, requeues itself and starts again
@@ -176,7 +176,7 @@ def test_usr2_requeues_then_a_killed_rank_fails_and_resume_finishes(slurm_cluste
     assert wait_state(slurm_cluster, resumed, {"COMPLETED", "FAILED", "CANCELLED"}, 240) == "COMPLETED", \
         log_tail(run_dir, resumed)
     state = final_weights(run_dir)
-    assert state["data"]["epoch"] == 10 and state["progress"]["restarts"] >= 2
+    assert state["data"]["epoch"] == 20 and state["progress"]["restarts"] >= 2
     assert (run_dir / "code" / "imgcls" / "trainer.py").exists()  # it ran the snapshot
 
 
