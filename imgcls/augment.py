@@ -46,7 +46,7 @@ def draw_params(cfg: AugmentConfig, seed: int, epoch: int, keys: list[str]) -> n
         (2 * u[:, 3] - 1) * cfg.rotate_deg,
         1 + (2 * u[:, 4] - 1) * cfg.brightness,
         1 + (2 * u[:, 5] - 1) * cfg.contrast,
-    ], axis=1).astype(np.float64)
+    ], axis=1)
 
 
 def augment_batch(images: torch.Tensor, params: np.ndarray) -> torch.Tensor:

@@ -131,8 +131,8 @@ def read_tar(data: bytes) -> Iterator[dict]:
     """Samples of a shard as webdataset groups them: consecutive members sharing a key.
 
     Plain ustar members (what `write_tar` writes for our keys) are parsed straight from their
-    512-byte headers, about 20x faster than `tarfile`, whose per-member Python overhead was
-    most of a reader worker's time. A shard with anything else (pax or GNU long-name headers,
+    512-byte headers, about 5x faster than `tarfile` (8 vs 35 µs per sample here), whose
+    per-member Python overhead was most of the reader's time. A shard with anything else (pax or GNU long-name headers,
     links, directories) is read entirely by `tarfile`.
     """
     try:

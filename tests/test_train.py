@@ -226,8 +226,8 @@ def test_eval_flip_averages_the_logits_of_each_image_and_its_mirror(uninterrupte
     model, _ = model_from_checkpoint(state, 4, 1)
     cfg.data.num_workers = 0
     reader = ShardReader(cfg.data, "test", train=False, manifest=manifest)
-    images = torch.cat([b["image"] for b in reader.loader()])
-    labels = torch.cat([b["label"] for b in reader.loader()])
+    batches = list(reader.loader())
+    images, labels = torch.cat([b["image"] for b in batches]), torch.cat([b["label"] for b in batches])
     with torch.no_grad():
         mean_logits = (model(images) + model(images.flip(3))) / 2
     plain = evaluate(model, reader, torch.device("cpu"), contextlib.nullcontext, 4)
