@@ -28,16 +28,17 @@ Freezing works by toggling `requires_grad`, never by rebuilding the model:
 from __future__ import annotations
 
 import difflib
+import functools
 import io
 import logging
 from dataclasses import dataclass, field
 from functools import partial
 
 import torch
-import torchvision
 from torch import nn
-from torchvision.models.resnet import BasicBlock, ResNet
-from torchvision.ops import SqueezeExcitation
+
+# torchvision is imported only where a model needs it: the import takes ~1.5 s (it pulls in
+# torch._dynamo), which every rank of a fast_cnn run would otherwise pay at start-up.
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,9 @@ def _norm_layer(kind: str, channels: int) -> nn.Module:
     raise ValueError(f"unknown norm {kind!r}; choose one of {', '.join(NORMS)}")
 
 
-def _squeeze_excite(channels: int) -> SqueezeExcitation:
+def _squeeze_excite(channels: int) -> nn.Module:
+    from torchvision.ops import SqueezeExcitation
+
     return SqueezeExcitation(channels, max(8, channels // 16))
 
 
@@ -178,29 +181,37 @@ class TutorialCNN(nn.Module):
 # ResNet-18/34
 
 
-class SEBasicBlock(BasicBlock):
-    """torchvision's BasicBlock with squeeze-and-excitation on the residual branch.
+@functools.cache
+def _se_basic_block() -> type:
+    """torchvision's BasicBlock with squeeze-and-excitation on the residual branch (a class
+    made on first use, so that importing this module does not import torchvision).
 
     Subclassing (instead of wrapping bn2) keeps every torchvision parameter name, so
     torchvision ResNet weights still load; only `se.*` is new.
     """
+    from torchvision.models.resnet import BasicBlock
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.se = _squeeze_excite(self.conv2.out_channels)
+    class SEBasicBlock(BasicBlock):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.se = _squeeze_excite(self.conv2.out_channels)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.se(self.bn2(self.conv2(out)))
-        return self.relu(out + identity)
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            identity = x if self.downsample is None else self.downsample(x)
+            out = self.relu(self.bn1(self.conv1(x)))
+            out = self.se(self.bn2(self.conv2(out)))
+            return self.relu(out + identity)
+
+    return SEBasicBlock
 
 
 _RESNET_LAYERS = {"resnet18": [2, 2, 2, 2], "resnet34": [3, 4, 6, 3]}
 
 
-def _resnet(cfg, num_classes: int) -> ResNet:
-    block = SEBasicBlock if cfg.se else BasicBlock
+def _resnet(cfg, num_classes: int) -> nn.Module:
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    block = _se_basic_block() if cfg.se else BasicBlock
     return ResNet(block, _RESNET_LAYERS[cfg.name], num_classes=num_classes,
                   norm_layer=partial(_norm_layer, cfg.norm))
 
@@ -242,6 +253,8 @@ OWN_MODELS = ("simple_cnn", "fast_cnn", "tutorial_cnn", "resnet18", "resnet34", 
 
 
 def torchvision_models() -> list[str]:
+    import torchvision
+
     return torchvision.models.list_models(module=torchvision.models)
 
 
@@ -305,6 +318,8 @@ def _create(cfg, num_classes: int, in_channels: int) -> nn.Module:
 
 
 def _torchvision_model(name: str, num_classes: int, dropout: float) -> nn.Module:
+    import torchvision
+
     if dropout > 0:
         try:
             return torchvision.models.get_model(name, weights=None, num_classes=num_classes,
@@ -316,14 +331,17 @@ def _torchvision_model(name: str, num_classes: int, dropout: float) -> nn.Module
 
 def _adapt(model: nn.Module, cfg, in_channels: int) -> None:
     """Small-image stem, ResNet dropout, and a first conv taking `in_channels`."""
-    if isinstance(model, ResNet):
+    ours = isinstance(model, (SimpleCNN, FastCNN, TutorialCNN))
+    if not ours:
+        from torchvision.models import MobileNetV3, ResNet
+    if not ours and isinstance(model, ResNet):
         if cfg.dropout > 0:
             model.fc = nn.Sequential(nn.Dropout(cfg.dropout), model.fc)
         if cfg.small_stem:
             model.conv1 = _kaiming(nn.Conv2d(in_channels, model.conv1.out_channels, 3,
                                              stride=1, padding=1, bias=False))
             model.maxpool = nn.Identity()
-    if cfg.small_stem and (isinstance(model, torchvision.models.MobileNetV3)
+    if cfg.small_stem and not ours and (isinstance(model, MobileNetV3)
                            or cfg.name == "efficientnet_lite0"):
         # only the stride changes, so ImageNet stem weights still fit
         _first_conv(model)[1].stride = (1, 1)

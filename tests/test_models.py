@@ -1,4 +1,6 @@
 import logging
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -45,6 +47,15 @@ def test_output_shape(name, in_channels):
 def test_unknown_name_lists_close_names():
     with pytest.raises(ValueError, match="resnet18"):
         build("resnet81")
+
+
+def test_training_our_models_does_not_import_torchvision():
+    # torchvision's import takes ~1.5 s of every rank's start-up (it imports torch._dynamo)
+    code = ("import sys; from imgcls.trainer import train; from imgcls.models import ModelConfig, build_model; "
+            "build_model(ModelConfig(name='fast_cnn'), 10, 1); print(sorted(m for m in sys.modules "
+            "if m.split('.')[0] == 'torchvision'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 @pytest.mark.parametrize("name,small,large", [
