@@ -57,9 +57,13 @@ class TrainConfig:
     cutmix_alpha: float = 0.0        # > 0: CutMix (with Mixup too: one of them per batch)
     grad_clip: float = 0.0           # max grad norm; 0 = off
     ema_decay: float = 0.0           # 0 = no EMA of the weights
-    # evaluation (per-epoch val and jobs/evaluate.py) averages the logits of each image and its
-    # mirror image; for data where flips are label-preserving (train with data.augment.flip)
+    # Test-time augmentation in jobs/evaluate.py, jobs/prune.py and bench/ (imgcls.evaluation.
+    # tta_logits), not in the per-epoch validation, which counts as training time.
+    # eval_flip: average each image's logits with its mirror image's (for data where flips
+    # preserve the label: train with data.augment.flip); eval_shift: also with the image moved
+    # one pixel up-left and down-right. Each doubles the cost of inference.
     eval_flip: bool = False
+    eval_shift: bool = False
     early_stop_patience: int = 0     # epochs without val improvement; 0 = off
     early_stop_metric: str = "val/acc"
     compile: bool = False            # torch.compile: off by default, slower on small CPUs

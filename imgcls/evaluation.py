@@ -13,10 +13,11 @@ from imgcls.data import ShardReader, read_manifest
 from imgcls.metrics import ConfusionMatrix
 
 
-def evaluate(model, reader: ShardReader, device, autocast, num_classes: int, flip: bool = False) -> dict:
+def evaluate(model, reader: ShardReader, device, autocast, num_classes: int, *, flip: bool = False,
+             shift: bool = False) -> dict:
     """Each rank reads its own shards, every sample of the split exactly once, with no
     collective per batch (ranks may hold unequal shares); the sums are reduced at the end.
-    With `flip`, the logits are the mean over each image and its horizontal mirror."""
+    `flip` and `shift` average the logits over test-time views (see `tta_logits`)."""
     model.eval()
     confusion = ConfusionMatrix(num_classes)
     totals = torch.zeros(3, dtype=torch.float64)  # loss sum, top-5 correct, count
@@ -25,9 +26,7 @@ def evaluate(model, reader: ShardReader, device, autocast, num_classes: int, fli
         for batch in reader.loader():
             images, labels = batch["image"].to(device), batch["label"].to(device)
             with autocast():
-                logits = model(images).float()
-                if flip:
-                    logits = (logits + model(images.flip(3)).float()) / 2
+                logits = tta_logits(model, images, flip=flip, shift=shift)
             totals[0] += F.cross_entropy(logits, labels, reduction="sum").item()
             totals[1] += (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1).sum().item()
             totals[2] += len(labels)
@@ -38,6 +37,22 @@ def evaluate(model, reader: ShardReader, device, autocast, num_classes: int, fli
     count = max(1.0, totals[2].item())
     return {"loss": totals[0].item() / count, "acc": confusion.accuracy, "top5": totals[1].item() / count,
             "macro_f1": confusion.macro_f1, "count": int(totals[2].item()), "confusion": confusion}
+
+
+def tta_logits(model, images: torch.Tensor, *, flip: bool = False, shift: bool = False) -> torch.Tensor:
+    """fp32 logits averaged over test-time views, as airbench does: with `flip`, the image and
+    its mirror image; with `shift`, half of that plus a quarter each for the same views of the
+    image moved one pixel up-left and one down-right (edge pixels repeated)."""
+    def views(x):
+        logits = model(x).float()
+        return (logits + model(x.flip(3)).float()) / 2 if flip else logits
+
+    logits = views(images)
+    if shift:
+        h, w = images.shape[-2:]
+        padded = F.pad(images, (1, 1, 1, 1), mode="replicate")
+        logits = logits / 2 + (views(padded[..., :h, :w]) + views(padded[..., 2:, 2:])) / 4
+    return logits
 
 
 def model_from_checkpoint(state: dict, num_classes: int, in_channels: int, use_ema: bool = True):
@@ -87,7 +102,8 @@ def evaluate_checkpoint(checkpoint_url: str, split: str = "test", data_url: str 
     reader = ShardReader(cfg.data, split, rank=dist.rank, world_size=dist.world_size, train=False, manifest=manifest)
     dtype = resolve_precision(cfg.train.precision, dist.device)
     autocast = (lambda: torch.autocast(dist.device.type, dtype=dtype)) if dtype else contextlib.nullcontext
-    metrics = evaluate(model, reader, dist.device, autocast, len(classes), flip=cfg.train.eval_flip)
+    metrics = evaluate(model, reader, dist.device, autocast, len(classes), flip=cfg.train.eval_flip,
+                       shift=cfg.train.eval_shift)
     confusion = metrics.pop("confusion")
     report = confusion.classification_report(classes)
     result = {"checkpoint": checkpoint_url, "split": split, "weights": weights,

@@ -349,7 +349,7 @@ def _train(cfg: Config, dist, stop: StopRequest) -> dict:
         improved = False
         if val_reader is not None:
             val_model = ema.module if ema is not None else model
-            metrics = evaluate(val_model, val_reader, device, autocast, num_classes, flip=cfg.train.eval_flip)
+            metrics = evaluate(val_model, val_reader, device, autocast, num_classes)  # one view: see train.eval_flip
             confusion = metrics.pop("confusion")
             record = {"epoch": epoch + 1, **{f"val/{k}": v for k, v in metrics.items()}}
             tracker.log(progress.step, record)

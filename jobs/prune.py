@@ -73,7 +73,8 @@ def accuracy(model, cfg, split: str, manifest: dict) -> float:
     reader = ShardReader(cfg.data, split, rank=0, world_size=1, train=False, manifest=manifest)
     dtype = resolve_precision(cfg.train.precision, torch.device("cpu"))
     autocast = (lambda: torch.autocast("cpu", dtype=dtype)) if dtype else contextlib.nullcontext
-    return evaluate(model, reader, torch.device("cpu"), autocast, len(manifest["classes"]), flip=cfg.train.eval_flip)["acc"]
+    return evaluate(model, reader, torch.device("cpu"), autocast, len(manifest["classes"]), flip=cfg.train.eval_flip,
+                    shift=cfg.train.eval_shift)["acc"]
 
 
 def sizes(model) -> tuple[int, int]:

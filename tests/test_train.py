@@ -212,7 +212,7 @@ def test_a_run_that_keeps_dying_before_progress_gives_up(dataset, tmp_path):
     assert out.returncode != 0 and "resumed 3 times at step 2 without progress" in out.stderr
 
 
-def test_eval_flip_averages_the_logits_of_each_image_and_its_mirror(uninterrupted):
+def test_test_time_augmentation_averages_the_logits_of_the_views(uninterrupted):
     import torch.nn.functional as F
 
     from imgcls.data import ShardReader, read_manifest
@@ -228,11 +228,20 @@ def test_eval_flip_averages_the_logits_of_each_image_and_its_mirror(uninterrupte
     reader = ShardReader(cfg.data, "test", train=False, manifest=manifest)
     batches = list(reader.loader())
     images, labels = torch.cat([b["image"] for b in batches]), torch.cat([b["label"] for b in batches])
+    # the views built by hand: the image moved one pixel down-right shows pixel (y-1, x-1) at
+    # (y, x), with row and column 0 repeated at the edge; up-left likewise
+    rows, cols = torch.arange(images.shape[2]), torch.arange(images.shape[3])
+    down_right = images[:, :, (rows - 1).clamp(min=0)][:, :, :, (cols - 1).clamp(min=0)]
+    up_left = images[:, :, (rows + 1).clamp(max=len(rows) - 1)][:, :, :, (cols + 1).clamp(max=len(cols) - 1)]
     with torch.no_grad():
-        mean_logits = (model(images) + model(images.flip(3))) / 2
+        def mirror_mean(x):
+            return (model(x) + model(x.flip(3))) / 2
+        expected = {"flip": mirror_mean(images),
+                    "flip+shift": mirror_mean(images) / 2 + (mirror_mean(up_left) + mirror_mean(down_right)) / 4}
     plain = evaluate(model, reader, torch.device("cpu"), contextlib.nullcontext, 4)
-    flipped = evaluate(model, reader, torch.device("cpu"), contextlib.nullcontext, 4, flip=True)
-    assert flipped["count"] == plain["count"] == 200
-    assert flipped["acc"] == (mean_logits.argmax(1) == labels).float().mean().item()
-    assert flipped["loss"] == pytest.approx(F.cross_entropy(mean_logits, labels).item(), rel=1e-5)
-    assert flipped["loss"] != pytest.approx(plain["loss"], rel=1e-5)  # the mirror views do count
+    for name, logits in expected.items():
+        got = evaluate(model, reader, torch.device("cpu"), contextlib.nullcontext, 4, flip=True, shift=name != "flip")
+        assert got["count"] == plain["count"] == 200
+        assert got["acc"] == (logits.argmax(1) == labels).float().mean().item()
+        assert got["loss"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
+        assert got["loss"] != pytest.approx(plain["loss"], rel=1e-5)  # the other views do count
