@@ -9,8 +9,8 @@
     clock from launching torchrun (start-up included) to the metrics.jsonl record of each
     epoch's end (after that epoch's validation, which is part of the recipe). After the run,
     every epoch-end checkpoint is evaluated on the official test set with jobs/evaluate.py's
-    code (EMA weights, and mirror-image averaging with train.eval_flip, when the recipe uses
-    them); that evaluation is not training time.
+    code (EMA weights and the test-time augmentation of train.eval_flip / train.eval_shift,
+    when the recipe uses them); that evaluation is not training time.
 (B) the tutorial baseline: TutorialCNN (imgcls.models, `tutorial_cnn`), Adam lr 1e-3, StepLR
     (5 epochs, gamma 0.1), batch 32, random horizontal flips only, 20 epochs, fp32, as a plain
     single-process loop on in-memory tensors with torch's default threads. Like the tutorial it
