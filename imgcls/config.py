@@ -61,7 +61,8 @@ class TrainConfig:
     # tta_logits), not in the per-epoch validation, which counts as training time.
     # eval_flip: average each image's logits with its mirror image's (for data where flips
     # preserve the label: train with data.augment.flip); eval_shift: also with the image moved
-    # one pixel up-left and down-right. Each doubles the cost of inference.
+    # one pixel up-left and down-right. eval_flip doubles the cost of inference, eval_shift
+    # triples it.
     eval_flip: bool = False
     eval_shift: bool = False
     early_stop_patience: int = 0     # epochs without val improvement; 0 = off
