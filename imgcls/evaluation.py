@@ -106,7 +106,8 @@ def evaluate_checkpoint(checkpoint_url: str, split: str = "test", data_url: str 
                        shift=cfg.train.eval_shift)
     confusion = metrics.pop("confusion")
     report = confusion.classification_report(classes)
-    result = {"checkpoint": checkpoint_url, "split": split, "weights": weights,
+    views = ["image"] + ["mirror"] * cfg.train.eval_flip + ["shifted"] * cfg.train.eval_shift
+    result = {"checkpoint": checkpoint_url, "split": split, "weights": weights, "views": "+".join(views),
               **metrics, "per_class": confusion.to_json(classes)}
     if dist.is_main:
         out = out_dir or storage.join(run_dir_of(checkpoint_url), "eval", split)
