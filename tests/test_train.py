@@ -141,7 +141,7 @@ def test_evaluate_job_writes_the_report(uninterrupted):
                           "--split", "test"], cwd=REPO, capture_output=True, text=True, timeout=120, check=True)
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert summary["count"] == 200 and summary["weights"] == "ema" and summary["acc"] > 0.6
-    assert summary["views"] == "image"  # no test-time augmentation configured
+    assert summary["views"] == "image+mirror+shifted"  # the default recipe's test-time augmentation
     assert "precision" in out.stdout and "macro avg" in out.stdout
     eval_dir = Path(run_dir, "eval", "test")
     metrics = json.loads((eval_dir / "metrics.json").read_text())
