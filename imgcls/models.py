@@ -28,11 +28,10 @@ Freezing works by toggling `requires_grad`, never by rebuilding the model:
 from __future__ import annotations
 
 import difflib
-import functools
 import io
 import logging
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cache, partial
 
 import torch
 from torch import nn
@@ -181,7 +180,7 @@ class TutorialCNN(nn.Module):
 # ResNet-18/34
 
 
-@functools.cache
+@cache
 def _se_basic_block() -> type:
     """torchvision's BasicBlock with squeeze-and-excitation on the residual branch (a class
     made on first use, so that importing this module does not import torchvision).
@@ -331,20 +330,19 @@ def _torchvision_model(name: str, num_classes: int, dropout: float) -> nn.Module
 
 def _adapt(model: nn.Module, cfg, in_channels: int) -> None:
     """Small-image stem, ResNet dropout, and a first conv taking `in_channels`."""
-    ours = isinstance(model, (SimpleCNN, FastCNN, TutorialCNN))
-    if not ours:
+    if not isinstance(model, (SimpleCNN, FastCNN, TutorialCNN)):  # ours need no torchvision
         from torchvision.models import MobileNetV3, ResNet
-    if not ours and isinstance(model, ResNet):
-        if cfg.dropout > 0:
-            model.fc = nn.Sequential(nn.Dropout(cfg.dropout), model.fc)
-        if cfg.small_stem:
-            model.conv1 = _kaiming(nn.Conv2d(in_channels, model.conv1.out_channels, 3,
-                                             stride=1, padding=1, bias=False))
-            model.maxpool = nn.Identity()
-    if cfg.small_stem and not ours and (isinstance(model, MobileNetV3)
-                           or cfg.name == "efficientnet_lite0"):
-        # only the stride changes, so ImageNet stem weights still fit
-        _first_conv(model)[1].stride = (1, 1)
+
+        if isinstance(model, ResNet):
+            if cfg.dropout > 0:
+                model.fc = nn.Sequential(nn.Dropout(cfg.dropout), model.fc)
+            if cfg.small_stem:
+                model.conv1 = _kaiming(nn.Conv2d(in_channels, model.conv1.out_channels, 3,
+                                                 stride=1, padding=1, bias=False))
+                model.maxpool = nn.Identity()
+        if cfg.small_stem and (isinstance(model, MobileNetV3) or cfg.name == "efficientnet_lite0"):
+            # only the stride changes, so ImageNet stem weights still fit
+            _first_conv(model)[1].stride = (1, 1)
     if cfg.dropout > 0 and not any(isinstance(m, nn.Dropout) and m.p == cfg.dropout
                                    for m in model.modules()):
         log.warning("%s has no dropout option: dropout=%s ignored", cfg.name, cfg.dropout)
