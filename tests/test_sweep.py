@@ -161,5 +161,6 @@ def test_sweep_on_the_slurm_cluster(slurm_cluster, dataset, tmp_path):  # noqa: 
     check_best_is_printed(stdout, study)
     for trial in study.trials:
         job_id = trial.user_attrs["job_id"]
-        assert slurm_cluster.sacct_state(job_id) == "COMPLETED"
+        # a trial is told to the study just before its job's batch script exits: wait for accounting
+        assert slurm_cluster.wait_sacct(job_id) == "COMPLETED"
         assert f"running the code in {sweep_dir / 'code'}" in (sweep_dir / "logs" / f"{job_id}_0_log.err").read_text()
