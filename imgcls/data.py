@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -328,6 +328,18 @@ class ShardReader(IterableDataset):
         workers = self.cfg.num_workers
         return DataLoader(self, batch_size=None, num_workers=workers, collate_fn=_as_is,
                           prefetch_factor=4 if workers else None, persistent_workers=False)
+
+
+def first_images(cfg: DataConfig, split: str, count: int, manifest: dict | None = None) -> torch.Tensor:
+    """The first `count` images of a split in shard order, normalised and not augmented: the
+    same on every rank, whatever the world size. Reads only the shards it needs."""
+    images, seen = [], 0
+    for batch in ShardReader(replace(cfg, num_workers=0), split, train=False, manifest=manifest):
+        images.append(batch["image"])
+        seen += len(batch["image"])
+        if seen >= count:
+            break
+    return torch.cat(images)[:count]
 
 
 def _as_is(batch: dict) -> dict:

@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from imgcls import checkpoint, distributed, storage
 from imgcls.config import Config, save_config, to_dict
-from imgcls.data import DataError, ShardReader, read_manifest
+from imgcls.data import DataError, ShardReader, first_images, read_manifest
 from imgcls.evaluation import evaluate, model_from_checkpoint
 from imgcls.losses import classification_loss, distillation_loss, mix_batch
 from imgcls.models import apply_unfreeze_schedule, build_model
@@ -212,6 +212,8 @@ def _train(cfg: Config, dist, stop: StopRequest) -> dict:
                   if "val" in manifest["splits"] else None)
 
     model = build_model(cfg.model, num_classes, channels).to(device)
+    if cfg.model.whiten_images:  # a resumed run then loads its trained weights over this
+        model.init_whitening(first_images(cfg.data, "train", cfg.model.whiten_images, manifest).to(device))
     if cfg.prune.sparsity > 0:  # before loading a checkpoint, whose state has the masks
         from imgcls.pruning import apply_pruning
         apply_pruning(model, cfg.prune)

@@ -272,3 +272,37 @@ def test_unknown_unfreeze_prefix_fails_at_once():
     model = build("resnet18", freeze_backbone=True)
     with pytest.raises(ValueError, match="layer5.*layer4"):
         apply_unfreeze_schedule(model, [[10, "layer5"]], 0)
+
+
+@pytest.mark.parametrize("in_channels,width", [(1, 32), (1, 8), (3, 16)])
+def test_whitening_init_decorrelates_the_first_convs_patch_features(in_channels, width):
+    torch.manual_seed(0)
+    # strongly correlated neighbouring pixels, as in real images
+    images = F.avg_pool2d(torch.randn(200, in_channels, 30, 30), 3, stride=1) * 3 + 0.5
+    model = build("fast_cnn", in_channels=in_channels, width=width, whiten_images=200)
+    untouched = model.blocks[0][0].weight.detach().clone()
+    model.init_whitening(images, eps=1e-8)
+    conv = model.blocks[0][0]
+    k = min(9 * in_channels, width // 2)
+    with torch.no_grad():
+        features = conv(images).transpose(0, 1).reshape(width, -1).double()
+    cov = torch.cov(features[:k])
+    assert torch.allclose(cov, torch.eye(k, dtype=cov.dtype), atol=0.02), "whitened features are not white"
+    assert torch.equal(conv.weight[k:2 * k], -conv.weight[:k])  # both signs survive the ReLU
+    assert torch.equal(conv.weight[2 * k:], untouched[2 * k:])  # the rest keep their random init
+
+
+def test_whitening_init_is_for_fast_cnn_from_scratch():
+    with pytest.raises(ValueError, match="whiten_images"):
+        build("simple_cnn", whiten_images=100)
+
+
+def test_fast_cnn_block_widths():
+    assert [block[0].out_channels for block in build("fast_cnn", width=8).blocks] == [8, 16, 32]
+    model = build("fast_cnn", width=16, block_multipliers=[1, 4, 8])
+    assert [block[0].out_channels for block in model.blocks] == [16, 64, 128]
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    with pytest.raises(ValueError, match="block_multipliers"):
+        build("simple_cnn", block_multipliers=[1, 4, 8])
+    with pytest.raises(ValueError, match="block_multipliers"):
+        build("fast_cnn", block_multipliers=[1, 0])

@@ -246,3 +246,28 @@ def test_test_time_augmentation_averages_the_logits_of_the_views(uninterrupted):
         assert got["acc"] == (logits.argmax(1) == labels).float().mean().item()
         assert got["loss"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
         assert got["loss"] != pytest.approx(plain["loss"], rel=1e-5)  # the other views do count
+
+
+def test_whitening_init_comes_from_the_first_training_images_and_resumes_exactly(dataset, tmp_path):
+    from imgcls.config import from_dict
+    from imgcls.data import first_images
+    from imgcls.models import build_model
+
+    fast = [*SMALL, "model.name=fast_cnn", "model.width=8", "model.whiten_images=300", "train.epochs=1"]
+    # with lr 0 the weights stay as initialised: on both ranks, the whitening of the first 300 images
+    torchrun([f"data.url={dataset}", f"run.dir={tmp_path / 'frozen'}", *fast, "optim.lr=0.0"])
+    frozen = final_state(str(tmp_path / "frozen"))
+    cfg = from_dict(frozen["config"])
+    torch.manual_seed(cfg.run.seed)
+    expected = build_model(cfg.model, 4, 1)
+    random_init = expected.blocks[0][0].weight.detach().clone()
+    expected.init_whitening(first_images(cfg.data, "train", 300))
+    assert not torch.equal(expected.blocks[0][0].weight, random_init)
+    parameters = dict(expected.named_parameters())  # (BatchNorm statistics do move)
+    assert_same_weights({n: frozen["model"][n] for n in parameters}, parameters)
+
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    torchrun([f"data.url={dataset}", f"run.dir={straight}", *fast])
+    torchrun([f"data.url={dataset}", f"run.dir={stopped}", *fast, "train.max_steps=9"])
+    torchrun([f"data.url={dataset}", f"run.dir={stopped}", *fast])
+    assert_same_weights(final_state(str(stopped))["model"], final_state(str(straight))["model"])
