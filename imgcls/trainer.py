@@ -212,7 +212,7 @@ def _train(cfg: Config, dist, stop: StopRequest) -> dict:
                   if "val" in manifest["splits"] else None)
 
     model = build_model(cfg.model, num_classes, channels).to(device)
-    if cfg.model.whiten_images:  # a resumed run then loads its trained weights over this
+    if cfg.model.whiten_images and cfg.model.name == "fast_cnn":  # a resumed run loads its weights over this
         model.init_whitening(first_images(cfg.data, "train", cfg.model.whiten_images, manifest).to(device))
     if cfg.prune.sparsity > 0:  # before loading a checkpoint, whose state has the masks
         from imgcls.pruning import apply_pruning

@@ -292,9 +292,15 @@ def test_whitening_init_decorrelates_the_first_convs_patch_features(in_channels,
     assert torch.equal(conv.weight[2 * k:], untouched[2 * k:])  # the rest keep their random init
 
 
-def test_whitening_init_is_for_fast_cnn_from_scratch():
+def test_whitening_init_does_not_overwrite_pretrained_weights():
     with pytest.raises(ValueError, match="whiten_images"):
-        build("simple_cnn", whiten_images=100)
+        build("fast_cnn", whiten_images=100, pretrained="some/weights.pt")
+
+
+def test_fast_cnn_options_do_not_stop_switching_to_another_model():
+    # the default recipe sets them; `model.name=resnet18` on its command line must still work
+    model = build("simple_cnn", whiten_images=100, block_multipliers=[1, 4, 8])
+    assert not hasattr(model, "init_whitening")
 
 
 def test_fast_cnn_block_widths():
@@ -302,7 +308,5 @@ def test_fast_cnn_block_widths():
     model = build("fast_cnn", width=16, block_multipliers=[1, 4, 8])
     assert [block[0].out_channels for block in model.blocks] == [16, 64, 128]
     assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
-    with pytest.raises(ValueError, match="block_multipliers"):
-        build("simple_cnn", block_multipliers=[1, 4, 8])
     with pytest.raises(ValueError, match="block_multipliers"):
         build("fast_cnn", block_multipliers=[1, 0])
