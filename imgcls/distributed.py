@@ -3,18 +3,30 @@
 torchrun sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT. Under `srun` (one task per
 GPU, no torchrun inside) we read SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID, take the master
 from the first host of the node list and derive the port from the job id, so every task of
-a job agrees without talking first. Plain `python` is a single process with no group.
+a job agrees without talking first. Plain `python` is a single process with no group, unless
+`always_init` asks for one (the GPU check runs the NCCL+gloo collectives at world size 1).
+
+On CUDA the group serves both devices, `cpu:gloo,cuda:nccl` (as torchtitan does): CUDA tensors
+go through NCCL, CPU tensors (step flags, object gathers, evaluation totals) through gloo.
+Every collective of the library goes through the helpers at the end of this module.
 """
 from __future__ import annotations
 
 import datetime
 import os
 import re
+import socket
 import subprocess
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+DEVICES = ("auto", "cuda", "cpu")
+
+
+class DeviceError(RuntimeError):
+    """The requested device cannot be used (e.g. run.device=cuda where CUDA is not usable)."""
 
 
 @dataclass
@@ -30,7 +42,12 @@ class DistInfo:
 
     @property
     def enabled(self) -> bool:
+        """Several processes: DDP and no_sync are needed."""
         return self.world_size > 1
+
+    @property
+    def backend(self) -> str:
+        return dist.get_backend() if dist.is_initialized() else "none"
 
 
 def expand_hostlist(nodelist: str) -> list[str]:
@@ -61,6 +78,11 @@ def slurm_master_addr() -> str:
     return expand_hostlist(nodelist)[0]
 
 
+def job_port(job_id: str | int) -> int:
+    """The rendezvous port every task of a job derives from its id, without talking first."""
+    return 20000 + int(str(job_id).split("_")[0]) % 20000
+
+
 def env_ranks() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) from torchrun's env, else SLURM's, else a single process."""
     env = os.environ
@@ -71,24 +93,55 @@ def env_ranks() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
-def init_distributed(timeout_minutes: float = 10) -> DistInfo:
+def resolve_device(setting: str, local_rank: int = 0) -> torch.device:
+    """`run.device`: auto takes this rank's GPU when CUDA is usable, else the CPU; cuda
+    insists (a one-line error rather than a silent CPU run)."""
+    if setting not in DEVICES:
+        raise DeviceError(f"run.device={setting!r}: expected one of {', '.join(DEVICES)}")
+    if setting == "cpu" or (setting == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise DeviceError("run.device=cuda, but CUDA is not usable here (torch.cuda.is_available() is False: "
+                          f"torch {torch.__version__}, built for CUDA {torch.version.cuda or 'none'}; "
+                          "check the driver and the wheel, or use run.device=auto|cpu)")
+    if local_rank >= torch.cuda.device_count():
+        raise DeviceError(f"local rank {local_rank} has no GPU: this node has {torch.cuda.device_count()}; "
+                          "start one process per GPU")
+    return torch.device("cuda", local_rank)
+
+
+def backend_for(device: torch.device) -> str:
+    """One group for both devices on CUDA (NCCL has no CPU tensors); gloo alone on CPU, where
+    the NCCL part cannot be created."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
+def init_distributed(device: str = "auto", timeout_minutes: float = 10, always_init: bool = False) -> DistInfo:
+    """Pick the device and join the process group (when there are several processes, or
+    `always_init`). `timeout_minutes` bounds every collective: a rank that never arrives
+    fails the job instead of hanging it."""
     rank, world_size, local_rank = env_ranks()
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    info = DistInfo(rank, world_size, local_rank, device)
-    if world_size > 1 and not dist.is_initialized():
-        if "MASTER_ADDR" not in os.environ:  # srun without torchrun
-            os.environ["MASTER_ADDR"] = slurm_master_addr()
-            os.environ["MASTER_PORT"] = str(20000 + int(os.environ["SLURM_JOB_ID"]) % 20000)
+    info = DistInfo(rank, world_size, local_rank, resolve_device(device, local_rank))
+    if info.device.type == "cuda":
+        torch.cuda.set_device(info.device)
+    if (world_size > 1 or always_init) and not dist.is_initialized():
+        if "MASTER_ADDR" not in os.environ:
+            if "SLURM_JOB_ID" in os.environ:  # srun without torchrun
+                os.environ["MASTER_ADDR"] = slurm_master_addr()
+                os.environ["MASTER_PORT"] = str(job_port(os.environ["SLURM_JOB_ID"]))
+            else:  # a lone process that asked for a group
+                os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(_free_port())
         dist.init_process_group(
-            backend="nccl" if device.type == "cuda" else "gloo",
-            rank=rank, world_size=world_size,
+            backend=backend_for(info.device), rank=rank, world_size=world_size,
             timeout=datetime.timedelta(minutes=timeout_minutes),
-            device_id=device if device.type == "cuda" else None)
+            device_id=info.device if info.device.type == "cuda" else None)
     return info
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def shutdown() -> None:
@@ -99,10 +152,17 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+# ---- the collectives: every one the library makes goes through these ---------------------
+def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In place across ranks; a no-op without a group. The tensor may live on the CPU (gloo)
+    or the GPU (NCCL): the group picks the backend by the tensor's device."""
     if dist.is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
     return tensor
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    return all_reduce(tensor, "sum")
 
 
 def all_gather_object(obj) -> list:
@@ -111,3 +171,8 @@ def all_gather_object(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
