@@ -221,6 +221,7 @@ class ShardMethod(Method):
         self.reader.set_epoch(epoch)
         n = 0
         for batch in self.reader.loader():
+            self.reader.transform(batch)  # rotation, jitter, normalisation: the trainer's share, on the CPU here
             n += len(batch["label"])
         return n
 

@@ -111,7 +111,7 @@ def worker_bare(args) -> dict:
             start = time.perf_counter()
         for micro in range(ACCUM):
             batch = next(loader)
-            images = batch["image"].contiguous(memory_format=torch.channels_last)
+            images = reader.transform(batch, "cpu", channels_last=True)
             with ddp.no_sync() if micro < ACCUM - 1 else contextlib.nullcontext():
                 with torch.autocast("cpu", dtype=torch.bfloat16):
                     loss = F.cross_entropy(ddp(images).float(), batch["label"], label_smoothing=0.1)

@@ -80,8 +80,9 @@ def load_split(data: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     cfg = Config().data
     cfg.url, cfg.eval_batch_size, cfg.num_workers = data, 10000, 0
     cfg.mean, cfg.std = [0.286], [0.353]
-    batches = list(ShardReader(cfg, split, train=False))
-    return torch.cat([b["image"] for b in batches]), torch.cat([b["label"] for b in batches])
+    reader = ShardReader(cfg, split, train=False)
+    batches = list(reader)
+    return torch.cat([reader.transform(b) for b in batches]), torch.cat([b["label"] for b in batches])
 
 
 def accuracy(model, images, labels) -> float:

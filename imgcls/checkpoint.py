@@ -106,3 +106,35 @@ def load_latest(run_dir: str) -> tuple[dict, str] | tuple[None, None]:
         except Exception as e:  # a truncated zip raises one of several errors
             log.warning("skipping unreadable checkpoint %s: %s", url, e)
     return None, None
+
+
+class Checkpointer:
+    """Owns the dict of a run's stateful parts (torchtitan's CheckpointManager in miniature).
+
+    Created before the parts exist, it looks up the newest good checkpoint once, so the
+    caller knows whether it is `resuming` while it builds them; then `parts` is set, and
+    `restore()` loads every part, `save(step)` writes them all. Saving is collective (the
+    RNG part gathers every rank's state); rank 0 writes.
+    """
+
+    def __init__(self, run_dir: str, keep_last: int, is_main: bool, config: dict):
+        self.run_dir, self.keep_last, self.is_main, self.config = run_dir, keep_last, is_main, config
+        self.parts: dict = {}
+        self._state, self.url = load_latest(run_dir)
+
+    @property
+    def resuming(self) -> bool:
+        return self._state is not None
+
+    def restore(self) -> str:
+        """Load every part from the checkpoint found at start; returns its URL."""
+        for name, part in self.parts.items():
+            part.load_state_dict(self._state[name])
+        self._state = None  # the weights now live in the parts: don't hold a second copy
+        return self.url
+
+    def save(self, step: int, best: bool = False) -> None:
+        snapshot = {name: part.state_dict() for name, part in self.parts.items()}
+        snapshot["config"] = self.config
+        if self.is_main:
+            save(snapshot, self.run_dir, step, self.keep_last, best=best)

@@ -25,6 +25,11 @@ class RunConfig:
     name: str = ""                   # wandb run name; default: the run dir's basename
     seed: int = 0
     deterministic: bool = False      # torch.use_deterministic_algorithms: bitwise-exact resume on CPU
+    device: str = "auto"             # auto (this rank's GPU when CUDA is usable, else CPU) | cuda | cpu
+    dist_timeout_min: float = 10.0   # process-group timeout: a collective waiting longer fails the job
+    # join a process group even as a single process (NCCL+gloo on CUDA), so checks exercise
+    # the collectives; several processes always join one
+    always_init_group: bool = False
 
 
 @dataclass
@@ -69,6 +74,10 @@ class TrainConfig:
     early_stop_metric: str = "val/acc"
     compile: bool = False            # torch.compile: off by default, slower on small CPUs
     log_every: int = 20              # optimizer steps between train-metric records
+    # optimizer steps between the host syncs that read the all-reduced step flags (non-finite
+    # loss, stop request); every rank stops at the same step. Also at logs, checkpoints and
+    # epoch ends. 1 reads them every step (a GPU then waits for the host every step).
+    sync_every: int = 10
     ckpt_every: int = 200            # optimizer steps between periodic checkpoints (and every epoch end)
     keep_last: int = 3               # checkpoints kept besides the best
     max_steps: int = 0               # stop (with a checkpoint) after this many steps; 0 = run all epochs

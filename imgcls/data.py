@@ -8,6 +8,9 @@ computed from the manifest, so DDP never waits on a rank that ran out of data.
 
 Resuming at (epoch, position) skips whole shards by the manifest's counts and never decodes a
 skipped sample; workers are rotated so the loader starts with the worker owning `position`.
+
+Batches are uint8 [B,C,H,W] with the crop and flip applied; `reader.transform(batch, device)`
+turns them into the model's normalised float input on the training device (imgcls.augment).
 """
 from __future__ import annotations
 
@@ -24,11 +27,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from imgcls import storage
-from imgcls.augment import AugmentConfig, augment_batch, draw_params
+from imgcls.augment import AugmentConfig, InputTransform, crop_flip, draw_params, photometric
 from shards.format import decode_sample, read_tar
 
 log = logging.getLogger(__name__)
-storage.register_webdataset_handlers()
 
 
 class DataError(RuntimeError):
@@ -141,10 +143,8 @@ class ShardReader(IterableDataset):
         self.num_classes = len(self.manifest["classes"])
         self.batch_size = cfg.batch_size if train else cfg.eval_batch_size
         self.workers = max(1, cfg.num_workers)
-        image = self.manifest["image"]
-        channels = image["channels"]
-        self.mean = torch.tensor(cfg.mean or [0.5] * channels).view(1, -1, 1, 1)
-        self.std = torch.tensor(cfg.std or [0.5] * channels).view(1, -1, 1, 1)
+        channels = self.manifest["image"]["channels"]
+        self.input_transform = InputTransform(cfg.mean or [0.5] * channels, cfg.std or [0.5] * channels)
         if train and len(self.shards) < world_size * self.workers:
             raise DataError(
                 f"{cfg.url}: split {split!r} has {len(self.shards)} shards, fewer than ranks × workers = "
@@ -260,12 +260,9 @@ class ShardReader(IterableDataset):
 
     def _fetch_shard(self, shard_id: int) -> tuple[bytes, str | None]:
         """The shard's bytes, and their sha256 when checksums are verified. Thread-safe."""
-        import webdataset as wds
-
         url = self.shard_url(shard_id)
         try:
-            with wds.gopen(url) as stream:  # fsspec-backed for s3:// etc. (storage.register_webdataset_handlers)
-                data = stream.read()
+            data = storage.read_bytes(url)
         except FileNotFoundError:
             raise DataError(f"shard {url} is missing") from None
         except Exception as e:
@@ -309,24 +306,35 @@ class ShardReader(IterableDataset):
         return sample["__key__"], image, label
 
     def _collate(self, epoch, samples, bad, position):
+        """{"image": uint8 [B,C,H,W] (cropped and flipped), "photometric": the rest of the
+        augmentation for `transform` or None, "label", "key", "position", "bad"}."""
         keys = [k for k, _, _ in samples]
         images = torch.from_numpy(np.stack([im for _, im, _ in samples])) if samples else \
             torch.zeros((0, *self._shape_hwc()), dtype=torch.uint8)
-        images = images.permute(0, 3, 1, 2).float().div_(255)
+        images = images.permute(0, 3, 1, 2)
+        rest = None
         if self.train and self.cfg.augment.enabled and samples:
-            images = augment_batch(images, draw_params(self.cfg.augment, self.seed, epoch, keys))
-        images = (images - self.mean) / self.std
+            params = draw_params(self.cfg.augment, self.seed, epoch, keys)
+            images, rest = crop_flip(images, params), photometric(params)
         labels = torch.tensor([lb for _, _, lb in samples], dtype=torch.int64)
-        return {"image": images, "label": labels, "key": keys, "position": position, "bad": bad}
+        return {"image": images.contiguous(), "photometric": rest, "label": labels, "key": keys,
+                "position": position, "bad": bad}
+
+    def transform(self, batch: dict, device: torch.device | str = "cpu", channels_last: bool = False) -> torch.Tensor:
+        """The batch's images as the model's input on `device`: the copy travels as uint8
+        (non-blocking from pinned memory), the float work happens there."""
+        images = batch["image"].to(device, non_blocking=True)
+        return self.input_transform(images, batch["photometric"], channels_last)
 
     def _shape_hwc(self):
         m = self.manifest["image"]
         return m["height"], m["width"], m["channels"]
 
-    def loader(self) -> DataLoader:
-        """A DataLoader over the current (epoch, position). Build a new one each epoch."""
+    def loader(self, pin_memory: bool = False) -> DataLoader:
+        """A DataLoader over the current (epoch, position). Build a new one each epoch.
+        `pin_memory` (for CUDA) lets the host-to-device copies run asynchronously."""
         workers = self.cfg.num_workers
-        return DataLoader(self, batch_size=None, num_workers=workers, collate_fn=_as_is,
+        return DataLoader(self, batch_size=None, num_workers=workers, collate_fn=_as_is, pin_memory=pin_memory,
                           prefetch_factor=4 if workers else None, persistent_workers=False)
 
 
@@ -334,8 +342,9 @@ def first_images(cfg: DataConfig, split: str, count: int, manifest: dict | None 
     """The first `count` images of a split in shard order, normalised and not augmented: the
     same on every rank, whatever the world size. Reads only the shards it needs."""
     images, seen = [], 0
-    for batch in ShardReader(replace(cfg, num_workers=0), split, train=False, manifest=manifest):
-        images.append(batch["image"])
+    reader = ShardReader(replace(cfg, num_workers=0), split, train=False, manifest=manifest)
+    for batch in reader:
+        images.append(reader.transform(batch))
         seen += len(batch["image"])
         if seen >= count:
             break

@@ -1,7 +1,6 @@
 """Distributed evaluation, and the report `jobs/evaluate.py` writes for a checkpoint."""
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 
@@ -11,29 +10,32 @@ import torch.nn.functional as F
 from imgcls import checkpoint, distributed, storage
 from imgcls.data import ShardReader, read_manifest
 from imgcls.metrics import ConfusionMatrix
+from imgcls.precision import autocast, resolve_precision
 
 
 def evaluate(model, reader: ShardReader, device, autocast, num_classes: int, *, flip: bool = False,
-             shift: bool = False) -> dict:
+             shift: bool = False, channels_last: bool = False) -> dict:
     """Each rank reads its own shards, every sample of the split exactly once, with no
     collective per batch (ranks may hold unequal shares); the sums are reduced at the end.
-    `flip` and `shift` average the logits over test-time views (see `tta_logits`)."""
+    The sums stay on the device until then. `flip` and `shift` average the logits over
+    test-time views (see `tta_logits`)."""
     model.eval()
-    confusion = ConfusionMatrix(num_classes)
-    totals = torch.zeros(3, dtype=torch.float64)  # loss sum, top-5 correct, count
+    confusion = ConfusionMatrix(num_classes, device=device)
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, top-5 correct, count
     k = min(5, num_classes)
     with torch.no_grad():
-        for batch in reader.loader():
-            images, labels = batch["image"].to(device), batch["label"].to(device)
+        for batch in reader.loader(pin_memory=device.type == "cuda"):
+            images = reader.transform(batch, device, channels_last)
+            labels = batch["label"].to(device, non_blocking=True)
             with autocast():
                 logits = tta_logits(model, images, flip=flip, shift=shift)
-            totals[0] += F.cross_entropy(logits, labels, reduction="sum").item()
-            totals[1] += (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1).sum().item()
+            totals[0] += F.cross_entropy(logits, labels, reduction="sum")
+            totals[1] += (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1).sum()
             totals[2] += len(labels)
-            confusion.update(logits.cpu(), labels.cpu())
+            confusion.update(logits, labels)
     model.train()
-    distributed.all_reduce_sum(totals)
-    distributed.all_reduce_sum(confusion.matrix)
+    distributed.all_reduce(totals)
+    distributed.all_reduce(confusion.matrix)
     count = max(1.0, totals[2].item())
     return {"loss": totals[0].item() / count, "acc": confusion.accuracy, "top5": totals[1].item() / count,
             "macro_f1": confusion.macro_f1, "count": int(totals[2].item()), "confusion": confusion}
@@ -88,7 +90,6 @@ def evaluate_checkpoint(checkpoint_url: str, split: str = "test", data_url: str 
     """Evaluate a checkpoint on a split; rank 0 writes report.txt, metrics.json, confusion.json and
     confusion.png to OUT_DIR (default RUN_DIR/eval/SPLIT). Works under torchrun or alone."""
     from imgcls.config import from_dict
-    from imgcls.trainer import resolve_precision
 
     dist = distributed.init_distributed()
     state = checkpoint.load(checkpoint_url)
@@ -100,10 +101,9 @@ def evaluate_checkpoint(checkpoint_url: str, split: str = "test", data_url: str 
     model, weights = model_from_checkpoint(state, len(classes), manifest["image"]["channels"], use_ema)
     model = model.to(dist.device)
     reader = ShardReader(cfg.data, split, rank=dist.rank, world_size=dist.world_size, train=False, manifest=manifest)
-    dtype = resolve_precision(cfg.train.precision, dist.device)
-    autocast = (lambda: torch.autocast(dist.device.type, dtype=dtype)) if dtype else contextlib.nullcontext
-    metrics = evaluate(model, reader, dist.device, autocast, len(classes), flip=cfg.train.eval_flip,
-                       shift=cfg.train.eval_shift)
+    precision = resolve_precision(cfg.train.precision, dist.device)
+    metrics = evaluate(model, reader, dist.device, autocast(dist.device, precision), len(classes),
+                       flip=cfg.train.eval_flip, shift=cfg.train.eval_shift)
     confusion = metrics.pop("confusion")
     report = confusion.classification_report(classes)
     views = ["image"] + ["mirror"] * cfg.train.eval_flip + ["shifted"] * cfg.train.eval_shift

@@ -89,7 +89,7 @@ def read_samples(meta: dict, split: str, limit: int = 0, data_url: str = "",
     reader = ShardReader(cfg, split, train=seed is not None, seed=seed or 0)
     images, labels, count = [], [], 0
     for batch in reader:
-        images.append(batch["image"].numpy())
+        images.append(reader.transform(batch).numpy())
         labels.append(batch["label"].numpy())
         count += len(batch["label"])
         if limit and count >= limit:

@@ -31,7 +31,7 @@ def mix_batch(images, labels, *, seed: int, epoch: int, position: int, mixup_alp
     use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or rng.random() < 0.5)
     alpha = cutmix_alpha if use_cutmix else mixup_alpha
     lam = float(rng.beta(alpha, alpha))
-    partner = torch.from_numpy(rng.permutation(len(labels)))
+    partner = torch.from_numpy(rng.permutation(len(labels))).to(images.device)
     if use_cutmix:
         h, w = images.shape[-2:]
         cut_h, cut_w = int(h * np.sqrt(1 - lam)), int(w * np.sqrt(1 - lam))

@@ -1,9 +1,16 @@
 """The training loop: DDP, gradient accumulation, mixed precision, exact resume.
 
-Same code under torchrun, srun and plain python (imgcls.distributed). Every stateful part
-has state_dict()/load_state_dict(), so a checkpoint is one dict of parts, and a run stopped
-at any optimizer step resumes bit-for-bit: the reader restarts at the exact batch, each
-sample's augmentation depends only on (seed, epoch, key), and every rank's RNGs are restored.
+Same code under torchrun, srun and plain python (imgcls.distributed). A `Trainer` wires the
+components; `Checkpointer` owns the dict of stateful parts (every part has state_dict() and
+load_state_dict()), so a checkpoint is one dict and a run stopped at any optimizer step
+resumes bit-for-bit: the reader restarts at the exact batch, each sample's augmentation
+depends only on (seed, epoch, key), and every rank's RNGs are restored.
+
+The story of a step: read `accum` uint8 micro-batches, turn them into float input on the
+device, forward and backward (all-reducing gradients on the last one), step. The step's loss
+and accuracy stay on the device; only every `train.sync_every` steps (and at logs, checkpoints
+and epoch ends) do the ranks agree on the flags (non-finite loss, stop request) and the host
+reads them, so a GPU never waits for the host in between.
 """
 from __future__ import annotations
 
@@ -19,16 +26,19 @@ from dataclasses import dataclass
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from imgcls import checkpoint, distributed, storage
+from imgcls import distributed, storage
+from imgcls.checkpoint import Checkpointer, RNGState
 from imgcls.config import Config, save_config, to_dict
 from imgcls.data import DataError, ShardReader, first_images, read_manifest
 from imgcls.evaluation import evaluate, model_from_checkpoint
 from imgcls.losses import classification_loss, distillation_loss, mix_batch
 from imgcls.models import apply_unfreeze_schedule, build_model
+from imgcls.precision import autocast, precision_name, resolve_precision
 from imgcls.signals import StopRequest
 from imgcls.tracking import Tracker
 
 log = logging.getLogger(__name__)
+NO_STEP = 2 ** 52  # "no non-finite step yet" in the flags' max-reduce (exact in float64)
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -51,6 +61,13 @@ class Progress:
         vars(self).update(state)
 
 
+@dataclass
+class MicroBatch:
+    images: torch.Tensor                          # the model's input, on the device
+    labels: torch.Tensor
+    mix: tuple[torch.Tensor, float] | None = None  # Mixup/CutMix: (partner labels, lam)
+
+
 def record_resume(run_dir: str, step: int) -> int:
     """Append this resume's step to RUN_DIR/resumes.jsonl (outside the checkpoint: a job that
     dies before its next checkpoint must still be counted) and return how many resumes in a
@@ -65,19 +82,13 @@ def record_resume(run_dir: str, step: int) -> int:
     return stalled
 
 
-def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
-    """autocast dtype; None means fp32."""
-    if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[name]
+def effective_batch(cfg: Config, world_size: int) -> int:
+    return cfg.data.batch_size * cfg.train.accum_steps * world_size
 
 
 def effective_lr(cfg: Config, world_size: int) -> float:
     """Linear scaling rule (Goyal et al. 2017): lr ∝ effective batch."""
-    effective_batch = cfg.data.batch_size * cfg.train.accum_steps * world_size
-    return cfg.optim.lr * effective_batch / cfg.optim.base_batch
+    return cfg.optim.lr * effective_batch(cfg, world_size) / cfg.optim.base_batch
 
 
 def make_optimizer(cfg: Config, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -121,14 +132,14 @@ class Objective:
         self.focal_gamma = train_cfg.focal_gamma if train_cfg else 0.0
         self.distill, self.teacher = distill_cfg, teacher
 
-    def __call__(self, logits, images, labels, batch) -> torch.Tensor:
+    def __call__(self, logits, images, labels, mix: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
         def loss_for(targets):
             return classification_loss(logits, targets, label_smoothing=self.label_smoothing,
                                        focal_gamma=self.focal_gamma)
         loss = loss_for(labels)
-        if "label_b" in batch:
-            lam = batch["lam"]
-            loss = lam * loss + (1 - lam) * loss_for(batch["label_b"].to(labels.device))
+        if mix is not None:
+            labels_b, lam = mix
+            loss = lam * loss + (1 - lam) * loss_for(labels_b)
         if self.teacher is not None:
             with torch.no_grad():
                 teacher_logits = self.teacher(images).float()
@@ -137,49 +148,45 @@ class Objective:
         return loss
 
 
-def forward_backward(ddp, micro_batches: list[dict], scaler, autocast, device, *, objective: Objective | None = None,
-                     channels_last: bool = False, distributed_enabled: bool = False):
+def forward_backward(ddp, micro_batches: list[MicroBatch], scaler, autocast_ctx, *,
+                     objective: Objective | None = None, distributed_enabled: bool = False) -> torch.Tensor:
     """Accumulate the gradient of the mean loss over `micro_batches` (one optimizer step).
 
     Gradients are all-reduced only on the last micro-batch (no_sync before it). Each
     micro-batch's loss is divided by their number, so the step's gradient is the mean over
     the effective batch whatever the split into ranks and micro-batches.
-    Returns [loss sum, correct, seen] over this rank's samples.
+    Returns [loss sum, correct, seen] over this rank's samples, on the device (no host sync).
     """
     objective = objective or Objective()
-    totals = torch.zeros(3, dtype=torch.float64)
+    totals = torch.zeros(3, dtype=torch.float64, device=micro_batches[0].images.device)
     accum = len(micro_batches)
     for micro, batch in enumerate(micro_batches):
-        images = batch["image"].to(device, non_blocking=True)
-        labels = batch["label"].to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
         last = micro == accum - 1
         with contextlib.nullcontext() if last or not distributed_enabled else ddp.no_sync():
-            with autocast():
-                logits = ddp(images)
-                loss = objective(logits.float(), images, labels, batch)
+            with autocast_ctx():
+                logits = ddp(batch.images)
+                loss = objective(logits.float(), batch.images, batch.labels, batch.mix)
             scaler.scale(loss / accum).backward()
         _maybe_inject_fault()
-        totals[0] += loss.detach().double() * len(labels)
-        totals[1] += (logits.argmax(1) == labels).sum()
-        totals[2] += len(labels)
+        totals[0] += loss.detach().double() * len(batch.labels)
+        totals[1] += (logits.argmax(1) == batch.labels).sum()
+        totals[2] += len(batch.labels)
     return totals
 
 
+# Tests only: IMGCLS_CRASH_AFTER_BATCHES=N hard-kills rank 0 after the backward of its N-th
+# micro-batch in this process (like SIGKILL or a lost node: no cleanup, no checkpoint).
+_CRASH_AFTER = int(os.environ.get("IMGCLS_CRASH_AFTER_BATCHES", 0))
+_batches_seen = 0
+
+
 def _maybe_inject_fault() -> None:
-    """Tests only: IMGCLS_CRASH_AFTER_BATCHES=N hard-kills rank 0 after the backward of its
-    N-th micro-batch in this process (like SIGKILL or a lost node: no cleanup, no checkpoint)."""
     global _batches_seen
-    limit = os.environ.get("IMGCLS_CRASH_AFTER_BATCHES")
-    if limit is None:
+    if not _CRASH_AFTER:
         return
     _batches_seen += 1
-    if _batches_seen >= int(limit) and distributed.env_ranks()[0] == 0:
+    if _batches_seen >= _CRASH_AFTER and distributed.env_ranks()[0] == 0:
         os._exit(137)
-
-
-_batches_seen = 0
 
 
 def train(cfg: Config) -> dict:
@@ -189,207 +196,293 @@ def train(cfg: Config) -> dict:
     "stopped" means a checkpoint was written for a requeued job to resume from.
     """
     stop = StopRequest()
-    dist = distributed.init_distributed()
+    dist = distributed.init_distributed(cfg.run.device, cfg.run.dist_timeout_min, cfg.run.always_init_group)
     # No cleanup collective on failure: the other ranks may be inside one; torchrun or srun
     # (--kill-on-bad-exit) ends them.
-    result = _train(cfg, dist, stop)
-    gc.collect()  # _train's DDP model (and any cycle holding its reducer) is gone before the group
+    result = Trainer(cfg, dist, stop).train()
+    gc.collect()  # the Trainer's DDP model (and any cycle holding its reducer) is gone before the group
     distributed.shutdown()
     return result
 
 
-def _train(cfg: Config, dist, stop: StopRequest) -> dict:
-    run_dir, device = cfg.run.dir, dist.device
-    torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
-    if cfg.run.deterministic:
-        torch.use_deterministic_algorithms(True)
-    manifest = read_manifest(cfg.data.url)
-    num_classes, channels = len(manifest["classes"]), manifest["image"]["channels"]
-    reader = ShardReader(cfg.data, "train", rank=dist.rank, world_size=dist.world_size,
-                         seed=cfg.run.seed, manifest=manifest)
-    val_reader = (ShardReader(cfg.data, "val", rank=dist.rank, world_size=dist.world_size,
-                              seed=cfg.run.seed, train=False, manifest=manifest)
-                  if "val" in manifest["splits"] else None)
+class Trainer:
+    """Wires the components of a run from its config, then trains them (`train`)."""
 
-    state, url = checkpoint.load_latest(run_dir)  # None: a fresh run
-    model = build_model(cfg.model, num_classes, channels).to(device)
-    if state is None and cfg.model.whiten_images and hasattr(model, "init_whitening"):  # a fresh fast_cnn
-        model.init_whitening(first_images(cfg.data, "train", cfg.model.whiten_images, manifest).to(device))
-    if cfg.prune.sparsity > 0:  # before loading a checkpoint, whose state has the masks
-        from imgcls.pruning import apply_pruning
-        apply_pruning(model, cfg.prune)
-    accum = cfg.train.accum_steps
-    steps_per_epoch = [reader.batches_per_epoch(e) // accum for e in range(cfg.train.epochs)]
-    if min(steps_per_epoch, default=0) == 0:
-        raise DataError(f"{cfg.data.url}: fewer than accum_steps={accum} batches of {cfg.data.batch_size} per rank")
-    total_steps = sum(steps_per_epoch)
-    lr = effective_lr(cfg, dist.world_size)
-    optimizer = make_optimizer(cfg, model, lr)
-    scheduler = make_schedule(cfg, optimizer, total_steps, steps_per_epoch[0])
-    dtype = resolve_precision(cfg.train.precision, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    ema = (torch.optim.swa_utils.AveragedModel(
-        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True)
-        if cfg.train.ema_decay > 0 else None)
-    progress = Progress()
-    rng = checkpoint.RNGState(dist.rank)
-    tracker = Tracker(cfg.track, run_dir, enabled=dist.is_main, name=cfg.run.name or run_dir.rstrip("/").rsplit("/", 1)[-1])
+    def __init__(self, cfg: Config, dist: distributed.DistInfo, stop: StopRequest):
+        self.cfg, self.dist, self.stop = cfg, dist, stop
+        self.device = device = dist.device
+        torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
+        self._set_backend_flags()
+        self.manifest = read_manifest(cfg.data.url)
+        self.classes = self.manifest["classes"]
+        channels = self.manifest["image"]["channels"]
+        self.reader = ShardReader(cfg.data, "train", rank=dist.rank, world_size=dist.world_size,
+                                  seed=cfg.run.seed, manifest=self.manifest)
+        self.val_reader = (ShardReader(cfg.data, "val", rank=dist.rank, world_size=dist.world_size,
+                                       seed=cfg.run.seed, train=False, manifest=self.manifest)
+                           if "val" in self.manifest["splits"] else None)
+        # looked up before the model is built, so whitening runs only on a fresh run
+        self.checkpointer = Checkpointer(cfg.run.dir, cfg.train.keep_last, dist.is_main, config=to_dict(cfg))
+        self.model = self._build_model(channels)
+        accum = cfg.train.accum_steps
+        self.steps_per_epoch = [self.reader.batches_per_epoch(e) // accum for e in range(cfg.train.epochs)]
+        if min(self.steps_per_epoch, default=0) == 0:
+            raise DataError(f"{cfg.data.url}: fewer than accum_steps={accum} batches of {cfg.data.batch_size} per rank")
+        self.lr = effective_lr(cfg, dist.world_size)
+        self.optimizer = make_optimizer(cfg, self.model, self.lr)
+        self.scheduler = make_schedule(cfg, self.optimizer, sum(self.steps_per_epoch), self.steps_per_epoch[0])
+        self.dtype = resolve_precision(cfg.train.precision, device)
+        self.autocast = autocast(device, self.dtype)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+        self.ema = (torch.optim.swa_utils.AveragedModel(
+            self.model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.train.ema_decay),
+            use_buffers=True) if cfg.train.ema_decay > 0 else None)
+        self.progress = Progress()
+        name = cfg.run.name or cfg.run.dir.rstrip("/").rsplit("/", 1)[-1]
+        self.tracker = Tracker(cfg.track, cfg.run.dir, enabled=dist.is_main, name=name)
+        self.checkpointer.parts = {
+            "model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler, "scaler": self.scaler,
+            "data": self.reader, "progress": self.progress, "tracker": self.tracker, "rng": RNGState(dist.rank),
+            **({"ema": self.ema} if self.ema is not None else {})}
+        self.objective = Objective(cfg.train, cfg.distill, self._teacher(channels))
+        self.compiled = torch.compile(self.model) if cfg.train.compile else self.model
+        self.bar = None
+        self.window = self._new_window()
+        self.first_bad_step = torch.full((), NO_STEP, dtype=torch.float64, device=device)
 
-    parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler,
-             "data": reader, "progress": progress, "tracker": tracker}
-    if ema is not None:
-        parts["ema"] = ema
-    if state is not None:
-        for name, part in parts.items():
-            part.load_state_dict(state[name])
-        rng.load_state_dict(state["rng"])
-        progress.restarts += 1
-        if dist.is_main:  # the other ranks are ended by torchrun/srun if this raises
-            stalled = record_resume(run_dir, progress.step)
-            if stalled > cfg.train.max_requeues:
-                raise RuntimeError(f"{run_dir}: resumed {stalled} times at step {progress.step} without progress "
-                                   f"(train.max_requeues={cfg.train.max_requeues}); giving up")
-            log.info("resumed from %s at step %d (epoch %d, batch %d)", url, progress.step, reader.epoch, reader.position)
-    if dist.is_main:
-        save_config(cfg, storage.join(run_dir, "config.yaml"))
-    tracker.start(to_dict(cfg))
+    # ---- wiring ------------------------------------------------------------------------
+    def _set_backend_flags(self) -> None:
+        if self.cfg.run.deterministic:
+            if self.device.type == "cuda":  # cuBLAS needs this for deterministic results
+                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            # warn_only on CUDA: a few backward kernels there have no deterministic version
+            torch.use_deterministic_algorithms(True, warn_only=self.device.type == "cuda")
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = not self.cfg.run.deterministic
 
-    def save(best: bool = False) -> None:
-        """Collective (RNG states are gathered); rank 0 writes."""
-        snapshot = {name: part.state_dict() for name, part in parts.items()}
-        snapshot["rng"] = rng.state_dict()
-        snapshot["config"] = to_dict(cfg)
+    def _build_model(self, channels: int) -> torch.nn.Module:
+        cfg = self.cfg
+        model = build_model(cfg.model, len(self.classes), channels).to(self.device)
+        if not self.checkpointer.resuming and cfg.model.whiten_images and hasattr(model, "init_whitening"):
+            model.init_whitening(first_images(cfg.data, "train", cfg.model.whiten_images, self.manifest).to(self.device))
+        if cfg.prune.sparsity > 0:  # before loading a checkpoint, whose state has the masks
+            from imgcls.pruning import apply_pruning
+            apply_pruning(model, cfg.prune)
+        return model
+
+    def _teacher(self, channels: int) -> torch.nn.Module | None:
+        if not self.cfg.distill.teacher:
+            return None
+        from imgcls.checkpoint import load
+
+        teacher, _ = model_from_checkpoint(load(self.cfg.distill.teacher), len(self.classes), channels)
+        return teacher.to(self.device).requires_grad_(False)
+
+    def resume(self) -> None:
+        """Restore every part from the newest checkpoint, if there is one."""
+        if not self.checkpointer.resuming:
+            return
+        url = self.checkpointer.restore()
+        self.progress.restarts += 1
+        if self.dist.is_main:  # the other ranks are ended by torchrun/srun if this raises
+            stalled = record_resume(self.cfg.run.dir, self.progress.step)
+            if stalled > self.cfg.train.max_requeues:
+                raise RuntimeError(f"{self.cfg.run.dir}: resumed {stalled} times at step {self.progress.step} without "
+                                   f"progress (train.max_requeues={self.cfg.train.max_requeues}); giving up")
+            log.info("resumed from %s at step %d (epoch %d, batch %d)", url, self.progress.step,
+                     self.reader.epoch, self.reader.position)
+
+    def describe(self) -> str:
+        """The start-up line: what runs where, at which batch and learning rate, from where."""
+        cfg, dist, device = self.cfg, self.dist, self.device
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+        counts = ", ".join(f"{s} {v['count']}" for s, v in self.manifest["splits"].items())
+        start = (f"resuming at step {self.progress.step} (epoch {self.reader.epoch}, batch {self.reader.position})"
+                 if self.progress.restarts else "fresh")
+        return (f"device {device} ({name}); world size {dist.world_size}, backend {dist.backend}; precision "
+                f"{precision_name(self.dtype)}; batch {cfg.data.batch_size} per rank x accum {cfg.train.accum_steps} "
+                f"x {dist.world_size} ranks = {effective_batch(cfg, dist.world_size)}; lr {self.lr:g} "
+                f"(optim.lr {cfg.optim.lr:g} at base batch {cfg.optim.base_batch}); samples: {counts}; {start}")
+
+    # ---- the run -------------------------------------------------------------------------
+    def train(self) -> dict:
+        cfg, dist = self.cfg, self.dist
+        self.resume()
         if dist.is_main:
-            if not all(torch.isfinite(p).all() for p in model.parameters()):
-                raise NonFiniteLoss(f"non-finite weights at step {progress.step}: checkpoint not written")
-            checkpoint.save(snapshot, run_dir, progress.step, cfg.train.keep_last, best=best)
+            save_config(cfg, storage.join(cfg.run.dir, "config.yaml"))
+            log.info(self.describe())
+        self.tracker.start(to_dict(cfg))
+        if dist.is_main and cfg.track.progress:
+            from tqdm import tqdm
+            self.bar = tqdm(total=sum(self.steps_per_epoch), initial=self.progress.step, unit="step",
+                            dynamic_ncols=True)
+        status, reason, self.unplotted, self.last_plot = "done", "", None, time.monotonic()
+        while self.reader.epoch < cfg.train.epochs:
+            reason = self.train_epoch()
+            if reason:
+                status = "stopped"
+                self.save()
+                break
+            status = self.end_epoch()
+            if status != "done":
+                break
+        if self.unplotted is not None:
+            _write_epoch_plots(cfg.run.dir, self.tracker, self.unplotted, self.classes, self.progress.step)
+        if self.bar is not None:
+            self.bar.close()
+        self.tracker.finish()
+        best = self.progress.best
+        return {"status": status, "reason": reason, "step": self.progress.step, "epoch": self.reader.epoch,
+                "best": best if math.isfinite(best) else None, "run_id": self.tracker.run_id,
+                "restarts": self.progress.restarts}
 
-    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
-    teacher = None
-    if cfg.distill.teacher:
-        teacher_state = checkpoint.load(cfg.distill.teacher)
-        teacher, _ = model_from_checkpoint(teacher_state, num_classes, channels)
-        teacher = teacher.to(device).requires_grad_(False)
-        del teacher_state
-    objective = Objective(cfg.train, cfg.distill, teacher)
-    compiled = torch.compile(model) if cfg.train.compile else model
-    status, reason = "done", ""
-    bar = None
-    if dist.is_main and cfg.track.progress:
-        from tqdm import tqdm
-        bar = tqdm(total=total_steps, initial=progress.step, unit="step", dynamic_ncols=True)
-
-    unplotted, last_plot = None, time.monotonic()
-    while reader.epoch < cfg.train.epochs:
-        epoch = reader.epoch
-        if apply_unfreeze_schedule(model, cfg.model.unfreeze_schedule, epoch) and dist.is_main:
+    def train_epoch(self) -> str:
+        """Train from the reader's position to the end of its epoch. Returns why it stopped
+        early ("signal USR2", "max_steps"), or "" at the end of the epoch."""
+        cfg, reader, epoch = self.cfg, self.reader, self.reader.epoch
+        accum, steps = cfg.train.accum_steps, self.steps_per_epoch[epoch]
+        if apply_unfreeze_schedule(self.model, cfg.model.unfreeze_schedule, epoch) and self.dist.is_main:
             log.info("epoch %d: unfroze layers per model.unfreeze_schedule", epoch)
         # DDP is (re)built each epoch: it registers hooks only for parameters that require grad.
-        ddp = DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None) if dist.enabled else compiled
-        batches = iter(reader.loader())
-        window = {"loss": 0.0, "correct": 0, "seen": 0, "bad": 0, "time": time.perf_counter()}
-        for _ in range(reader.position // accum, steps_per_epoch[epoch]):
-            micro_batches = []
-            for micro in range(accum):
-                batch = next(batches)
-                if batch["position"] != reader.position + micro:
-                    raise DataError(f"reader order broke: got batch {batch['position']}, expected {reader.position + micro}")
-                if cfg.train.mixup_alpha > 0 or cfg.train.cutmix_alpha > 0:
-                    batch["image"], batch["label_b"], batch["lam"] = mix_batch(
-                        batch["image"], batch["label"], seed=cfg.run.seed, epoch=epoch, position=batch["position"],
-                        mixup_alpha=cfg.train.mixup_alpha, cutmix_alpha=cfg.train.cutmix_alpha)
-                micro_batches.append(batch)
-                window["bad"] += batch["bad"]
-            flags = torch.zeros(5, dtype=torch.float64)  # loss sum, correct, seen, non-finite, stop
-            flags[:3] = forward_backward(ddp, micro_batches, scaler, autocast, device, objective=objective,
-                                         channels_last=cfg.model.channels_last, distributed_enabled=dist.enabled)
-            flags[3] = float(not math.isfinite(flags[0].item()))
-            flags[4] = float(stop.requested)
-            distributed.all_reduce_sum(flags)  # every rank sees the same flags: they stop together
-            if flags[3] > 0:
-                raise NonFiniteLoss(f"non-finite loss at step {progress.step + 1} (epoch {epoch}, "
-                                    f"batch {reader.position}); the last good checkpoint is kept")
-            if cfg.train.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            if ema is not None:
-                ema.update_parameters(model)
-            progress.step += 1
-            reader.position += accum
-            window["loss"] += flags[0].item()
-            window["correct"] += flags[1].item()
-            window["seen"] += flags[2].item()
-            if bar is not None:
-                bar.update(1)
-            if progress.step % cfg.train.log_every == 0:
-                elapsed = time.perf_counter() - window["time"]
-                record = {"epoch": epoch, "train/loss": window["loss"] / window["seen"],
-                          "train/acc": window["correct"] / window["seen"], "train/lr": scheduler.get_last_lr()[0],
-                          "train/images_per_s": window["seen"] / elapsed}
-                if window["bad"]:
-                    record["data/bad_samples"] = window["bad"]
-                tracker.log(progress.step, record)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{record['train/loss']:.3f}", img_s=f"{record['train/images_per_s']:.0f}")
-                window = {"loss": 0.0, "correct": 0, "seen": 0, "bad": 0, "time": time.perf_counter()}
-            if flags[4] > 0 or progress.step == cfg.train.max_steps:
-                status = "stopped"
-                reason = f"signal {stop.describe()}" if flags[4] > 0 else "max_steps"
-                break
-            if progress.step % cfg.train.ckpt_every == 0:
-                save()
-        del batches  # shut the epoch's workers down
-        if status == "stopped":
-            save()
-            break
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        ddp = DDP(self.compiled, device_ids=device_ids) if self.dist.enabled else self.compiled
+        batches = iter(reader.loader(pin_memory=self.device.type == "cuda"))
+        reason = ""
+        for index in range(reader.position // accum, steps):
+            micro_batches = [self.micro_batch(next(batches), epoch, micro) for micro in range(accum)]
+            self.train_step(ddp, micro_batches)
+            step = self.progress.step
+            if step == cfg.train.max_steps:
+                reason = "max_steps"
+            if self.sync_due(step, last=index == steps - 1 or bool(reason)):
+                signalled = self.sync_flags()
+                if step % cfg.train.log_every == 0:
+                    self.log_train(epoch)
+                if signalled:
+                    reason = f"signal {self.stop.describe()}"
+                if reason:
+                    break
+                if step % cfg.train.ckpt_every == 0:
+                    self.save()
+        del batches, ddp  # shut the epoch's workers down
+        return reason
 
-        reader.set_epoch(epoch + 1, 0)
+    def micro_batch(self, batch: dict, epoch: int, micro: int) -> MicroBatch:
+        """A loader batch as the model's input on the device, mixed when Mixup/CutMix is on."""
+        train, position = self.cfg.train, self.reader.position + micro
+        if batch["position"] != position:
+            raise DataError(f"reader order broke: got batch {batch['position']}, expected {position}")
+        self.window["bad"] += batch["bad"]
+        images = self.reader.transform(batch, self.device, self.cfg.model.channels_last)
+        labels = batch["label"].to(self.device, non_blocking=True)
+        if train.mixup_alpha > 0 or train.cutmix_alpha > 0:
+            images, labels_b, lam = mix_batch(images, labels, seed=self.cfg.run.seed, epoch=epoch, position=position,
+                                              mixup_alpha=train.mixup_alpha, cutmix_alpha=train.cutmix_alpha)
+            return MicroBatch(images, labels, (labels_b, lam))
+        return MicroBatch(images, labels)
+
+    def train_step(self, ddp, micro_batches: list[MicroBatch]) -> None:
+        """One optimizer step; its loss and accuracy are added to the window on the device."""
+        totals = forward_backward(ddp, micro_batches, self.scaler, self.autocast, objective=self.objective,
+                                  distributed_enabled=self.dist.enabled)
+        if self.cfg.train.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        self.progress.step += 1
+        self.reader.position += len(micro_batches)
+        self.window["totals"] += totals
+        bad = ~torch.isfinite(totals[0]) & (self.first_bad_step == NO_STEP)
+        self.first_bad_step = torch.where(bad, float(self.progress.step), self.first_bad_step)
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def sync_due(self, step: int, last: bool) -> bool:
+        train = self.cfg.train
+        return last or any(step % every == 0 for every in (train.sync_every, train.log_every, train.ckpt_every))
+
+    def sync_flags(self) -> bool:
+        """All ranks agree on the flags, and the host reads them: raises NonFiniteLoss naming
+        the first step whose loss was not finite; returns whether a stop was requested."""
+        flags = torch.stack([NO_STEP - self.first_bad_step,
+                             torch.tensor(float(self.stop.requested), dtype=torch.float64, device=self.device)])
+        no_bad_step, stop = distributed.all_reduce(flags, "max").tolist()  # max: the earliest bad step
+        if no_bad_step > 0:
+            step = int(NO_STEP - no_bad_step)
+            raise NonFiniteLoss(f"non-finite loss at step {step} (epoch {self.reader.epoch}); "
+                                "the last good checkpoint is kept")
+        return stop > 0
+
+    def log_train(self, epoch: int) -> None:
+        window = self.window
+        loss_sum, correct, seen = distributed.all_reduce(window["totals"].clone()).tolist()
+        record = {"epoch": epoch, "train/loss": loss_sum / seen, "train/acc": correct / seen,
+                  "train/lr": self.scheduler.get_last_lr()[0],
+                  "train/images_per_s": seen / (time.perf_counter() - window["time"])}
+        if window["bad"]:
+            record["data/bad_samples"] = window["bad"]
+        self.tracker.log(self.progress.step, record)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{record['train/loss']:.3f}", img_s=f"{record['train/images_per_s']:.0f}")
+        self.window = self._new_window()
+
+    def _new_window(self) -> dict:
+        return {"totals": torch.zeros(3, dtype=torch.float64, device=self.device), "bad": 0,
+                "time": time.perf_counter()}
+
+    def end_epoch(self) -> str:
+        """Validation, early stopping, HPO pruning and the epoch's checkpoint."""
+        cfg, progress, epoch = self.cfg, self.progress, self.reader.epoch
+        self.reader.set_epoch(epoch + 1, 0)
+        record = self.validate(epoch + 1)
         improved = False
-        if val_reader is not None:
-            val_model = ema.module if ema is not None else model
-            metrics = evaluate(val_model, val_reader, device, autocast, num_classes)  # one view: see train.eval_flip
-            confusion = metrics.pop("confusion")
-            record = {"epoch": epoch + 1, **{f"val/{k}": v for k, v in metrics.items()}}
-            tracker.log(progress.step, record)
+        if record is not None:
             value = record.get(cfg.train.early_stop_metric, record["val/acc"])
             if "loss" in cfg.train.early_stop_metric:
                 value = -value  # lower is better
             improved = value > progress.best
             progress.best, progress.bad_epochs = (value, 0) if improved else (progress.best, progress.bad_epochs + 1)
-            if dist.is_main:
-                log.info("epoch %d: val acc %.4f loss %.4f (%d samples)", epoch + 1, metrics["acc"], metrics["loss"], metrics["count"])
-                unplotted = confusion
-                if time.monotonic() - last_plot >= cfg.track.plots_every_s:
-                    _write_epoch_plots(run_dir, tracker, confusion, manifest["classes"], progress.step)
-                    unplotted, last_plot = None, time.monotonic()
         prune = torch.zeros(1)
-        if cfg.hpo.study and val_reader is not None and dist.is_main:
+        if cfg.hpo.study and record is not None and self.dist.is_main:
             from imgcls import hpo
             prune[0] = float(hpo.report(cfg.hpo, record[cfg.hpo.metric], epoch + 1))
-        distributed.all_reduce_sum(prune)  # rank 0 asked the study; every rank follows
-        save(best=improved)
+        distributed.all_reduce(prune)  # rank 0 asked the study; every rank follows
+        self.save(best=improved)
         if prune.item() > 0:
-            status = "pruned"
-            break
+            return "pruned"
         if cfg.train.early_stop_patience and progress.bad_epochs >= cfg.train.early_stop_patience:
-            status = "early_stopped"
-            break
-        if dist.enabled:
-            del ddp
+            return "early_stopped"
+        return "done"
 
-    if unplotted is not None:
-        _write_epoch_plots(run_dir, tracker, unplotted, manifest["classes"], progress.step)
-    if bar is not None:
-        bar.close()
-    tracker.finish()
-    result = {"status": status, "reason": reason, "step": progress.step, "epoch": reader.epoch,
-              "best": progress.best if math.isfinite(progress.best) else None,
-              "run_id": tracker.run_id, "restarts": progress.restarts}
-    return result
+    def validate(self, epoch: int) -> dict | None:
+        """One view of every val sample (test-time views are for evaluate.py: see train.eval_flip)."""
+        if self.val_reader is None:
+            return None
+        val_model = self.ema.module if self.ema is not None else self.model
+        metrics = evaluate(val_model, self.val_reader, self.device, self.autocast, len(self.classes),
+                           channels_last=self.cfg.model.channels_last)
+        confusion = metrics.pop("confusion")
+        record = {"epoch": epoch, **{f"val/{k}": v for k, v in metrics.items()}}
+        self.tracker.log(self.progress.step, record)
+        if self.dist.is_main:
+            log.info("epoch %d: val acc %.4f loss %.4f (%d samples)", epoch, metrics["acc"], metrics["loss"],
+                     metrics["count"])
+            self.unplotted = confusion
+            if time.monotonic() - self.last_plot >= self.cfg.track.plots_every_s:
+                _write_epoch_plots(self.cfg.run.dir, self.tracker, confusion, self.classes, self.progress.step)
+                self.unplotted, self.last_plot = None, time.monotonic()
+        return record
+
+    def save(self, best: bool = False) -> None:
+        """A checkpoint of every part (collective: RNG states are gathered; rank 0 writes)."""
+        if self.dist.is_main and not all(torch.isfinite(p).all() for p in self.model.parameters()):
+            raise NonFiniteLoss(f"non-finite weights at step {self.progress.step}: checkpoint not written")
+        self.checkpointer.save(self.progress.step, best=best)
 
 
 def _write_epoch_plots(run_dir, tracker, confusion, class_names, step) -> None:
@@ -398,5 +491,5 @@ def _write_epoch_plots(run_dir, tracker, confusion, class_names, step) -> None:
 
     plot_training_curves(tracker.records, storage.join(run_dir, "training_curves.png"))
     confusion_png = storage.join(run_dir, "confusion_val.png")
-    plot_confusion_matrix(confusion.matrix.numpy(), class_names, confusion_png)
+    plot_confusion_matrix(confusion.matrix.cpu().numpy(), class_names, confusion_png)
     tracker.log_image(step, "val/confusion_matrix", confusion_png)

@@ -24,7 +24,6 @@ printed and written to RUN_DIR/prune_report.json.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gzip
 import io
 import json
@@ -37,9 +36,10 @@ from imgcls import checkpoint, storage
 from imgcls.config import Config, apply_override, from_dict, to_dict
 from imgcls.data import ShardReader, read_manifest
 from imgcls.evaluation import evaluate, model_from_checkpoint, run_dir_of
+from imgcls.precision import autocast, resolve_precision
 from imgcls.pruning import METHODS, apply_pruning, sparsity_report
 from imgcls.tracking import configure_logging
-from imgcls.trainer import resolve_precision, train
+from imgcls.trainer import train
 
 
 def parse_args(argv):
@@ -71,10 +71,9 @@ def fine_tune_config(args, source: dict):
 
 def accuracy(model, cfg, split: str, manifest: dict) -> float:
     reader = ShardReader(cfg.data, split, rank=0, world_size=1, train=False, manifest=manifest)
-    dtype = resolve_precision(cfg.train.precision, torch.device("cpu"))
-    autocast = (lambda: torch.autocast("cpu", dtype=dtype)) if dtype else contextlib.nullcontext
-    return evaluate(model, reader, torch.device("cpu"), autocast, len(manifest["classes"]), flip=cfg.train.eval_flip,
-                    shift=cfg.train.eval_shift)["acc"]
+    cpu = torch.device("cpu")
+    return evaluate(model, reader, cpu, autocast(cpu, resolve_precision(cfg.train.precision, cpu)),
+                    len(manifest["classes"]), flip=cfg.train.eval_flip, shift=cfg.train.eval_shift)["acc"]
 
 
 def sizes(model) -> tuple[int, int]:

@@ -8,7 +8,7 @@ import torch
 from imgcls import distributed
 from imgcls.config import Config
 from imgcls.models import ModelConfig, build_model
-from imgcls.trainer import forward_backward, make_optimizer
+from imgcls.trainer import MicroBatch, forward_backward, make_optimizer
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 GLOBAL_BATCH = 32
@@ -30,9 +30,8 @@ def main(accum: int, steps: int, out: str) -> None:
         labels = torch.randint(0, 4, (GLOBAL_BATCH,), generator=data)
         mine = slice(dist.rank * per_rank, (dist.rank + 1) * per_rank)
         chunks = zip(images[mine].chunk(accum), labels[mine].chunk(accum))
-        micro_batches = [{"image": x, "label": y} for x, y in chunks]
-        forward_backward(ddp, micro_batches, scaler, contextlib.nullcontext, torch.device("cpu"),
-                         distributed_enabled=dist.enabled)
+        micro_batches = [MicroBatch(x, y) for x, y in chunks]
+        forward_backward(ddp, micro_batches, scaler, contextlib.nullcontext, distributed_enabled=dist.enabled)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     if dist.is_main:

@@ -228,7 +228,7 @@ def test_test_time_augmentation_averages_the_logits_of_the_views(uninterrupted):
     cfg.data.num_workers = 0
     reader = ShardReader(cfg.data, "test", train=False, manifest=manifest)
     batches = list(reader.loader())
-    images, labels = torch.cat([b["image"] for b in batches]), torch.cat([b["label"] for b in batches])
+    images, labels = torch.cat([reader.transform(b) for b in batches]), torch.cat([b["label"] for b in batches])
     # the views built by hand: the image moved one pixel down-right shows pixel (y-1, x-1) at
     # (y, x), with row and column 0 repeated at the edge; up-left likewise
     rows, cols = torch.arange(images.shape[2]), torch.arange(images.shape[3])
