@@ -220,7 +220,7 @@ class Trainer:
                                   seed=cfg.run.seed, manifest=self.manifest)
         self.val_reader = (ShardReader(cfg.data, "val", rank=dist.rank, world_size=dist.world_size,
                                        seed=cfg.run.seed, train=False, manifest=self.manifest)
-                           if "val" in self.manifest["splits"] else None)
+                           if self.manifest["splits"].get("val", {}).get("count") else None)
         # looked up before the model is built, so whitening runs only on a fresh run
         self.checkpointer = Checkpointer(cfg.run.dir, cfg.train.keep_last, dist.is_main, config=to_dict(cfg))
         self.model = self._build_model(channels)

@@ -48,6 +48,10 @@ def uninterrupted(dataset, tmp_path_factory):
     out = torchrun([f"data.url={dataset}", f"run.dir={run_dir}", *SMALL])
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["status"] == "done"
+    # rank 0's start-up line says what runs where
+    assert out.stderr.count("world size 2") == 1
+    assert ("device cpu (CPU); world size 2, backend gloo; precision bf16; batch 16 per rank x accum 2 x 2 ranks "
+            "= 64; lr 0.05 (optim.lr 0.05 at base batch 64); samples: train 1400, val 400, test 200; fresh") in out.stderr
     return run_dir, final_state(run_dir)
 
 
@@ -72,7 +76,8 @@ def test_stop_mid_epoch_then_resume_is_bitwise_identical(uninterrupted, dataset,
     assert json.loads(first.stdout.strip().splitlines()[-1])["status"] == "stopped"
     stopped = final_state(run_dir)
     assert stopped["progress"]["step"] == 7 and stopped["data"] == {"epoch": 0, "position": 14}
-    torchrun([f"data.url={dataset}", f"run.dir={run_dir}", *SMALL])
+    out = torchrun([f"data.url={dataset}", f"run.dir={run_dir}", *SMALL])
+    assert "; resuming at step 7 (epoch 0, batch 14)" in out.stderr
     resumed = final_state(run_dir)
     assert resumed["progress"]["restarts"] == 1
     assert_same_weights(resumed["model"], uninterrupted[1]["model"])
@@ -114,12 +119,16 @@ def test_truncated_newest_checkpoint_is_skipped(uninterrupted, tmp_path):
     assert url != newest and state["progress"]["step"] < uninterrupted[1]["progress"]["step"]
 
 
-def test_non_finite_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(dataset, tmp_path):
+@pytest.mark.parametrize("syncs", [[], ["train.sync_every=4", "train.log_every=100", "train.ckpt_every=100"]],
+                         ids=["sync-every-step-2", "sync-at-step-8"])
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(dataset, tmp_path, syncs):
+    """The flags are read only at sync points, yet the error names the first bad step, and no
+    checkpoint is written after it."""
     run_dir = str(tmp_path / "nan")
     torchrun([f"data.url={dataset}", f"run.dir={run_dir}", *SMALL, "train.max_steps=5"])
     good = final_state(run_dir)
     # resume with a zero std: every input is inf, so the next step's loss is not finite
-    out = torchrun([f"data.url={dataset}", f"run.dir={run_dir}", *SMALL, "data.std=[0.0]"], check=False)
+    out = torchrun([f"data.url={dataset}", f"run.dir={run_dir}", *SMALL, "data.std=[0.0]", *syncs], check=False)
     assert out.returncode != 0
     assert "non-finite loss at step 6" in out.stderr
     after = final_state(run_dir)
