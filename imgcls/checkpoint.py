@@ -126,6 +126,29 @@ class Checkpointer:
     def resuming(self) -> bool:
         return self._state is not None
 
+    def check_config(self, allow_change: bool) -> None:
+        """Refuse to resume with a config that changes what the run computes (a diff names the
+        keys), unless `allow_change`; log the changes a resume may make (more epochs, logging)."""
+        from imgcls.config import ConfigError, config_changes
+
+        if self._state is None:
+            return
+        refused, accepted = config_changes(self._state["config"], self.config)
+        if refused and not allow_change:
+            raise ConfigError(f"{self.url}: the run was started with another config, and these keys cannot change "
+                              f"mid-run: {'; '.join(refused)}. Resume with the run's config "
+                              f"({storage.join(self.run_dir, 'config.yaml')}), use another run.dir, or force it "
+                              "with train.allow_config_change=true")
+        if self.is_main:
+            for change in refused:
+                log.warning("resuming with a changed config (train.allow_config_change=true): %s", change)
+            for change in accepted:
+                log.info("resuming with a changed config: %s", change)
+
+    def saved(self, part: str):
+        """What the checkpoint found at start holds for `part`."""
+        return self._state[part]
+
     def restore(self) -> str:
         """Load every part from the checkpoint found at start; returns its URL."""
         for name, part in self.parts.items():

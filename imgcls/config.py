@@ -82,6 +82,9 @@ class TrainConfig:
     keep_last: int = 3               # checkpoints kept besides the best
     max_steps: int = 0               # stop (with a checkpoint) after this many steps; 0 = run all epochs
     max_requeues: int = 3            # fail after this many consecutive resumes that made no progress
+    # resume even when keys that cannot change mid-run (model, data, batch, seed, augmentation,
+    # optimizer, ...) differ from the checkpoint's config; the differences are logged as a warning
+    allow_config_change: bool = False
 
 
 @dataclass
@@ -228,6 +231,42 @@ def _merge(into: dict, update: dict, source: str, strict: bool = True, where: st
             _merge(into[key], value, source, strict, where + key + ".")
         else:
             into[key] = value
+
+
+# Keys a resumed run may change: they do not alter what the run computes, or only extend it
+# (more epochs). A prefix ending in "." covers a whole section. Everything else is refused.
+RESUMABLE_KEYS = (
+    "run.name", "run.device", "run.dist_timeout_min", "run.always_init_group",
+    "data.num_workers", "data.eval_batch_size", "data.verify_checksums", "data.max_bad_samples",
+    "train.epochs", "train.max_steps", "train.log_every", "train.ckpt_every", "train.keep_last",
+    "train.sync_every", "train.max_requeues", "train.early_stop_patience", "train.eval_flip", "train.eval_shift",
+    "train.compile", "train.allow_config_change", "track.", "hpo.",
+)
+
+
+def flatten(data: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}; free-form dicts (hpo.space) stay whole values."""
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value and key != "space":
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
+    """(refused, accepted): "key: old -> new" for every key whose value differs between a
+    checkpoint's config and the one a resume asks for, split by RESUMABLE_KEYS."""
+    before, after = flatten(old), flatten(new)
+    refused, accepted = [], []
+    for key in sorted(before.keys() | after.keys()):
+        if key in ("run.dir", "track.run_id") or before.get(key) == after.get(key):
+            continue
+        change = f"{key}: {before.get(key, '(absent)')!r} -> {after.get(key, '(absent)')!r}"
+        resumable = any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_KEYS)
+        (accepted if resumable else refused).append(change)
+    return refused, accepted
 
 
 def save_config(cfg: Config, url: str) -> None:

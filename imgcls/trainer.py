@@ -223,6 +223,7 @@ class Trainer:
                            if self.manifest["splits"].get("val", {}).get("count") else None)
         # looked up before the model is built, so whitening runs only on a fresh run
         self.checkpointer = Checkpointer(cfg.run.dir, cfg.train.keep_last, dist.is_main, config=to_dict(cfg))
+        self.checkpointer.check_config(cfg.train.allow_config_change)
         self.model = self._build_model(channels)
         accum = cfg.train.accum_steps
         self.steps_per_epoch = [self.reader.batches_per_epoch(e) // accum for e in range(cfg.train.epochs)]
@@ -307,6 +308,8 @@ class Trainer:
     # ---- the run -------------------------------------------------------------------------
     def train(self) -> dict:
         cfg, dist = self.cfg, self.dist
+        if self.finished():
+            return self.result("done", "already done")
         self.resume()
         if dist.is_main:
             save_config(cfg, storage.join(cfg.run.dir, "config.yaml"))
@@ -331,6 +334,20 @@ class Trainer:
         if self.bar is not None:
             self.bar.close()
         self.tracker.finish()
+        return self.result(status, reason)
+
+    def finished(self) -> bool:
+        """A rerun of a run that has trained all its epochs: say so, restore its progress for
+        the result, and do not count it as a resume."""
+        if not self.checkpointer.resuming or self.checkpointer.saved("data")["epoch"] < self.cfg.train.epochs:
+            return False
+        url = self.checkpointer.restore()
+        if self.dist.is_main:
+            log.info("%s is already done: %d epochs, step %d (%s); nothing to train (raise train.epochs to go on)",
+                     self.cfg.run.dir, self.reader.epoch, self.progress.step, url)
+        return True
+
+    def result(self, status: str, reason: str) -> dict:
         best = self.progress.best
         return {"status": status, "reason": reason, "step": self.progress.step, "epoch": self.reader.epoch,
                 "best": best if math.isfinite(best) else None, "run_id": self.tracker.run_id,

@@ -128,7 +128,8 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(dat
     torchrun([f"data.url={dataset}", f"run.dir={run_dir}", *SMALL, "train.max_steps=5"])
     good = final_state(run_dir)
     # resume with a zero std: every input is inf, so the next step's loss is not finite
-    out = torchrun([f"data.url={dataset}", f"run.dir={run_dir}", *SMALL, "data.std=[0.0]", *syncs], check=False)
+    out = torchrun([f"data.url={dataset}", f"run.dir={run_dir}", *SMALL, "data.std=[0.0]", *syncs,
+                    "train.allow_config_change=true"], check=False)
     assert out.returncode != 0
     assert "non-finite loss at step 6" in out.stderr
     after = final_state(run_dir)
@@ -280,3 +281,48 @@ def test_whitening_init_comes_from_the_first_training_images_and_resumes_exactly
     torchrun([f"data.url={dataset}", f"run.dir={stopped}", *fast, "train.max_steps=9"])
     torchrun([f"data.url={dataset}", f"run.dir={stopped}", *fast])
     assert_same_weights(final_state(str(stopped))["model"], final_state(str(straight))["model"])
+
+
+def copy_run(run_dir: str, dest) -> str:
+    import shutil
+
+    shutil.copytree(run_dir, dest)
+    return str(dest)
+
+
+def test_resuming_with_a_changed_config_is_refused_with_a_diff(uninterrupted, dataset, tmp_path):
+    run_dir = copy_run(uninterrupted[0], tmp_path / "changed")
+    before = Path(run_dir, "config.yaml").read_text()
+    newest = checkpoint.list_checkpoints(run_dir)[-1]
+    out = torchrun([f"data.url={dataset}", f"run.dir={run_dir}", *SMALL, "train.epochs=3", "optim.lr=0.1",
+                    "run.seed=4"], check=False)
+    assert out.returncode != 0 and "exitcode  : 2" in out.stderr  # torchrun's summary of rank 0
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "these keys cannot change mid-run: optim.lr: 0.05 -> 0.1; run.seed: 0 -> 4." in errors[0]
+    assert "train.epochs" not in errors[0] and "train.allow_config_change=true" in errors[0]
+    assert Path(run_dir, "config.yaml").read_text() == before
+    assert checkpoint.list_checkpoints(run_dir)[-1] == newest
+
+
+def test_more_epochs_resume_and_forced_changes_are_logged(uninterrupted, dataset, tmp_path):
+    run_dir = copy_run(uninterrupted[0], tmp_path / "longer")
+    out = torchrun([f"data.url={dataset}", f"run.dir={run_dir}", *SMALL, "train.epochs=3"], nproc=1)
+    assert "resuming with a changed config: train.epochs: 2 -> 3" in out.stderr
+    assert final_state(run_dir)["data"]["epoch"] == 3
+
+    forced = copy_run(uninterrupted[0], tmp_path / "forced")
+    out = torchrun([f"data.url={dataset}", f"run.dir={forced}", *SMALL, "train.epochs=3", "optim.lr=0.1",
+                    "train.allow_config_change=true"], nproc=1)
+    assert "WARNING" in out.stderr and "(train.allow_config_change=true): optim.lr: 0.05 -> 0.1" in out.stderr
+    assert final_state(forced)["config"]["optim"]["lr"] == 0.1
+
+
+def test_rerunning_a_finished_run_says_it_is_done(uninterrupted, dataset, tmp_path):
+    run_dir = copy_run(uninterrupted[0], tmp_path / "done")
+    steps = checkpoint.list_checkpoints(run_dir)
+    out = torchrun([f"data.url={dataset}", f"run.dir={run_dir}", *SMALL])
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["status"] == "done" and result["reason"] == "already done"
+    assert result["step"] == uninterrupted[1]["progress"]["step"] and result["restarts"] == 0
+    assert "is already done: 2 epochs" in out.stderr and "resum" not in out.stderr
+    assert checkpoint.list_checkpoints(run_dir) == steps and not Path(run_dir, "resumes.jsonl").exists()
