@@ -104,23 +104,62 @@ def make_optimizer(cfg: Config, model: torch.nn.Module, lr: float) -> torch.opti
     raise ValueError(f"optim.name: unknown optimizer {cfg.optim.name!r} (sgd | adamw)")
 
 
-def make_schedule(cfg: Config, optimizer, total_steps: int, steps_per_epoch: int):
-    s = cfg.schedule
-    warmup = int(s.warmup_epochs * steps_per_epoch)
+class SampleSchedule:
+    """The learning rate as a function of the training samples seen by all ranks together,
+    not of the step count: a run resumed on another number of ranks (so another effective
+    batch and linearly scaled peak lr) stays where it was on its schedule.
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
+    lr = peak × factor(samples): linear warmup over `warmup` samples, then cosine to
+    min_lr_ratio at `total`, step decay by gamma every `step_epochs` epochs, or constant.
+    """
+
+    def __init__(self, cfg, optimizer, *, batch: int, samples_per_epoch: int, total: int):
+        self.cfg, self.optimizer, self.batch = cfg, optimizer, batch
+        self.samples_per_epoch, self.total = samples_per_epoch, total
+        self.warmup = int(cfg.warmup_epochs * samples_per_epoch // batch) * batch
+        if cfg.name not in ("cosine", "step", "constant"):
+            raise ValueError(f"schedule.name: unknown schedule {cfg.name!r} (cosine | step | constant)")
+        self.peak = [group["lr"] for group in optimizer.param_groups]
+        self.samples = 0
+        self._apply()
+
+    def factor(self) -> float:
+        s, n = self.cfg, self.samples
+        if n < self.warmup:
+            return (n + self.batch) / self.warmup
         if s.name == "cosine":
-            t = (step - warmup) / max(1, total_steps - warmup)
+            t = (n - self.warmup) / max(self.batch, self.total - self.warmup)
             return s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
         if s.name == "step":
-            return s.gamma ** (step // (s.step_epochs * steps_per_epoch))
-        if s.name == "constant":
-            return 1.0
-        raise ValueError(f"schedule.name: unknown schedule {s.name!r} (cosine | step | constant)")
+            return s.gamma ** (n // (s.step_epochs * self.samples_per_epoch))
+        return 1.0
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    def step(self) -> None:
+        """After an optimizer step: `batch` more samples seen."""
+        self.samples += self.batch
+        self._apply()
+
+    def _apply(self) -> None:
+        factor = self.factor()
+        for group, peak in zip(self.optimizer.param_groups, self.peak):
+            group["lr"] = peak * factor
+
+    def get_last_lr(self) -> list[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        return {"samples": self.samples}
+
+    def load_state_dict(self, state: dict) -> None:
+        # a checkpoint of torch's LambdaLR (step-based, before this schedule): steps x batch
+        self.samples = state["samples"] if "samples" in state else state["last_epoch"] * self.batch
+        self._apply()
+
+
+def make_schedule(cfg: Config, optimizer, steps_per_epoch: list[int], world_size: int) -> SampleSchedule:
+    batch = effective_batch(cfg, world_size)
+    return SampleSchedule(cfg.schedule, optimizer, batch=batch, samples_per_epoch=steps_per_epoch[0] * batch,
+                          total=sum(steps_per_epoch) * batch)
 
 
 class Objective:
@@ -231,7 +270,7 @@ class Trainer:
             raise DataError(f"{cfg.data.url}: fewer than accum_steps={accum} batches of {cfg.data.batch_size} per rank")
         self.lr = effective_lr(cfg, dist.world_size)
         self.optimizer = make_optimizer(cfg, self.model, self.lr)
-        self.scheduler = make_schedule(cfg, self.optimizer, sum(self.steps_per_epoch), self.steps_per_epoch[0])
+        self.scheduler = make_schedule(cfg, self.optimizer, self.steps_per_epoch, dist.world_size)
         self.dtype = resolve_precision(cfg.train.precision, device)
         self.autocast = autocast(device, self.dtype)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)

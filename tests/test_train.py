@@ -3,8 +3,8 @@ non-finite loss, checkpoints on S3, and the distributed maths of accumulation.""
 from __future__ import annotations
 
 import contextlib
-
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -326,3 +326,32 @@ def test_rerunning_a_finished_run_says_it_is_done(uninterrupted, dataset, tmp_pa
     assert result["step"] == uninterrupted[1]["progress"]["step"] and result["restarts"] == 0
     assert "is already done: 2 epochs" in out.stderr and "resum" not in out.stderr
     assert checkpoint.list_checkpoints(run_dir) == steps and not Path(run_dir, "resumes.jsonl").exists()
+
+
+def test_the_schedule_is_defined_in_samples_so_another_world_size_keeps_its_place():
+    from imgcls.config import Config
+    from imgcls.trainer import make_optimizer, make_schedule
+
+    cfg = Config()
+    cfg.data.batch_size, cfg.optim.lr, cfg.optim.base_batch = 32, 0.1, 64
+    cfg.schedule.warmup_epochs, cfg.schedule.min_lr_ratio = 1.0, 0.0
+    model = torch.nn.Linear(2, 2)
+
+    def schedule(world_size, steps_per_epoch):
+        optimizer = make_optimizer(cfg, model, lr=cfg.optim.lr * 32 * world_size / 64)
+        return make_schedule(cfg, optimizer, [steps_per_epoch] * 4, world_size)
+
+    two_ranks = schedule(2, 10)  # 640 samples per epoch, 2560 in all
+    assert two_ranks.get_last_lr()[0] == pytest.approx(0.1 * 1 / 10)  # warmup's first step
+    for _ in range(25):
+        two_ranks.step()
+    one_rank = schedule(1, 20)  # the same 640 samples per epoch, in steps of 32
+    one_rank.load_state_dict(two_ranks.state_dict())
+    # 1600 of 2560 samples, 640 of them warmup: cosine at t = 960 / 1920, times the halved peak
+    t = (1600 - 640) / (2560 - 640)
+    assert two_ranks.get_last_lr()[0] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * t)))
+    assert one_rank.get_last_lr()[0] == pytest.approx(two_ranks.get_last_lr()[0] / 2)
+
+    legacy = schedule(2, 10)
+    legacy.load_state_dict({"last_epoch": 25, "base_lrs": [0.1, 0.1]})  # torch's LambdaLR state
+    assert legacy.get_last_lr() == two_ranks.get_last_lr()
