@@ -116,7 +116,8 @@ class TrackConfig:
     wandb: str = "auto"              # auto (online with an API key, else offline) | online | offline | disabled
     project: str = "imgcls"
     entity: str = ""
-    progress: bool = True            # tqdm bar on rank 0
+    progress: bool = True            # rank 0 reports progress: a tqdm bar on a terminal, else log lines
+    progress_every_s: float = 30.0   # seconds between progress log lines when stderr is not a terminal
     # rank 0 redraws the training-curve and confusion PNGs at most this often, and after the
     # last epoch: drawing takes ~0.5 s (3 s the first time), during which every rank waits
     plots_every_s: float = 60.0

@@ -34,6 +34,7 @@ from imgcls.evaluation import evaluate, model_from_checkpoint
 from imgcls.losses import classification_loss, distillation_loss, mix_batch
 from imgcls.models import apply_unfreeze_schedule, build_model
 from imgcls.precision import autocast, precision_name, resolve_precision
+from imgcls.progress import ProgressReport
 from imgcls.signals import StopRequest
 from imgcls.tracking import Tracker
 
@@ -286,7 +287,7 @@ class Trainer:
             **({"ema": self.ema} if self.ema is not None else {})}
         self.objective = Objective(cfg.train, cfg.distill, self._teacher(channels))
         self.compiled = torch.compile(self.model) if cfg.train.compile else self.model
-        self.bar = None
+        self.report: ProgressReport | None = None
         self.window = self._new_window()
         self.first_bad_step = torch.full((), NO_STEP, dtype=torch.float64, device=device)
 
@@ -355,9 +356,8 @@ class Trainer:
             log.info(self.describe())
         self.tracker.start(to_dict(cfg))
         if dist.is_main and cfg.track.progress:
-            from tqdm import tqdm
-            self.bar = tqdm(total=sum(self.steps_per_epoch), initial=self.progress.step, unit="step",
-                            dynamic_ncols=True)
+            self.report = ProgressReport(sum(self.steps_per_epoch), self.progress.step, cfg.train.epochs,
+                                         cfg.track.progress_every_s)
         status, reason, self.unplotted, self.last_plot = "done", "", None, time.monotonic()
         while self.reader.epoch < cfg.train.epochs:
             reason = self.train_epoch()
@@ -370,8 +370,8 @@ class Trainer:
                 break
         if self.unplotted is not None:
             _write_epoch_plots(cfg.run.dir, self.tracker, self.unplotted, self.classes, self.progress.step)
-        if self.bar is not None:
-            self.bar.close()
+        if self.report is not None:
+            self.report.close()
         self.tracker.finish()
         return self.result(status, reason)
 
@@ -403,6 +403,8 @@ class Trainer:
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         ddp = DDP(self.compiled, device_ids=device_ids) if self.dist.enabled else self.compiled
         batches = iter(reader.loader(pin_memory=self.device.type == "cuda"))
+        if self.report is not None:
+            self.report.set_epoch(epoch)
         reason = ""
         for index in range(reader.position // accum, steps):
             micro_batches = [self.micro_batch(next(batches), epoch, micro) for micro in range(accum)]
@@ -455,8 +457,8 @@ class Trainer:
         self.window["totals"] += totals
         bad = ~torch.isfinite(totals[0]) & (self.first_bad_step == NO_STEP)
         self.first_bad_step = torch.where(bad, float(self.progress.step), self.first_bad_step)
-        if self.bar is not None:
-            self.bar.update(1)
+        if self.report is not None:
+            self.report.update(self.progress.step)
 
     def sync_due(self, step: int, last: bool) -> bool:
         train = self.cfg.train
@@ -483,8 +485,8 @@ class Trainer:
         if window["bad"]:
             record["data/bad_samples"] = window["bad"]
         self.tracker.log(self.progress.step, record)
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{record['train/loss']:.3f}", img_s=f"{record['train/images_per_s']:.0f}")
+        if self.report is not None:
+            self.report.metrics(record["train/loss"], record["train/images_per_s"])
         self.window = self._new_window()
 
     def _new_window(self) -> dict:

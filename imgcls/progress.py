@@ -1,0 +1,65 @@
+"""Training progress for people: a tqdm bar on a terminal, plain log lines elsewhere.
+
+A bar redraws itself with carriage returns, which in a SLURM log file become one endless line
+(about 50 MB per job-day, with the INFO lines spliced into it). So the bar is drawn only when
+stderr is a terminal; otherwise one line every `every_s` seconds says where the run is:
+
+    step 1200/4160 (epoch 8/26), loss 0.3121, 5210 img/s, ETA 9m28s
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+log = logging.getLogger("imgcls.progress")
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+class ProgressReport:
+    """update(step) after every optimizer step; metrics(loss, images_per_s) at each log."""
+
+    def __init__(self, total: int, initial: int, epochs: int, every_s: float = 30.0, terminal: bool | None = None):
+        self.total, self.step, self.epochs, self.every_s = total, initial, epochs, every_s
+        self.epoch, self.loss, self.images_per_s = 0, float("nan"), 0.0
+        self.start_step, self.start_time = initial, time.monotonic()
+        self.last_line = self.start_time
+        self.bar = None
+        if sys.stderr.isatty() if terminal is None else terminal:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if self.bar is not None:
+            self.bar.set_description(f"epoch {epoch + 1}/{self.epochs}")
+
+    def update(self, step: int) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.step)
+        self.step = step
+        now = time.monotonic()
+        if self.bar is None and now - self.last_line >= self.every_s:
+            self.last_line = now
+            log.info(self.line(now))
+
+    def metrics(self, loss: float, images_per_s: float) -> None:
+        self.loss, self.images_per_s = loss, images_per_s
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{images_per_s:.0f}")
+
+    def line(self, now: float) -> str:
+        done = self.step - self.start_step
+        eta = (now - self.start_time) / done * (self.total - self.step) if done else float("nan")
+        return (f"step {self.step}/{self.total} (epoch {self.epoch + 1}/{self.epochs}), loss {self.loss:.4f}, "
+                f"{self.images_per_s:.0f} img/s, ETA {format_duration(eta) if eta == eta else '?'}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
