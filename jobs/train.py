@@ -10,28 +10,21 @@ import argparse
 import json
 import sys
 
-from imgcls.config import ConfigError, load_config
-from imgcls.data import DataError
-from imgcls.distributed import DeviceError, env_ranks
+from imgcls.cli import entry_point
+from imgcls.config import load_config
 from imgcls.tracking import configure_logging
 from imgcls.trainer import train
 
-USER_ERRORS = (ConfigError, DataError, DeviceError)
 
-
+@entry_point
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/fashion_mnist.yaml", help="YAML config (default: %(default)s)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=3")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        is_main = configure_logging()
-        result = train(cfg)
-    except USER_ERRORS as e:  # a user's mistake: one line from rank 0, no traceback
-        if env_ranks()[0] == 0:
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cfg = load_config(args.config, args.overrides)
+    is_main = configure_logging()
+    result = train(cfg)
     if is_main:
         print(json.dumps(result))
     return result

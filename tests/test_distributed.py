@@ -64,6 +64,7 @@ def test_asking_for_cuda_without_cuda_is_one_line_from_rank_0(tmp_path):
                       f"torch {torch.__version__}, built for CUDA {torch.version.cuda or 'none'}; check the driver "
                       "and the wheel, or use run.device=auto|cpu)"]
     assert "imgcls/distributed.py" not in out.stderr  # torchrun's own summary follows, but no trace of ours
+    assert "traceback : error: run.device=cuda, but CUDA is not usable" in out.stderr  # the summary names it
 
 
 def test_every_collective_goes_through_imgcls_distributed():

@@ -1,0 +1,48 @@
+"""What every entry point in jobs/ shares: a user's mistake is one line, a bug keeps its traceback.
+
+    @entry_point
+    def main(argv=None): ...
+
+A user error (a config typo, a missing file or shard, a device that is not there) prints
+`error: <message>` once, from rank 0, and exits with code 2, as the shards CLI does. Under
+torchrun the message also goes to torch's error file (torch's @record), so torchrun's summary
+names it instead of `error_file: <N/A>`. Any other exception is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from imgcls.config import ConfigError
+from imgcls.data import DataError
+from imgcls.distributed import DeviceError, env_ranks
+
+USER_ERRORS = (ConfigError, DataError, DeviceError)
+
+
+def entry_point(main):
+    @record
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except USER_ERRORS as e:
+            if env_ranks()[0] == 0:
+                print(f"error: {e}", file=sys.stderr)
+            _write_error_file(str(e))
+            sys.exit(2)
+    return wrapper
+
+
+def _write_error_file(message: str) -> None:
+    """torch's error file with the message in place of a traceback (torchrun prints it)."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        with open(path, "w") as f:
+            json.dump({"message": {"message": message, "extraInfo": {
+                "py_callstack": f"error: {message}", "timestamp": str(int(time.time()))}}}, f)
