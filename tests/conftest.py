@@ -112,3 +112,40 @@ def torchrun(args: list[str], nproc: int = 2, env: dict | None = None, check: bo
     if check and result.returncode != 0:
         raise AssertionError(f"torchrun failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
     return result
+
+
+# ---- a trained model for the export, predict and serve tests ---------------------------------
+SMALL_BANDS_RUN = [
+    "model.name=simple_cnn", "model.width=16", "data.batch_size=32", "data.eval_batch_size=200",
+    "data.num_workers=0", "optim.lr=0.05", "optim.base_batch=64", "train.epochs=2",
+    "track.wandb=disabled", "track.progress=false", "data.mean=[0.5]", "data.std=[0.25]",
+    "train.ema_decay=0.9",
+]
+
+
+@pytest.fixture(scope="session")
+def bands_checkpoint(tmp_path_factory) -> str:
+    """best.pt of a 2-epoch run (EMA weights) on the 4-class bands dataset (200 test samples),
+    trained once per session."""
+    work = tmp_path_factory.mktemp("bands-run")
+    data = build_bands_dataset(work / "data")
+    out = subprocess.run([sys.executable, str(REPO / "jobs" / "train.py"), "--config", "", f"data.url={data}",
+                          f"run.dir={work / 'run'}", *SMALL_BANDS_RUN], cwd=REPO,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, f"training failed:\n{out.stderr[-3000:]}"
+    return str(work / "run" / "checkpoints" / "best.pt")
+
+
+def save_test_images(folder: Path, images, meta: dict, count: int) -> list[Path]:
+    """The first `count` normalised test images [N,1,H,W] written back as 8-bit PNGs; they decode
+    to exactly the same tensors."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        pixels = np.rint((images[i, 0] * meta["std"][0] + meta["mean"][0]) * 255).astype(np.uint8)
+        paths.append(folder / f"sample{i}.png")
+        Image.fromarray(pixels).save(paths[-1])
+    return paths
