@@ -299,6 +299,12 @@ def load_image(path, meta: dict) -> np.ndarray:
     return (array - mean) / std
 
 
+def top_classes(probs: np.ndarray, classes: list[str], k: int) -> list[dict]:
+    """The k most probable classes of one image, most probable first."""
+    best = np.argsort(-probs)[:min(k, len(classes))]
+    return [{"class": classes[i], "index": int(i), "prob": float(probs[i])} for i in best]
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     z = np.exp(logits - logits.max(axis=1, keepdims=True))
     return z / z.sum(axis=1, keepdims=True)

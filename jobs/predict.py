@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imgcls.inference import MODEL_FORMATS, UntrustedFormatError, load_image, open_model, softmax
+from imgcls.inference import MODEL_FORMATS, UntrustedFormatError, load_image, open_model, softmax, top_classes
 
 
 def image_files(args: list[str]) -> list[str]:
@@ -46,7 +46,6 @@ def image_files(args: list[str]) -> list[str]:
 
 def predict(model, files: list[str], top_k: int, batch_size: int) -> list[dict]:
     classes = model.meta["classes"]
-    k = min(top_k, len(classes))
     results = []
     for start in range(0, len(files), batch_size):
         batch, inputs = [], []
@@ -61,8 +60,7 @@ def predict(model, files: list[str], top_k: int, batch_size: int) -> list[dict]:
             continue
         probs = softmax(model(np.stack(inputs)))
         for record, p in zip(batch, probs):
-            best = np.argsort(-p)[:k]
-            record["top_k"] = [{"class": classes[i], "index": int(i), "prob": float(p[i])} for i in best]
+            record["top_k"] = top_classes(p, classes, top_k)
             print(record["path"] + "\t" + ", ".join(f"{t['class']} ({t['prob']:.3f})" for t in record["top_k"]))
             results.append(record)
     order = {path: i for i, path in enumerate(files)}

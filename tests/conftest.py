@@ -1,6 +1,8 @@
 """Shared fixtures: a real S3 endpoint (moto's server on 127.0.0.1), as s3fs's own tests use."""
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -149,3 +151,54 @@ def save_test_images(folder: Path, images, meta: dict, count: int) -> list[Path]
         paths.append(folder / f"sample{i}.png")
         Image.fromarray(pixels).save(paths[-1])
     return paths
+
+
+@contextlib.contextmanager
+def serving(model: str, *args: str, timeout: float = 60.0):
+    """jobs/serve.py MODEL ARGS as a real server process on a free loopback port; yields its
+    base URL once /health answers, and stops the process after."""
+    import httpx
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "serve.py"), model, "--port", str(port), *args],
+                            cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"jobs/serve.py exited with {proc.returncode}:\n{proc.stdout.read()[-3000:]}")
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            if time.time() > deadline:
+                raise TimeoutError(f"{url}/health did not answer within {timeout}s")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def job(name: str, *args: str):
+    """(stdout, stderr, return value) of jobs/NAME.py's main(args), run in this process: a new
+    interpreter would spend seconds importing torch and onnxruntime for each call."""
+    import importlib.util
+    import io
+
+    spec = importlib.util.spec_from_file_location(f"jobs_{name}", REPO / "jobs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        result = module.main(list(args))
+    return stdout.getvalue(), stderr.getvalue(), result
+
+
+def last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])

@@ -3,10 +3,7 @@ process): ONNX, TorchScript and TFLite parity with PyTorch, INT8 quantization (O
 TFLite), and predict on image files."""
 from __future__ import annotations
 
-import contextlib
 import csv
-import importlib.util
-import io
 import json
 import shutil
 
@@ -19,23 +16,7 @@ from PIL import Image
 
 from imgcls.export import read_samples
 from imgcls.inference import load_checkpoint_model, load_torchscript, tflite_metadata
-from tests.conftest import REPO
-
-
-def job(name: str, *args: str):
-    """(stdout, stderr, return value) of jobs/NAME.py's main(args), run in this process: a new
-    interpreter would spend seconds importing torch and onnxruntime for each call."""
-    spec = importlib.util.spec_from_file_location(f"jobs_{name}", REPO / "jobs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    stdout, stderr = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        result = module.main(list(args))
-    return stdout.getvalue(), stderr.getvalue(), result
-
-
-def last_json(stdout: str) -> dict:
-    return json.loads(stdout.strip().splitlines()[-1])
+from tests.conftest import job, last_json
 
 
 @pytest.fixture(scope="module")
