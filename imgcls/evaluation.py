@@ -1,16 +1,16 @@
 """Distributed evaluation, and the report `jobs/evaluate.py` writes for a checkpoint."""
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from imgcls import checkpoint, distributed, storage
 from imgcls.data import ShardReader, read_manifest
-from imgcls.metrics import ConfusionMatrix
+from imgcls.metrics import ConfusionMatrix, PrecisionRecallCurves
 
 
 def evaluate(model, reader: ShardReader, device, autocast, num_classes: int, *, flip: bool = False,
@@ -78,6 +78,31 @@ def model_from_checkpoint(state: dict, num_classes: int, in_channels: int, use_e
     return model.eval(), weights
 
 
+class _ScoreTap(torch.nn.Module):
+    """The per-sample probabilities of an `evaluate` pass, for the precision-recall curves,
+    without a second pass and without changing `evaluate`: passed to it as both the model and
+    the reader. `loader()` is the reader's, queueing each batch's labels; `forward` computes the
+    test-time-view logits itself (evaluate then runs with flip/shift off, so its own view is the
+    identity), adds their softmax to `curves` with the oldest queued labels (batches reach the
+    model in the order the loader gave them, even if evaluate prefetches) and returns them."""
+
+    def __init__(self, model, reader: ShardReader, curves: PrecisionRecallCurves, flip: bool, shift: bool):
+        super().__init__()
+        self.model, self.reader, self.curves, self.flip, self.shift = model, reader, curves, flip, shift
+        self.labels = collections.deque()
+
+    def loader(self):
+        for batch in self.reader.loader():
+            self.labels.append(batch["label"])
+            yield batch
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        logits = tta_logits(self.model, images, flip=self.flip, shift=self.shift)
+        labels = self.labels.popleft().to(self.curves.counts.device)
+        self.curves.update(logits.softmax(1).to(self.curves.counts.device), labels)
+        return logits
+
+
 def run_dir_of(checkpoint_url: str) -> str:
     """RUN_DIR for RUN_DIR/checkpoints/step-N.pt."""
     return checkpoint_url.rsplit("/", 2)[0]
@@ -85,8 +110,9 @@ def run_dir_of(checkpoint_url: str) -> str:
 
 def evaluate_checkpoint(checkpoint_url: str, split: str = "test", data_url: str = "", use_ema: bool = True,
                         out_dir: str = "") -> dict:
-    """Evaluate a checkpoint on a split; rank 0 writes report.txt, metrics.json, confusion.json and
-    confusion.png to OUT_DIR (default RUN_DIR/eval/SPLIT). Works under torchrun or alone."""
+    """Evaluate a checkpoint on a split; rank 0 writes report.txt, metrics.json, confusion.json,
+    confusion.png and pr_curves.png to OUT_DIR (default RUN_DIR/eval/SPLIT). The report and
+    metrics.json hold the average precision per class. Works under torchrun or alone."""
     from imgcls.config import from_dict
     from imgcls.trainer import resolve_precision
 
@@ -102,25 +128,25 @@ def evaluate_checkpoint(checkpoint_url: str, split: str = "test", data_url: str 
     reader = ShardReader(cfg.data, split, rank=dist.rank, world_size=dist.world_size, train=False, manifest=manifest)
     dtype = resolve_precision(cfg.train.precision, dist.device)
     autocast = (lambda: torch.autocast(dist.device.type, dtype=dtype)) if dtype else contextlib.nullcontext
-    metrics = evaluate(model, reader, dist.device, autocast, len(classes), flip=cfg.train.eval_flip,
-                       shift=cfg.train.eval_shift)
+    curves = PrecisionRecallCurves(len(classes), device=dist.device)
+    tap = _ScoreTap(model, reader, curves, cfg.train.eval_flip, cfg.train.eval_shift)
+    metrics = evaluate(tap, tap, dist.device, autocast, len(classes))
+    distributed.all_reduce_sum(curves.counts)
     confusion = metrics.pop("confusion")
-    report = confusion.classification_report(classes)
+    report = confusion.classification_report(classes) + "\n" + curves.report(classes)
     views = ["image"] + ["mirror"] * cfg.train.eval_flip + ["shifted"] * cfg.train.eval_shift
     result = {"checkpoint": checkpoint_url, "split": split, "weights": weights, "views": "+".join(views),
-              **metrics, "per_class": confusion.to_json(classes)}
+              **metrics, **curves.to_json(classes), "per_class": confusion.to_json(classes)}
     if dist.is_main:
+        from imgcls.plots import plot_confusion_matrix, plot_pr_curves
+
         out = out_dir or storage.join(run_dir_of(checkpoint_url), "eval", split)
         storage.write_bytes_atomic(storage.join(out, "report.txt"), report.encode())
         storage.write_bytes_atomic(storage.join(out, "metrics.json"), json.dumps(result, indent=2).encode())
         storage.write_bytes_atomic(storage.join(out, "confusion.json"), json.dumps(
             {"classes": classes, "matrix": confusion.matrix.tolist()}).encode())
-        from imgcls.plots import plot_confusion_matrix
-
-        png = Path("/tmp") / f"confusion-{split}-{dist.rank}.png" if "://" in out else Path(out) / "confusion.png"
-        plot_confusion_matrix(confusion.matrix.numpy(), classes, png)
-        if "://" in out:
-            storage.write_bytes_atomic(storage.join(out, "confusion.png"), png.read_bytes())
+        plot_confusion_matrix(confusion.matrix.numpy(), classes, storage.join(out, "confusion.png"))  # any URL
+        plot_pr_curves(curves, classes, storage.join(out, "pr_curves.png"))
         result["out_dir"] = out
         result["report"] = report
     del model

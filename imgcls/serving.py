@@ -13,8 +13,9 @@ FastAPI gives the request as it is, and the batching is one small asyncio loop (
 
 The request path never blocks the event loop: the body is read asynchronously (a slow client
 only holds its own connection), the image is decoded in the thread pool, and the model runs
-in one dedicated thread on batches of up to `max_batch` requests, each batch closed when full
-or `max_wait_ms` after its first request. The preprocessing is predict's (`load_image`: the
+in one dedicated thread on batches of up to `max_batch` requests, each batch closed when full,
+`max_wait_ms` after its first request, or at once when no other request is queued or being
+decoded (a lone request does not wait). The preprocessing is predict's (`load_image`: the
 evaluation transform), so answers equal `jobs/predict.py`'s.
 """
 from __future__ import annotations
@@ -89,6 +90,7 @@ class Batcher:
         self.model, self.max_batch, self.max_wait = model, max_batch, max_wait_ms / 1e3
         self.metrics = metrics
         self.queue: asyncio.Queue = asyncio.Queue()
+        self.arriving = 0  # requests being decoded: only they can join a batch that waits
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="model")  # runtimes need not be thread-safe
 
     async def probabilities(self, image: np.ndarray) -> np.ndarray:
@@ -100,6 +102,8 @@ class Batcher:
         batch = [await self.queue.get()]
         deadline = asyncio.get_running_loop().time() + self.max_wait
         while len(batch) < self.max_batch:
+            if self.queue.empty() and not self.arriving:
+                break  # nobody else is coming: a lone request does not wait for company
             timeout = deadline - asyncio.get_running_loop().time()
             try:
                 batch.append(self.queue.get_nowait() if timeout <= 0 else
@@ -195,7 +199,11 @@ def create_app(model: Predictor, model_path: str, max_batch: int = 32, max_wait_
     async def predict(request: Request, top_k: int = Query(default_top_k, ge=1)):
         body = await read_body(request, max_body_bytes)
         start = time.perf_counter()
-        image = await run_in_threadpool(decode, await image_bytes(request, body), model.meta)
+        batcher.arriving += 1
+        try:
+            image = await run_in_threadpool(decode, await image_bytes(request, body), model.meta)
+        finally:
+            batcher.arriving -= 1
         probs = await batcher.probabilities(image)
         metrics.request_done(200, time.perf_counter() - start)
         return {"top_k": top_classes(probs, classes, top_k)}

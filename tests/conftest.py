@@ -85,9 +85,10 @@ def needs_fashion_mnist():
         reason="Debian package dataset-fashion-mnist is not installed (CI installs it)")
 
 
-def build_bands_dataset(workdir: Path, n: int = 2000, size: int = 12) -> str:
+def build_bands_dataset(workdir: Path, n: int = 2000, size: int = 12, label_noise: float = 0.0) -> str:
     """A small learnable dataset as shards (~1400 train / 400 val / 200 test, 100 per shard):
-    the class (0-3) is which horizontal band is bright, unchanged by the flip augmentation."""
+    the class (0-3) is which horizontal band is bright, unchanged by the flip augmentation.
+    With `label_noise`, that fraction of the labels is then replaced by a random class."""
     import numpy as np
 
     import shards
@@ -98,6 +99,8 @@ def build_bands_dataset(workdir: Path, n: int = 2000, size: int = 12) -> str:
     band = size // 4
     for i, label in enumerate(labels):
         images[i, label * band:(label + 1) * band] += 120
+    noisy = rng.random(n) < label_noise
+    labels[noisy] = rng.integers(0, 4, int(noisy.sum()))
     workdir.mkdir(parents=True, exist_ok=True)
     src = workdir / "bands.npz"
     np.savez(src, images=images, labels=labels)
