@@ -3,6 +3,7 @@ batch-1 ONNX Runtime on the same images, in one run; a markdown table.
 
     .venv/bin/python bench/serve.py                        # the default recipe's model, freshly initialised
     .venv/bin/python bench/serve.py --checkpoint runs/fashion_mnist/checkpoints/best.pt --clients 1 8 32
+    .venv/bin/python bench/serve.py --model resnet18        # a model where batching pays
 
 Model: exported to ONNX (as jobs/export.py does) from the checkpoint, or from the model of
 --config freshly initialised for 28x28x1 input and 10 classes (see bench/inference.py); the
@@ -132,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", default="", help="a trained checkpoint (default: a fresh model)")
     parser.add_argument("--config", default=str(REPO / "configs" / "fashion_mnist.yaml"),
                         help="the fresh model's config (default: %(default)s)")
+    parser.add_argument("--model", default="", help="fresh model only: another model name (e.g. resnet18)")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32], help="default: 1 8 32")
     parser.add_argument("--requests", type=int, default=400, help="requests per configuration (default: %(default)s)")
     parser.add_argument("--reps", type=int, default=3, help="repetitions (default: %(default)s)")
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
         images, _ = read_samples(meta, "test", 256)
         what = f"{meta['model']} from {args.checkpoint} ({meta['weights']} weights), test images of {meta['data_url']}"
     else:
-        model, meta = fresh_model(args.config)
+        model, meta = fresh_model(args.config, args.model)
         images = (np.random.default_rng(0).random((256, 1, 28, 28), dtype=np.float32) - meta["mean"][0]) / meta["std"][0]
         what = f"{meta['model']} from {args.config}, freshly initialised, 28x28x1 uniform-noise PNGs"
     files = png_bytes(images, meta)

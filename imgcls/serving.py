@@ -32,6 +32,7 @@ from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import SummaryMetricFamily
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from imgcls.inference import Predictor, load_image, softmax, top_classes
 
@@ -189,8 +190,8 @@ def create_app(model: Predictor, model_path: str, max_batch: int = 32, max_wait_
 
     app = FastAPI(title="imgcls", lifespan=lifespan)
 
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException):
+    @app.exception_handler(StarletteHTTPException)  # ours, and starlette's for a malformed multipart body
+    async def http_error(request: Request, exc: StarletteHTTPException):
         if request.url.path == "/predict":
             metrics.request_done(exc.status_code, 0.0)
         return JSONResponse({"error": exc.detail}, status_code=exc.status_code)

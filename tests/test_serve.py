@@ -100,11 +100,15 @@ def test_bad_input_gets_a_4xx_with_the_reason_and_the_server_goes_on(models, ima
         "empty": (b"", False, 400, "empty"),
         "oversized": (b"\0" * 30_000, False, 413, "more than the 20971 allowed"),
         "no file field": (None, True, 400, "without a file field"),
+        "malformed multipart": (b"--x\r\nnot a part", "boundary=x", 400, "Invalid multipart data"),
         "decompression bomb": (png_of_size(9000, 9000), False, 400, "9000x9000 pixels"),
     }
     with serving(models["onnx"], "--max-body-mb", "0.02") as url:
         for name, (body, multipart, status, reason) in cases.items():
-            if multipart:
+            if multipart == "boundary=x":
+                answer = httpx.post(url + "/predict", content=body,
+                                    headers={"content-type": "multipart/form-data; boundary=x"})
+            elif multipart:
                 answer = httpx.post(url + "/predict", files={"note": (None, "no image here")})
             else:
                 answer = httpx.post(url + "/predict", content=body)
@@ -113,7 +117,7 @@ def test_bad_input_gets_a_4xx_with_the_reason_and_the_server_goes_on(models, ima
         assert httpx.post(url + "/predict?top_k=0", content=good).status_code == 422
         answer = httpx.post(url + "/predict?top_k=1", content=good)
         assert answer.status_code == 200 and len(answer.json()["top_k"]) == 1
-        assert metrics(url)["imgcls_requests_total"][(("status", "400"),)] == 5
+        assert metrics(url)["imgcls_requests_total"][(("status", "400"),)] == 6
 
 
 def test_a_slow_client_does_not_block_the_others(models, images):
