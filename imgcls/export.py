@@ -101,6 +101,27 @@ def _quiet_conversion():
         root.setLevel(level)
 
 
+class _GlobalMaxPool(torch.nn.Module):
+    """AdaptiveMaxPool2d(1) as a max over H and W: the same numbers, and an op litert-torch
+    lowers (it has no lowering for aten.adaptive_max_pool2d; fast_cnn ends with one)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.amax(dim=(2, 3), keepdim=True)
+
+
+def litert_compatible(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model` with every global AdaptiveMaxPool2d replaced by `_GlobalMaxPool`."""
+    import copy
+
+    model = copy.deepcopy(model)
+    for name, module in list(model.named_modules()):
+        if (isinstance(module, torch.nn.AdaptiveMaxPool2d) and not module.return_indices
+                and module.output_size in (1, (1, 1))):
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr, _GlobalMaxPool())
+    return model
+
+
 def _litert_convert(model: torch.nn.Module, example: torch.Tensor, **kwargs) -> bytes:
     import litert_torch
 
@@ -118,7 +139,7 @@ def _write_tflite(flatbuffer: bytes, meta: dict, path: str | Path) -> Path:
 
 def export_tflite(model: torch.nn.Module, meta: dict, path: str | Path) -> Path:
     """fp32 TFLite with a batch of 1, the layout of the PyTorch model (NCHW input)."""
-    return _write_tflite(_litert_convert(model.eval(), _example_input(meta)), meta, path)
+    return _write_tflite(_litert_convert(litert_compatible(model).eval(), _example_input(meta)), meta, path)
 
 
 def quantize_tflite_int8(model: torch.nn.Module, meta: dict, calibration: np.ndarray, path: str | Path) -> Path:
@@ -132,7 +153,7 @@ def quantize_tflite_int8(model: torch.nn.Module, meta: dict, calibration: np.nda
     quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False))
     example = _example_input(meta)
     with _quiet_conversion():
-        prepared = prepare_pt2e(torch.export.export(model.eval(), (example,)).module(), quantizer)
+        prepared = prepare_pt2e(torch.export.export(litert_compatible(model).eval(), (example,)).module(), quantizer)
         move_exported_model_to_eval(prepared)
         with torch.no_grad():
             for image in calibration:  # batch 1, the shape the graph was exported with

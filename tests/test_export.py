@@ -233,3 +233,23 @@ def test_predict_refuses_a_torchscript_file_named_like_a_checkpoint(torchscript_
     # asked for explicitly, the same file loads (its metadata read from the archive, not by running it)
     stdout, _, code = job("predict", str(renamed), image, "--format", "torchscript", "--top-k", "1")
     assert code == 0 and stdout.split("\t")[1].split(" ")[0] == known[image][1]
+
+
+def test_tflite_export_of_fast_cnn_whose_global_max_pool_litert_cannot_lower(tmp_path):
+    """fast_cnn (the default recipe's model) ends in AdaptiveMaxPool2d(1), which litert-torch
+    has no lowering for; the export swaps in an equal max over H and W."""
+    from imgcls.export import export_tflite
+    from imgcls.inference import META_FORMAT, Predictor
+    from imgcls.models import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="fast_cnn", width=8), 10, 1).eval()
+    assert any(isinstance(m, torch.nn.AdaptiveMaxPool2d) for m in model.modules())
+    meta = {"format": META_FORMAT, "classes": [str(i) for i in range(10)], "image": {"height": 28, "width": 28,
+            "channels": 1}, "mean": [0.5], "std": [0.5], "input": "image", "output": "logits"}
+    path = export_tflite(model, meta, tmp_path / "fast.tflite")
+    images = np.random.default_rng(0).standard_normal((4, 1, 28, 28), dtype=np.float32)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(images)).numpy()
+    assert np.abs(Predictor.from_tflite(path)(images) - expected).max() < 1e-4
+    assert any(isinstance(m, torch.nn.AdaptiveMaxPool2d) for m in model.modules()), "the model itself was changed"
