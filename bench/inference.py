@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
                 runners.update(zip(TFLITE_BACKENDS, (Predictor.from_tflite(tflite, meta, threads),
                                                      Predictor.from_tflite(tflite_int8, meta, threads))))
             latency = compare_latency(runners, batches, args.reps)
-            print(f"\n### {threads} thread{'s' if threads > 1 else ''} (torch and onnxruntime)\n")
+            print(f"\n### {threads} thread{'s' if threads > 1 else ''} (torch, onnxruntime{' and LiteRT' * args.tflite})\n")
             print("| backend | batch | median ms | mean ± std ms | img/s | speed-up vs eager |")
             print("|---|---:|---:|---:|---:|---:|")
             for batch in args.batch_sizes:
