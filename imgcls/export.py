@@ -93,12 +93,20 @@ def _quiet_conversion():
     root = logging.getLogger()
     level = root.level
     root.setLevel(max(level, logging.WARNING))
+    root.addFilter(_not_training_mode_warning)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # deprecation chatter from torch.export and jax
             yield
     finally:
+        root.removeFilter(_not_training_mode_warning)
         root.setLevel(level)
+
+
+def _not_training_mode_warning(record: logging.LogRecord) -> bool:
+    # a PT2E-quantized graph cannot be switched by .eval() (it raises) and so still reports
+    # training mode; move_exported_model_to_eval has already given it eval behaviour
+    return not record.getMessage().startswith("Your model is converted in training mode")
 
 
 class _GlobalMaxPool(torch.nn.Module):
