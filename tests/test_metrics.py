@@ -277,3 +277,34 @@ def test_evaluate_reports_average_precision_alone_and_on_two_ranks(bands_checkpo
                          cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert two.returncode == 0, two.stderr[-3000:]
     assert json.loads((tmp_path / "two" / "metrics.json").read_text())["average_precision"] == saved["average_precision"]
+
+
+def test_score_tap_pairs_each_batch_with_its_labels_under_test_time_views(bands_checkpoint, tmp_path):
+    """The tap evaluate_checkpoint hands to `evaluate`: over 7 batches, with mirror and shifted
+    views, the curves equal the exact AP of the test-time-view probabilities, and evaluate's own
+    accuracy is that of the same logits (the tap returns them)."""
+    import contextlib
+
+    from imgcls.data import DataConfig, ShardReader
+    from imgcls.evaluation import _ScoreTap, evaluate, tta_logits
+    from imgcls.export import read_samples
+    from imgcls.inference import load_checkpoint_model
+    from tests.conftest import build_bands_dataset
+
+    noisy = build_bands_dataset(tmp_path / "noisy", label_noise=0.3)
+    model, meta = load_checkpoint_model(bands_checkpoint, noisy)
+    reader = ShardReader(DataConfig(url=noisy, eval_batch_size=32, num_workers=0, mean=meta["mean"], std=meta["std"]),
+                         "test", train=False)
+    curves = PrecisionRecallCurves(4)
+    tap = _ScoreTap(model, reader, curves, flip=True, shift=True)
+    result = evaluate(tap, tap, torch.device("cpu"), contextlib.nullcontext, 4)
+    assert result["count"] == 200 and curves.support.sum() == 200 and not tap.labels
+
+    images, labels = read_samples(meta, "test", data_url=noisy)
+    model.eval()  # evaluate leaves its model in training mode
+    with torch.no_grad():
+        logits = tta_logits(model, torch.from_numpy(images), flip=True, shift=True)
+    probs = logits.softmax(1)
+    assert result["acc"] == pytest.approx((logits.argmax(1).numpy() == labels).mean())
+    exact = [exact_average_precision(probs[:, c], labels == c) for c in range(4)]
+    assert curves.average_precision.tolist() == pytest.approx(exact, abs=0.01)
