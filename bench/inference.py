@@ -1,5 +1,5 @@
-"""Inference latency and throughput: eager PyTorch, TorchScript, ONNX Runtime fp32 and INT8, in one
-run, printed as a markdown table per thread count.
+"""Inference latency and throughput: eager PyTorch, TorchScript, ONNX Runtime fp32 and INT8, and
+with --tflite LiteRT fp32 and INT8, in one run, printed as a markdown table per thread count.
 
     .venv/bin/python bench/inference.py                    # the default recipe's model, freshly initialised
     .venv/bin/python bench/inference.py --checkpoint runs/fashion_mnist/checkpoints/best.pt
@@ -8,8 +8,9 @@ run, printed as a markdown table per thread count.
 Model: the checkpoint's (EMA weights when it has them, as jobs/export.py exports), or the model
 of --config (default configs/fashion_mnist.yaml) freshly initialised for Fashion-MNIST's 28x28x1
 input and 10 classes; latency does not depend on the weights' values, and the output says which.
-TorchScript, ONNX fp32 and INT8 are the files jobs/export.py and jobs/quantize.py write (to a
-temporary directory), loaded back as a deployment would load them. Inputs are real test images
+TorchScript, ONNX fp32 and INT8 (and TFLite fp32 and INT8) are the files jobs/export.py and
+jobs/quantize.py write (to a temporary directory), loaded back as a deployment would load them.
+TFLite graphs have a batch of 1: a larger batch is that many interpreter calls. Inputs are real test images
 of the checkpoint's dataset (INT8 calibrated on 512 train samples, seeded), or for the fresh
 model standard-normal noise (calibration too).
 
@@ -35,19 +36,24 @@ import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
-from imgcls.export import export_onnx, export_torchscript, quantize_int8, read_samples  # noqa: E402
+from imgcls.export import (export_onnx, export_tflite, export_torchscript, quantize_int8,  # noqa: E402
+                           quantize_tflite_int8, read_samples)
 from imgcls.inference import (META_FORMAT, Predictor, compare_latency, load_checkpoint_model,  # noqa: E402
                               load_torchscript)
 
 BACKENDS = ("eager PyTorch", "TorchScript", "ONNX Runtime fp32", "ONNX Runtime INT8")
+TFLITE_BACKENDS = ("LiteRT fp32", "LiteRT INT8")
 
 
-def fresh_model(config: str) -> tuple[torch.nn.Module, dict]:
+def fresh_model(config: str, model_name: str = "") -> tuple[torch.nn.Module, dict]:
+    """The model of `config` (or `model_name` with that config's other settings), freshly
+    initialised for 28x28x1 input and 10 classes."""
     from imgcls.config import load_config
     from imgcls.models import build_model
 
     cfg = load_config(config)
     cfg.model.pretrained = ""
+    cfg.model.name = model_name or cfg.model.name
     torch.manual_seed(0)
     model = build_model(cfg.model, 10, 1).eval()
     meta = {"format": META_FORMAT, "classes": [str(i) for i in range(10)],
@@ -65,7 +71,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1], help="thread counts (default: 1)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64], help="default: 1 64")
     parser.add_argument("--reps", type=int, default=20, help="repetitions (default: %(default)s)")
+    parser.add_argument("--tflite", action="store_true", help="also LiteRT fp32 and INT8 (litert-torch)")
     args = parser.parse_args(argv)
+    backends = BACKENDS + TFLITE_BACKENDS * args.tflite
 
     if args.checkpoint:
         model, meta = load_checkpoint_model(args.checkpoint)
@@ -87,6 +95,10 @@ def main(argv: list[str] | None = None) -> None:
         export_onnx(model, meta, fp32)
         quantize_int8(fp32, int8, calibration, meta)
         export_torchscript(model, meta, script)
+        tflite, tflite_int8 = Path(tmp, "model.tflite"), Path(tmp, "model.int8.tflite")
+        if args.tflite:
+            export_tflite(model, meta, tflite)
+            quantize_tflite_int8(model, meta, calibration, tflite_int8)
         print(f"model: {what}; {params:,} parameters")
         print(f"torch {torch.__version__}, onnxruntime {ort.__version__}, {os.cpu_count()} CPUs, "
               f"{args.reps} repetitions of >= 50 ms each")
@@ -97,13 +109,16 @@ def main(argv: list[str] | None = None) -> None:
                 Predictor.from_torch(load_torchscript(script), meta),
                 Predictor.from_onnx(fp32, meta, threads),
                 Predictor.from_onnx(int8, meta, threads))))
+            if args.tflite:
+                runners.update(zip(TFLITE_BACKENDS, (Predictor.from_tflite(tflite, meta, threads),
+                                                     Predictor.from_tflite(tflite_int8, meta, threads))))
             latency = compare_latency(runners, batches, args.reps)
-            print(f"\n### {threads} thread{'s' if threads > 1 else ''} (torch and onnxruntime)\n")
+            print(f"\n### {threads} thread{'s' if threads > 1 else ''} (torch, onnxruntime{' and LiteRT' * args.tflite})\n")
             print("| backend | batch | median ms | mean ± std ms | img/s | speed-up vs eager |")
             print("|---|---:|---:|---:|---:|---:|")
             for batch in args.batch_sizes:
                 eager = latency[BACKENDS[0], batch]["median_ms"]
-                for name in BACKENDS:
+                for name in backends:
                     r = latency[name, batch]
                     print(f"| {name} | {batch} | {r['median_ms']:.3f} | {r['mean_ms']:.3f} ± {r['std_ms']:.3f} "
                           f"| {r['images_per_s']:,.0f} | {eager / r['median_ms']:.2f}x |")

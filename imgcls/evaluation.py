@@ -2,23 +2,23 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from imgcls import checkpoint, distributed, storage
 from imgcls.data import ShardReader, read_manifest
-from imgcls.metrics import ConfusionMatrix
+from imgcls.metrics import ConfusionMatrix, PrecisionRecallCurves
 from imgcls.precision import autocast, resolve_precision
 
 
 def evaluate(model, reader: ShardReader, device, autocast, num_classes: int, *, flip: bool = False,
-             shift: bool = False, channels_last: bool = False) -> dict:
+             shift: bool = False, channels_last: bool = False, on_batch=None) -> dict:
     """Each rank reads its own shards, every sample of the split exactly once, with no
     collective per batch (ranks may hold unequal shares); the sums are reduced at the end.
     The sums stay on the device until then. `flip` and `shift` average the logits over
-    test-time views (see `tta_logits`)."""
+    test-time views (see `tta_logits`); `on_batch(logits, labels)` sees every batch (the
+    precision-recall curves collect their scores with it)."""
     model.eval()
     confusion = ConfusionMatrix(num_classes, device=device)
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, top-5 correct, count
@@ -33,6 +33,8 @@ def evaluate(model, reader: ShardReader, device, autocast, num_classes: int, *, 
             totals[1] += (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1).sum()
             totals[2] += len(labels)
             confusion.update(logits, labels)
+            if on_batch is not None:
+                on_batch(logits, labels)
     model.train()
     distributed.all_reduce(totals)
     distributed.all_reduce(confusion.matrix)
@@ -87,8 +89,9 @@ def run_dir_of(checkpoint_url: str) -> str:
 
 def evaluate_checkpoint(checkpoint_url: str, split: str = "test", data_url: str = "", use_ema: bool = True,
                         out_dir: str = "") -> dict:
-    """Evaluate a checkpoint on a split; rank 0 writes report.txt, metrics.json, confusion.json and
-    confusion.png to OUT_DIR (default RUN_DIR/eval/SPLIT). Works under torchrun or alone."""
+    """Evaluate a checkpoint on a split; rank 0 writes report.txt, metrics.json, confusion.json,
+    confusion.png and pr_curves.png to OUT_DIR (default RUN_DIR/eval/SPLIT). The report and
+    metrics.json hold the average precision per class. Works under torchrun or alone."""
     from imgcls.config import from_dict
 
     dist = distributed.init_distributed()
@@ -102,25 +105,26 @@ def evaluate_checkpoint(checkpoint_url: str, split: str = "test", data_url: str 
     model = model.to(dist.device)
     reader = ShardReader(cfg.data, split, rank=dist.rank, world_size=dist.world_size, train=False, manifest=manifest)
     precision = resolve_precision(cfg.train.precision, dist.device)
+    curves = PrecisionRecallCurves(len(classes), device=dist.device)
     metrics = evaluate(model, reader, dist.device, autocast(dist.device, precision), len(classes),
-                       flip=cfg.train.eval_flip, shift=cfg.train.eval_shift)
+                       flip=cfg.train.eval_flip, shift=cfg.train.eval_shift,
+                       on_batch=lambda logits, labels: curves.update(logits.float().softmax(1), labels))
+    distributed.all_reduce(curves.counts)
     confusion = metrics.pop("confusion")
-    report = confusion.classification_report(classes)
+    report = confusion.classification_report(classes) + "\n" + curves.report(classes)
     views = ["image"] + ["mirror"] * cfg.train.eval_flip + ["shifted"] * cfg.train.eval_shift
     result = {"checkpoint": checkpoint_url, "split": split, "weights": weights, "views": "+".join(views),
-              **metrics, "per_class": confusion.to_json(classes)}
+              **metrics, **curves.to_json(classes), "per_class": confusion.to_json(classes)}
     if dist.is_main:
+        from imgcls.plots import plot_confusion_matrix, plot_pr_curves
+
         out = out_dir or storage.join(run_dir_of(checkpoint_url), "eval", split)
         storage.write_bytes_atomic(storage.join(out, "report.txt"), report.encode())
         storage.write_bytes_atomic(storage.join(out, "metrics.json"), json.dumps(result, indent=2).encode())
         storage.write_bytes_atomic(storage.join(out, "confusion.json"), json.dumps(
             {"classes": classes, "matrix": confusion.matrix.tolist()}).encode())
-        from imgcls.plots import plot_confusion_matrix
-
-        png = Path("/tmp") / f"confusion-{split}-{dist.rank}.png" if "://" in out else Path(out) / "confusion.png"
-        plot_confusion_matrix(confusion.matrix.numpy(), classes, png)
-        if "://" in out:
-            storage.write_bytes_atomic(storage.join(out, "confusion.png"), png.read_bytes())
+        plot_confusion_matrix(confusion.matrix.numpy(), classes, storage.join(out, "confusion.png"))  # any URL
+        plot_pr_curves(curves, classes, storage.join(out, "pr_curves.png"))
         result["out_dir"] = out
         result["report"] = report
     del model

@@ -1,15 +1,23 @@
 """Export a checkpoint for deployment and check the export; INT8 post-training quantization.
 
-- `export_checkpoint` writes ONNX (dynamic batch axis) or TorchScript from the checkpoint's
-  EMA weights (when it has them) in fp32, with the metadata beside and inside the file (see
-  imgcls/inference.py), then loads the file back (onnxruntime, torch.jit.load) and compares
-  its logits with the PyTorch model's on real samples of the dataset.
+- `export_checkpoint` writes ONNX (dynamic batch axis), TorchScript or TFLite (batch 1) from
+  the checkpoint's EMA weights (when it has them) in fp32, with the metadata beside and inside
+  the file (see imgcls/inference.py), then loads the file back (onnxruntime, torch.jit.load,
+  the LiteRT interpreter) and compares its logits with the PyTorch model's on real samples of
+  the dataset.
 - `quantize_int8` is onnxruntime's static quantization (QDQ, per-channel weights), calibrated
   on samples the caller reads with `read_samples` (typically a seeded draw from the train split).
+- `quantize_tflite_int8` is litert-torch's static PT2E quantization (per-channel int8 weights,
+  int8 activations, integer input and output), calibrated the same way.
+
+TFLite needs the optional extra `pip install -e .[tflite]` (litert-torch, ai-edge-litert):
+imported only when a TFLite file is written or read.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import tempfile
 import warnings
 from pathlib import Path
@@ -17,11 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imgcls.inference import (META_KEY, Predictor, load_checkpoint_model, load_torchscript, quiet_torchscript,
-                              write_sidecar)
+from imgcls.inference import (META_KEY, TORCHSCRIPT_SUFFIX, Predictor, load_checkpoint_model, load_torchscript,
+                              quiet_torchscript, tflite_with_metadata, write_sidecar)
 
-FORMATS = ("onnx", "torchscript")
-SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
+FORMATS = ("onnx", "torchscript", "tflite")
+SUFFIXES = {"onnx": ".onnx", "torchscript": TORCHSCRIPT_SUFFIX, "tflite": ".tflite"}
 OPSET = 17  # QDQ per-channel needs >= 13; 17 is read by every current runtime
 
 
@@ -76,6 +84,95 @@ def export_torchscript(model: torch.nn.Module, meta: dict, path: str | Path) -> 
     return path
 
 
+@contextlib.contextmanager
+def _quiet_conversion():
+    """litert-torch prints a progress tree and logs every lowered op on the root logger at INFO."""
+    import litert_torch
+
+    litert_torch.config.show_progress = False
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))
+    root.addFilter(_not_training_mode_warning)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # deprecation chatter from torch.export and jax
+            yield
+    finally:
+        root.removeFilter(_not_training_mode_warning)
+        root.setLevel(level)
+
+
+def _not_training_mode_warning(record: logging.LogRecord) -> bool:
+    # a PT2E-quantized graph cannot be switched by .eval() (it raises) and so still reports
+    # training mode; move_exported_model_to_eval has already given it eval behaviour
+    return not record.getMessage().startswith("Your model is converted in training mode")
+
+
+class _GlobalMaxPool(torch.nn.Module):
+    """AdaptiveMaxPool2d(1) as a max over H and W: the same numbers, and an op litert-torch
+    lowers (it has no lowering for aten.adaptive_max_pool2d; fast_cnn ends with one)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.amax(dim=(2, 3), keepdim=True)
+
+
+def litert_compatible(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model` with every global AdaptiveMaxPool2d replaced by `_GlobalMaxPool`."""
+    import copy
+
+    model = copy.deepcopy(model)
+    for name, module in list(model.named_modules()):
+        if (isinstance(module, torch.nn.AdaptiveMaxPool2d) and not module.return_indices
+                and module.output_size in (1, (1, 1))):
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr, _GlobalMaxPool())
+    return model
+
+
+def _litert_convert(model: torch.nn.Module, example: torch.Tensor, **kwargs) -> bytes:
+    import litert_torch
+
+    with _quiet_conversion():
+        return litert_torch.convert(model, (example,), **kwargs).model_content()
+
+
+def _write_tflite(flatbuffer: bytes, meta: dict, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(tflite_with_metadata(flatbuffer, meta))
+    write_sidecar(path, meta)
+    return path
+
+
+def export_tflite(model: torch.nn.Module, meta: dict, path: str | Path) -> Path:
+    """fp32 TFLite with a batch of 1, the layout of the PyTorch model (NCHW input)."""
+    return _write_tflite(_litert_convert(litert_compatible(model).eval(), _example_input(meta)), meta, path)
+
+
+def quantize_tflite_int8(model: torch.nn.Module, meta: dict, calibration: np.ndarray, path: str | Path) -> Path:
+    """Static INT8 TFLite through litert-torch's PT2E quantizer: per-channel symmetric int8
+    weights, int8 activations observed on `calibration` (normalised images [N,C,H,W])."""
+    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+    from litert_torch.quantize.quant_config import QuantConfig
+    from torchao.quantization.pt2e import move_exported_model_to_eval
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False))
+    example = _example_input(meta)
+    with _quiet_conversion():
+        prepared = prepare_pt2e(torch.export.export(litert_compatible(model).eval(), (example,)).module(), quantizer)
+        move_exported_model_to_eval(prepared)
+        with torch.no_grad():
+            for image in calibration:  # batch 1, the shape the graph was exported with
+                prepared(torch.from_numpy(image[None]))
+        quantized = move_exported_model_to_eval(convert_pt2e(prepared, fold_quantize=False))
+    flatbuffer = _litert_convert(quantized, example, quant_config=QuantConfig(pt2e_quantizer=quantizer))
+    meta = {**meta, "quantization": {"kind": "static int8", "format": "TFLite (litert-torch PT2E)",
+                                     "per_channel": True, "calibration_samples": len(calibration)}}
+    return _write_tflite(flatbuffer, meta, path)
+
+
 def read_samples(meta: dict, split: str, limit: int = 0, data_url: str = "",
                  seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(images [N,C,H,W] float32 normalised as in training, labels [N]) of a split, without
@@ -126,6 +223,9 @@ def export_checkpoint(checkpoint_url: str, fmt: str = "onnx", out: str | Path = 
     if fmt == "onnx":
         export_onnx(model, meta, path)
         loaded = Predictor.from_onnx(path, threads=threads)
+    elif fmt == "tflite":
+        export_tflite(model, meta, path)
+        loaded = Predictor.from_tflite(path, threads=threads)
     else:
         export_torchscript(model, meta, path)
         loaded = Predictor.from_torch(load_torchscript(path), meta, "torchscript")

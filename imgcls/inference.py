@@ -1,4 +1,4 @@
-"""Run a trained classifier outside the trainer: from a checkpoint, an ONNX file or a TorchScript file.
+"""Run a trained classifier outside the trainer: from a checkpoint, an ONNX, a TorchScript or a TFLite file.
 
 Every model comes with its metadata (`meta`): class names, input shape and the normalisation
 it was trained with, so raw images can be prepared exactly as the shard reader prepares them:
@@ -8,7 +8,14 @@ it was trained with, so raw images can be prepared exactly as the shard reader p
      "checkpoint": URL, "data_url": URL, "input": "image", "output": "logits"}
 
 An export keeps it beside the file (MODEL.json) and inside it (ONNX metadata_props, a
-TorchScript extra file), so either is enough on its own.
+TorchScript extra file, a TFLite metadata entry), so either is enough on its own.
+
+Trust: a checkpoint is read with torch.load(weights_only=True) and can hold only tensors and
+plain data. TorchScript, ONNX and TFLite files are programs for their runtimes (TorchScript
+even holds Python-like code): load them only from a trusted source. So `open_model` picks the
+format from the name and never from the contents: `.onnx`, `.tflite`, `.torchscript.pt` (what
+jobs/export.py writes) or an explicit `fmt="torchscript"`; anything else is a checkpoint, and a
+TorchScript archive passed as one (say renamed best.pt) is refused, not executed.
 """
 from __future__ import annotations
 
@@ -24,7 +31,14 @@ import numpy as np
 import torch
 
 META_FORMAT = "imgcls.model/1"
-META_KEY = "imgcls"              # ONNX metadata_props key; TorchScript extra file is META_KEY + ".json"
+META_KEY = "imgcls"              # ONNX metadata_props / TFLite metadata name; TorchScript extra file is META_KEY + ".json"
+TORCHSCRIPT_SUFFIX = ".torchscript.pt"
+MODEL_FORMATS = ("checkpoint", "onnx", "torchscript", "tflite")
+MAX_PIXELS = 64_000_000          # an image header promising more is refused before it is decoded
+
+
+class UntrustedFormatError(ValueError):
+    """A file whose format would run code, given where a checkpoint was expected."""
 
 
 # ---- metadata -------------------------------------------------------------------------
@@ -49,13 +63,46 @@ def read_meta(model_path: str | Path) -> dict:
         props = {p.key: p.value for p in onnx.load(str(model_path), load_external_data=False).metadata_props}
         if META_KEY in props:
             return json.loads(props[META_KEY])
+    elif str(model_path).endswith(".tflite"):
+        embedded = tflite_metadata(Path(model_path).read_bytes())
+        if embedded is not None:
+            return embedded
     elif is_torchscript(model_path):
-        extra = {META_KEY + ".json": ""}
-        load_torchscript(model_path, extra)
-        if extra[META_KEY + ".json"]:
-            return json.loads(extra[META_KEY + ".json"])
+        # straight from the zip: torch.jit.load would deserialise the archive's code first
+        with zipfile.ZipFile(model_path) as archive:
+            names = [n for n in archive.namelist() if n.endswith("/extra/" + META_KEY + ".json")]
+            if names:
+                return json.loads(archive.read(names[0]))
     raise ValueError(f"{model_path}: no metadata (neither {sidecar.name} nor embedded); re-export it "
                      f"with jobs/export.py")
+
+
+def tflite_with_metadata(flatbuffer: bytes, meta: dict) -> bytes:
+    """The TFLite model with `meta` as JSON in its metadata entry META_KEY (replacing one there)."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromPackedBuf(flatbuffer, 0)
+    buffer = schema.BufferT()
+    buffer.data = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    model.buffers.append(buffer)
+    entry = schema.MetadataT()
+    entry.name, entry.buffer = META_KEY, len(model.buffers) - 1
+    model.metadata = [m for m in model.metadata or [] if m.name != META_KEY.encode()] + [entry]
+    builder = flatbuffers.Builder(len(flatbuffer) + 1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+def tflite_metadata(flatbuffer: bytes) -> dict | None:
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.Model.GetRootAs(flatbuffer, 0)
+    for i in range(model.MetadataLength()):
+        entry = model.Metadata(i)
+        if entry.Name() == META_KEY.encode():
+            return json.loads(model.Buffers(entry.Buffer()).DataAsNumpy().tobytes())
+    return None
 
 
 def checkpoint_meta(state: dict, manifest: dict, weights: str, checkpoint_url: str, data_url: str) -> dict:
@@ -89,7 +136,13 @@ def load_checkpoint_model(checkpoint_url: str, data_url: str = "",
     from imgcls.data import read_manifest
     from imgcls.evaluation import model_from_checkpoint
 
-    state = checkpoint.load(checkpoint_url)
+    refuse_torchscript(checkpoint_url)
+    try:
+        state = checkpoint.load(checkpoint_url)
+    except RuntimeError as e:  # a remote TorchScript archive: torch's own refusal is a page long
+        if "TorchScript" in str(e):
+            raise UntrustedFormatError(_torchscript_refusal(checkpoint_url)) from None
+        raise
     data_url = data_url or state["config"]["data"]["url"]
     manifest = read_manifest(data_url)
     model, kind = model_from_checkpoint(state, len(manifest["classes"]), manifest["image"]["channels"], use_ema)
@@ -104,6 +157,16 @@ def quiet_torchscript():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
         yield
+
+
+def _torchscript_refusal(path: str) -> str:
+    return (f"{path}: a TorchScript archive, not a checkpoint; it would run code when loaded. If it comes "
+            f"from a trusted source, pass --format torchscript (or name it *{TORCHSCRIPT_SUFFIX})")
+
+
+def refuse_torchscript(path: str) -> None:
+    if Path(path).is_file() and is_torchscript(path):
+        raise UntrustedFormatError(_torchscript_refusal(path))
 
 
 def load_torchscript(path: str | Path, extra_files: dict | None = None) -> torch.jit.ScriptModule:
@@ -151,27 +214,79 @@ class Predictor:
         name = session.get_inputs()[0].name
         return cls(lambda images: session.run(None, {name: images})[0], meta or read_meta(path), "onnx")
 
+    @classmethod
+    def from_tflite(cls, path: str | Path, meta: dict | None = None, threads: int = 0) -> Predictor:
+        """The LiteRT interpreter. The graph has a fixed batch of 1 (litert-torch cannot lower
+        our models with a dynamic batch), so a batch runs image by image; an INT8 model with
+        integer input/output is fed and read through its scale and zero point."""
+        from ai_edge_litert.interpreter import Interpreter
 
-def open_model(path: str, threads: int = 0, data_url: str = "") -> Predictor:
-    """A Predictor for an ONNX file, a TorchScript file or a checkpoint (local path or URL)."""
+        interpreter = Interpreter(model_path=str(path), num_threads=threads or None)
+        interpreter.allocate_tensors()
+        inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+
+        def run_one(image: np.ndarray) -> np.ndarray:
+            interpreter.set_tensor(inp["index"], _quantize(image[None], inp))
+            interpreter.invoke()
+            return _dequantize(interpreter.get_tensor(out["index"]), out)[0]
+
+        return cls(lambda images: np.stack([run_one(x) for x in images]), meta or read_meta(path), "tflite")
+
+
+def _quantize(x: np.ndarray, detail: dict) -> np.ndarray:
+    if detail["dtype"] == np.float32:
+        return x
+    scale, zero = detail["quantization"]
+    info = np.iinfo(detail["dtype"])
+    return np.clip(np.rint(x / scale) + zero, info.min, info.max).astype(detail["dtype"])
+
+
+def _dequantize(y: np.ndarray, detail: dict) -> np.ndarray:
+    if detail["dtype"] == np.float32:
+        return y
+    scale, zero = detail["quantization"]
+    return (y.astype(np.float32) - zero) * scale
+
+
+def model_format(path: str, fmt: str = "") -> str:
+    """The format of a model file: `fmt` when given, else by name only (see the module docstring)."""
+    if fmt:
+        if fmt not in MODEL_FORMATS:
+            raise ValueError(f"unknown model format {fmt!r}; choose one of {', '.join(MODEL_FORMATS)}")
+        return fmt
+    for name, suffix in (("onnx", ".onnx"), ("tflite", ".tflite"), ("torchscript", TORCHSCRIPT_SUFFIX)):
+        if path.endswith(suffix):
+            return name
+    return "checkpoint"
+
+
+def open_model(path: str, threads: int = 0, data_url: str = "", fmt: str = "") -> Predictor:
+    """A Predictor for a checkpoint (local path or URL), an ONNX, a TorchScript or a TFLite file.
+    The format comes from `fmt` or the file name (see the module docstring), never from the contents."""
     if threads:
         torch.set_num_threads(threads)
-    if path.endswith(".onnx"):
+    fmt = model_format(path, fmt)
+    if fmt == "onnx":
         return Predictor.from_onnx(path, threads=threads)
-    if Path(path).is_file() and is_torchscript(path):
+    if fmt == "tflite":
+        return Predictor.from_tflite(path, threads=threads)
+    if fmt == "torchscript":
         return Predictor.from_torch(load_torchscript(path), read_meta(path), "torchscript")
     model, meta = load_checkpoint_model(path, data_url)
     return Predictor.from_torch(model, meta)
 
 
 # ---- images ---------------------------------------------------------------------------
-def load_image(path: str | Path, meta: dict) -> np.ndarray:
-    """One image file as the model's input [C, H, W] float32: the model's channels (L or RGB),
-    its size (bilinear), then /255 and (x - mean) / std, as the shard reader does."""
+def load_image(path, meta: dict) -> np.ndarray:
+    """One image (a file name or a binary file object) as the model's input [C, H, W] float32:
+    the model's channels (L or RGB), its size (bilinear), then /255 and (x - mean) / std, as the
+    shard reader does. A header promising more than MAX_PIXELS is refused before decoding."""
     from PIL import Image, ImageOps
 
     image = meta["image"]
     with Image.open(path) as im:
+        if im.width * im.height > MAX_PIXELS:
+            raise ValueError(f"{im.width}x{im.height} pixels, more than the {MAX_PIXELS:,} allowed")
         im = ImageOps.exif_transpose(im)  # photos: the orientation the camera meant
         im = im.convert("L" if image["channels"] == 1 else "RGB")
         size = (image["width"], image["height"])
@@ -182,6 +297,12 @@ def load_image(path: str | Path, meta: dict) -> np.ndarray:
     mean = np.asarray(meta["mean"], dtype=np.float32)[:, None, None]
     std = np.asarray(meta["std"], dtype=np.float32)[:, None, None]
     return (array - mean) / std
+
+
+def top_classes(probs: np.ndarray, classes: list[str], k: int) -> list[dict]:
+    """The k most probable classes of one image, most probable first."""
+    best = np.argsort(-probs)[:min(k, len(classes))]
+    return [{"class": classes[i], "index": int(i), "prob": float(probs[i])} for i in best]
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -8,6 +8,9 @@ must live on the GPU: `ConfusionMatrix(n, device="cuda")`.
 Undefined ratios are 0, never NaN: precision of a class that was never predicted, recall of
 a class with no samples, F1 when both are 0. `classification_report` says which classes
 were affected.
+
+`PrecisionRecallCurves` does the same for the per-class (one-vs-rest) precision-recall curves
+and average precision: histograms of the predicted probabilities, summed across ranks the same way.
 """
 from __future__ import annotations
 
@@ -160,6 +163,78 @@ class ConfusionMatrix:
             "undefined_set_to_zero": self._undefined(names),
             "confusion_matrix": self.matrix.tolist(),
         }
+
+
+class PrecisionRecallCurves:
+    """One-vs-rest precision-recall curve and average precision (AP) per class.
+
+    `counts[c, 1, b]` counts the samples of class c whose probability of c falls in bin b of
+    `bins` equal bins of [0, 1]; `counts[c, 0, b]` the samples of other classes. Like the
+    confusion matrix it is summed across ranks (`all_reduce(curves.counts)`) and does not grow
+    with the dataset (torchmetrics' `thresholds=` mode). Each bin is one threshold: the curve and
+    AP equal sklearn's (`precision_recall_curve`, `average_precision_score`) when no two samples
+    of different truth share a bin, and treat such samples as tied otherwise.
+    """
+
+    def __init__(self, num_classes: int, bins: int = 1000, device: torch.device | str = "cpu"):
+        self.num_classes, self.bins = num_classes, bins
+        self.counts = torch.zeros(num_classes, 2, bins, dtype=torch.int64, device=device)
+
+    @torch.no_grad()
+    def update(self, probs: torch.Tensor, labels: torch.Tensor) -> None:
+        """Add a batch: probabilities [B, C] (softmax of the logits) and labels [B]."""
+        n, bins = self.num_classes, self.bins
+        if probs.ndim != 2 or probs.shape != (labels.numel(), n):
+            raise ValueError(f"probabilities of shape {tuple(probs.shape)} for {labels.numel()} labels and {n} classes")
+        which = (probs.float().clamp(0, 1) * bins).long().clamp(max=bins - 1).T          # [C, B]
+        positive = torch.nn.functional.one_hot(labels.reshape(-1).long(), n).T            # [C, B]
+        index = (torch.arange(n, device=probs.device)[:, None] * 2 + positive) * bins + which
+        self.counts += torch.bincount(index.reshape(-1), minlength=n * 2 * bins).view(n, 2, bins).to(self.counts.device)
+
+    def curve(self, c: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(precision, recall, threshold) of class c, one point per occupied bin, by decreasing
+        threshold (a bin's lower edge). Precision is 1 where recall is 0, as in sklearn."""
+        counts = self.counts[c].detach().cpu().double().flip(1)   # highest bin first
+        occupied = counts.sum(0) > 0
+        tp, fp = counts[1].cumsum(0)[occupied], counts[0].cumsum(0)[occupied]
+        threshold = (self.bins - 1 - torch.arange(self.bins, dtype=torch.float64))[occupied] / self.bins
+        positives = counts[1].sum()
+        recall = tp / positives if positives > 0 else torch.zeros_like(tp)
+        return tp / (tp + fp), recall, threshold
+
+    @property
+    def support(self) -> torch.Tensor:
+        return self.counts[:, 1].sum(1).cpu()
+
+    @property
+    def average_precision(self) -> torch.Tensor:
+        """AP per class: sum over thresholds of (R_i - R_(i-1)) * P_i; 0 for a class without samples."""
+        ap = torch.zeros(self.num_classes, dtype=torch.float64)
+        for c in range(self.num_classes):
+            precision, recall, _ = self.curve(c)
+            ap[c] = (torch.diff(recall, prepend=recall.new_zeros(1)) * precision).sum()
+        return ap
+
+    @property
+    def mean_average_precision(self) -> float:
+        """Mean AP over the classes that have samples."""
+        present = self.support > 0
+        return float(self.average_precision[present].mean()) if present.any() else 0.0
+
+    def to_json(self, class_names: Sequence[str]) -> dict:
+        ap = self.average_precision.tolist()
+        return {"average_precision": dict(zip(class_names, ap)), "mean_average_precision": self.mean_average_precision,
+                "pr_bins": self.bins,
+                "average_precision_undefined": [n for n, k in zip(class_names, self.support.tolist()) if k == 0]}
+
+    def report(self, class_names: Sequence[str], digits: int = 4) -> str:
+        """Average precision per class, laid out like the classification report."""
+        width = max(len("mean AP"), *(len(str(n)) for n in class_names))
+        lines = [f"{'':>{width}s}  {'avg prec':>9}  {'support':>9}", ""]
+        for name, ap, support in zip(class_names, self.average_precision.tolist(), self.support.tolist()):
+            lines.append(f"{name:>{width}s}  {ap:>9.{digits}f}  {support:>9}")
+        lines += ["", f"{'mean AP':>{width}s}  {self.mean_average_precision:>9.{digits}f}  {int(self.support.sum()):>9}"]
+        return "\n".join(lines) + "\n"
 
 
 def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""PNG plots: confusion matrix and training curves.
+"""PNG plots: confusion matrix, precision-recall curves and training curves.
 
 Figures are drawn with matplotlib's object API on the Agg canvas, never through pyplot: no
 global backend switch, no figure registry to leak, safe in worker threads. Output paths may
@@ -58,6 +58,34 @@ def plot_confusion_matrix(matrix, class_names: Sequence[str], path: str | Path,
                 ax.text(p, t, text, ha="center", va="center", fontsize=8,
                         color="white" if m[t, p] > vmax / 2 else "black")
     _save(fig, path)
+
+
+def plot_pr_curves(curves, class_names: Sequence[str], path: str | Path, max_classes: int = 20,
+                   title: str = "Precision-recall") -> list[str]:
+    """One-vs-rest precision-recall curve per class (a PrecisionRecallCurves), with its AP in
+    the legend. Beyond `max_classes` classes only the `max_classes` with the lowest AP are drawn
+    (the ones worth looking at), and the title says so. Returns the classes drawn."""
+    names = [str(c) for c in class_names]
+    if len(names) != curves.num_classes:
+        raise ValueError(f"{len(names)} class names for {curves.num_classes} classes")
+    ap = curves.average_precision
+    present = [c for c in range(len(names)) if curves.support[c] > 0]
+    drawn = sorted(present, key=lambda c: (ap[c].item(), c))[:max_classes] if len(present) > max_classes else present
+    fig = Figure(figsize=(8, 6), layout="constrained")
+    ax = fig.add_subplot()
+    for c in drawn:
+        precision, recall, _ = curves.curve(c)
+        # a step curve from (0, first precision), as sklearn's PrecisionRecallDisplay draws it
+        ax.step(torch.cat([recall.new_zeros(1), recall]).numpy(), torch.cat([precision[:1], precision]).numpy(),
+                where="post", linewidth=1.2, label=f"{names[c]} (AP {ap[c]:.3f})")
+    subset = f": the {len(drawn)} of {len(present)} classes with the lowest AP" if len(drawn) < len(present) else ""
+    ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="recall", ylabel="precision",
+           title=f"{title} (mean AP {curves.mean_average_precision:.3f}){subset}")
+    ax.grid(alpha=0.3)
+    if drawn:
+        ax.legend(loc="lower left", fontsize=8, ncol=2 if len(drawn) > 10 else 1)
+    _save(fig, path)
+    return [names[c] for c in drawn]
 
 
 # (panel title, y label, metric keys); keys absent from every record are not drawn

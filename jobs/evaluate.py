@@ -1,8 +1,9 @@
 """Evaluate a checkpoint: `python jobs/evaluate.py RUN_DIR/checkpoints/best.pt --split test`.
 
-Prints accuracy, top-5, macro F1 and a per-class report, and writes them with the confusion
-matrix (JSON and PNG) to RUN_DIR/eval/SPLIT. Also runs under torchrun (each rank evaluates
-its own shards).
+Prints accuracy, top-5, macro F1, a per-class report and the average precision per class, and
+writes them with the confusion matrix (JSON and PNG) and the per-class precision-recall curves
+(pr_curves.png; beyond 20 classes, the 20 with the lowest AP) to RUN_DIR/eval/SPLIT. Also runs
+under torchrun (each rank evaluates its own shards).
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = evaluate_checkpoint(args.checkpoint, args.split, args.data, not args.no_ema, args.out)
     if is_main:
         print(result["report"])
-        summary = {k: result[k] for k in ("split", "weights", "views", "count", "acc", "top5", "macro_f1", "loss", "out_dir")}
+        summary = {k: result[k] for k in ("split", "weights", "views", "count", "acc", "top5", "macro_f1",
+                                            "mean_average_precision", "loss", "out_dir")}
         print(json.dumps(summary))
     return result
 

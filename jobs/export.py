@@ -1,12 +1,16 @@
-"""Export a checkpoint for deployment: `python jobs/export.py CHECKPOINT --format onnx|torchscript [--out PATH]`.
+"""Export a checkpoint for deployment: `python jobs/export.py CHECKPOINT --format onnx|torchscript|tflite [--out PATH]`.
 
-Exports the EMA weights when the checkpoint has them, in fp32; ONNX gets a dynamic batch axis.
-The class names, input shape and normalisation go beside the model (PATH.json) and inside it
-(ONNX metadata_props, a TorchScript extra file). The export is then loaded back (onnxruntime,
-torch.jit.load) and compared with the PyTorch model on the dataset's test samples: the maximum
-absolute logit difference and the top-1 agreement are printed, and the job fails when the
-difference exceeds --atol. Default PATH: beside the checkpoint (best.pt -> best.onnx,
-best.torchscript.pt).
+Exports the EMA weights when the checkpoint has them, in fp32; ONNX gets a dynamic batch axis,
+TFLite (litert-torch; `pip install -e .[tflite]`) a batch of 1. The class names, input shape and
+normalisation go beside the model (PATH.json) and inside it (ONNX metadata_props, a TorchScript
+extra file, a TFLite metadata entry). The export is then loaded back (onnxruntime,
+torch.jit.load, the LiteRT interpreter) and compared with the PyTorch model on the dataset's
+test samples: the maximum absolute logit difference and the top-1 agreement are printed, and
+the job fails when the difference exceeds --atol. Default PATH: beside the checkpoint
+(best.pt -> best.onnx, best.torchscript.pt, best.tflite).
+
+The exported files are programs for their runtimes: hand them on, and load them, only from a
+trusted source (see imgcls/inference.py).
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="samples checked; 0: all (default: %(default)s)")
     parser.add_argument("--atol", type=float, default=1e-3,
                         help="max abs logit difference allowed (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=0, help="onnxruntime threads; 0: its default")
+    parser.add_argument("--threads", type=int, default=0, help="onnxruntime/LiteRT threads; 0: its default")
     args = parser.parse_args(argv)
     configure_logging()
     result = export_checkpoint(args.checkpoint, args.format, args.out, args.data, args.split, args.check_samples,

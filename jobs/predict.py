@@ -1,8 +1,12 @@
 """Classify image files: `python jobs/predict.py MODEL IMAGES... [--top-k 3] [--batch-size 64]
 [--output out.json|out.csv]`.
 
-MODEL is a checkpoint (.pt, file or URL; class names from its dataset's manifest), an ONNX
-export or a TorchScript export (with their metadata: MODEL.json or embedded). IMAGES are files,
+MODEL is a checkpoint (.pt, file or URL; class names from its dataset's manifest), or an ONNX
+(.onnx), TorchScript (.torchscript.pt) or TFLite (.tflite) export, with their metadata
+(MODEL.json or embedded). The format comes from --format or the file name, never from the
+contents: any other name is read as a checkpoint, with torch.load(weights_only=True), and a
+TorchScript archive named like a checkpoint (say best.pt) is refused rather than executed.
+TorchScript, ONNX and TFLite files are programs: use only ones from a trusted source. IMAGES are files,
 folders (searched recursively for image files) or globs. Each image is converted to the model's
 channels (L or RGB), resized to its input size and normalised with the saved mean/std, as in
 training. Prints the top-k classes with probabilities, batch by batch; --output writes JSON or
@@ -20,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imgcls.inference import load_image, open_model, softmax
+from imgcls.inference import MODEL_FORMATS, UntrustedFormatError, load_image, open_model, softmax, top_classes
 
 
 def image_files(args: list[str]) -> list[str]:
@@ -42,7 +46,6 @@ def image_files(args: list[str]) -> list[str]:
 
 def predict(model, files: list[str], top_k: int, batch_size: int) -> list[dict]:
     classes = model.meta["classes"]
-    k = min(top_k, len(classes))
     results = []
     for start in range(0, len(files), batch_size):
         batch, inputs = [], []
@@ -57,8 +60,7 @@ def predict(model, files: list[str], top_k: int, batch_size: int) -> list[dict]:
             continue
         probs = softmax(model(np.stack(inputs)))
         for record, p in zip(batch, probs):
-            best = np.argsort(-p)[:k]
-            record["top_k"] = [{"class": classes[i], "index": int(i), "prob": float(p[i])} for i in best]
+            record["top_k"] = top_classes(p, classes, top_k)
             print(record["path"] + "\t" + ", ".join(f"{t['class']} ({t['prob']:.3f})" for t in record["top_k"]))
             results.append(record)
     order = {path: i for i, path in enumerate(files)}
@@ -82,21 +84,28 @@ def write_output(path: str, results: list[dict], model_path: str, top_k: int) ->
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="checkpoint (.pt), ONNX or TorchScript export")
+    parser.add_argument("model", help="checkpoint (.pt), ONNX (.onnx), TorchScript (.torchscript.pt) or TFLite "
+                                      "(.tflite) export; exports only from a trusted source")
     parser.add_argument("images", nargs="+", help="image files, folders or globs")
     parser.add_argument("--top-k", type=int, default=3, help="default: %(default)s")
     parser.add_argument("--batch-size", type=int, default=64, help="default: %(default)s")
     parser.add_argument("--output", default="", help="write the predictions to a .json or .csv file")
     parser.add_argument("--data", default="", help="checkpoints only: shard dataset URL for the class names "
                                                    "(default: the checkpoint's data.url)")
-    parser.add_argument("--threads", type=int, default=0, help="torch/onnxruntime threads; 0: their default")
+    parser.add_argument("--threads", type=int, default=0, help="torch/onnxruntime/LiteRT threads; 0: their default")
+    parser.add_argument("--format", choices=MODEL_FORMATS, default="",
+                        help="the model's format (default: from its name; torchscript runs the file's code)")
     args = parser.parse_args(argv)
     if args.output and not args.output.endswith((".json", ".csv")):
         parser.error("--output must end in .json or .csv")
     files = image_files(args.images)
     if not files:
         parser.error("no image files found")
-    model = open_model(args.model, args.threads, args.data)
+    try:
+        model = open_model(args.model, args.threads, args.data, args.format)
+    except UntrustedFormatError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     results = predict(model, files, args.top_k, args.batch_size)
     if args.output:
         write_output(args.output, results, args.model, min(args.top_k, len(model.meta["classes"])))

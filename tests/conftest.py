@@ -1,6 +1,8 @@
 """Shared fixtures: a real S3 endpoint (moto's server on 127.0.0.1), as s3fs's own tests use."""
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -83,9 +85,10 @@ def needs_fashion_mnist():
         reason="Debian package dataset-fashion-mnist is not installed (CI installs it)")
 
 
-def build_bands_dataset(workdir: Path, n: int = 2000, size: int = 12) -> str:
+def build_bands_dataset(workdir: Path, n: int = 2000, size: int = 12, label_noise: float = 0.0) -> str:
     """A small learnable dataset as shards (~1400 train / 400 val / 200 test, 100 per shard):
-    the class (0-3) is which horizontal band is bright, unchanged by the flip augmentation."""
+    the class (0-3) is which horizontal band is bright, unchanged by the flip augmentation.
+    With `label_noise`, that fraction of the labels is then replaced by a random class."""
     import numpy as np
 
     import shards
@@ -96,6 +99,8 @@ def build_bands_dataset(workdir: Path, n: int = 2000, size: int = 12) -> str:
     band = size // 4
     for i, label in enumerate(labels):
         images[i, label * band:(label + 1) * band] += 120
+    noisy = rng.random(n) < label_noise
+    labels[noisy] = rng.integers(0, 4, int(noisy.sum()))
     workdir.mkdir(parents=True, exist_ok=True)
     src = workdir / "bands.npz"
     np.savez(src, images=images, labels=labels)
@@ -112,3 +117,91 @@ def torchrun(args: list[str], nproc: int = 2, env: dict | None = None, check: bo
     if check and result.returncode != 0:
         raise AssertionError(f"torchrun failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
     return result
+
+
+# ---- a trained model for the export, predict and serve tests ---------------------------------
+SMALL_BANDS_RUN = [
+    "model.name=simple_cnn", "model.width=16", "data.batch_size=32", "data.eval_batch_size=200",
+    "data.num_workers=0", "optim.lr=0.05", "optim.base_batch=64", "train.epochs=2",
+    "track.wandb=disabled", "track.progress=false", "data.mean=[0.5]", "data.std=[0.25]",
+    "train.ema_decay=0.9",
+]
+
+
+@pytest.fixture(scope="session")
+def bands_checkpoint(tmp_path_factory) -> str:
+    """best.pt of a 2-epoch run (EMA weights) on the 4-class bands dataset (200 test samples),
+    trained once per session."""
+    work = tmp_path_factory.mktemp("bands-run")
+    data = build_bands_dataset(work / "data")
+    out = subprocess.run([sys.executable, str(REPO / "jobs" / "train.py"), "--config", "", f"data.url={data}",
+                          f"run.dir={work / 'run'}", *SMALL_BANDS_RUN], cwd=REPO,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, f"training failed:\n{out.stderr[-3000:]}"
+    return str(work / "run" / "checkpoints" / "best.pt")
+
+
+def save_test_images(folder: Path, images, meta: dict, count: int) -> list[Path]:
+    """The first `count` normalised test images [N,1,H,W] written back as 8-bit PNGs; they decode
+    to exactly the same tensors."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        pixels = np.rint((images[i, 0] * meta["std"][0] + meta["mean"][0]) * 255).astype(np.uint8)
+        paths.append(folder / f"sample{i}.png")
+        Image.fromarray(pixels).save(paths[-1])
+    return paths
+
+
+@contextlib.contextmanager
+def serving(model: str, *args: str, timeout: float = 60.0):
+    """jobs/serve.py MODEL ARGS as a real server process on a free loopback port; yields its
+    base URL once /health answers, and stops the process after."""
+    import httpx
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "serve.py"), model, "--port", str(port), *args],
+                            cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"jobs/serve.py exited with {proc.returncode}:\n{proc.stdout.read()[-3000:]}")
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            if time.time() > deadline:
+                raise TimeoutError(f"{url}/health did not answer within {timeout}s")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def job(name: str, *args: str):
+    """(stdout, stderr, return value) of jobs/NAME.py's main(args), run in this process: a new
+    interpreter would spend seconds importing torch and onnxruntime for each call."""
+    import importlib.util
+    import io
+
+    spec = importlib.util.spec_from_file_location(f"jobs_{name}", REPO / "jobs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        result = module.main(list(args))
+    return stdout.getvalue(), stderr.getvalue(), result
+
+
+def last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])

@@ -1,15 +1,11 @@
-"""Export and deployment on a model trained once for the module (the bands dataset, one
-process): ONNX and TorchScript parity with PyTorch, INT8 quantization, and predict on image files."""
+"""Export and deployment on a model trained once for the session (the bands dataset, one
+process): ONNX, TorchScript and TFLite parity with PyTorch, INT8 quantization (ONNX Runtime and
+TFLite), and predict on image files."""
 from __future__ import annotations
 
-import contextlib
 import csv
-import importlib.util
-import io
 import json
-import os
-import subprocess
-import sys
+import shutil
 
 import numpy as np
 import onnx
@@ -19,43 +15,13 @@ import torch
 from PIL import Image
 
 from imgcls.export import read_samples
-from imgcls.inference import load_checkpoint_model, load_torchscript
-from tests.conftest import REPO, build_bands_dataset
-
-SMALL = [
-    "model.name=simple_cnn", "model.width=16", "data.batch_size=32", "data.eval_batch_size=200",
-    "data.num_workers=0", "optim.lr=0.05", "optim.base_batch=64", "train.epochs=2",
-    "track.wandb=disabled", "track.progress=false", "data.mean=[0.5]", "data.std=[0.25]",
-    "train.ema_decay=0.9",
-]
-
-
-def job(name: str, *args: str):
-    """(stdout, stderr, return value) of jobs/NAME.py's main(args), run in this process: a new
-    interpreter would spend seconds importing torch and onnxruntime for each call."""
-    spec = importlib.util.spec_from_file_location(f"jobs_{name}", REPO / "jobs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    stdout, stderr = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        result = module.main(list(args))
-    return stdout.getvalue(), stderr.getvalue(), result
-
-
-def last_json(stdout: str) -> dict:
-    return json.loads(stdout.strip().splitlines()[-1])
+from imgcls.inference import load_checkpoint_model, load_torchscript, tflite_metadata
+from tests.conftest import job, last_json
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> str:
-    """best.pt of a 2-epoch run (EMA weights) on the 4-class bands dataset (200 test samples)."""
-    work = tmp_path_factory.mktemp("export")
-    data = build_bands_dataset(work / "data")
-    out = subprocess.run([sys.executable, str(REPO / "jobs" / "train.py"), "--config", "", f"data.url={data}",
-                          f"run.dir={work / 'run'}", *SMALL], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, f"training failed:\n{out.stderr[-3000:]}"
-    return str(work / "run" / "checkpoints" / "best.pt")
+def trained(bands_checkpoint) -> str:
+    return bands_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -101,11 +67,24 @@ def test_onnx_export_matches_pytorch_with_a_dynamic_batch_and_metadata(trained, 
     assert json.loads(props["imgcls"]) == sidecar
 
 
-def test_torchscript_export_loads_back_with_parity(trained, reference):
-    model, meta, images, labels, logits = reference
+@pytest.fixture(scope="module")
+def torchscript_export(trained) -> tuple[str, dict]:
     stdout, _, code = job("export", trained, "--format", "torchscript", "--check-samples", "0")
-    result = last_json(stdout)
+    assert code == 0
+    return stdout, last_json(stdout)
+
+
+@pytest.fixture(scope="module")
+def tflite_export(trained) -> dict:
+    stdout, _, code = job("export", trained, "--format", "tflite", "--check-samples", "0", "--threads", "1")
     assert code == 0 and "top-1 agreement 100.00%" in stdout
+    return last_json(stdout)
+
+
+def test_torchscript_export_loads_back_with_parity(torchscript_export, reference):
+    model, meta, images, labels, logits = reference
+    stdout, result = torchscript_export
+    assert "top-1 agreement 100.00%" in stdout
     assert result["path"].endswith("best.torchscript.pt") and result["samples"] == 200
     assert result["max_abs_diff"] < 1e-4 and result["top1_agreement"] == 1.0
     extra = {"imgcls.json": ""}
@@ -114,6 +93,37 @@ def test_torchscript_export_loads_back_with_parity(trained, reference):
     with torch.no_grad():
         out = module(torch.from_numpy(images[:7])).numpy()
     assert np.abs(out - logits[:7]).max() < 1e-4
+
+
+def test_tflite_export_matches_pytorch_in_the_litert_interpreter_with_metadata(trained, tflite_export, reference):
+    from ai_edge_litert.interpreter import Interpreter
+
+    model, meta, images, labels, logits = reference
+    assert tflite_export["path"] == trained.removesuffix(".pt") + ".tflite" and tflite_export["weights"] == "ema"
+    assert tflite_export["samples"] == 200 and tflite_export["max_abs_diff"] < 1e-4
+    assert tflite_export["top1_agreement"] == 1.0
+
+    # our own check, straight through the interpreter: a batch of 1, NCHW, fp32
+    interpreter = Interpreter(model_path=tflite_export["path"])
+    interpreter.allocate_tensors()
+    inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    assert list(inp["shape"]) == [1, 1, 12, 12] and inp["dtype"] == np.float32
+    for i in range(5):
+        interpreter.set_tensor(inp["index"], images[i:i + 1])
+        interpreter.invoke()
+        assert np.abs(interpreter.get_tensor(out["index"]) - logits[i:i + 1]).max() < 1e-4
+
+    sidecar = json.loads(open(tflite_export["sidecar"]).read())
+    assert sidecar["classes"] == ["0", "1", "2", "3"] and sidecar["std"] == [0.25] and sidecar["weights"] == "ema"
+    with open(tflite_export["path"], "rb") as f:
+        assert tflite_metadata(f.read()) == sidecar
+
+
+def test_export_fails_beyond_atol(trained, tmp_path):
+    stdout, stderr, code = job("export", trained, "--format", "tflite", "--check-samples", "20", "--atol", "1e-12",
+                               "--out", str(tmp_path / "strict.tflite"))
+    assert code == 1 and last_json(stdout)["max_abs_diff"] > 1e-12
+    assert "differs from the PyTorch model by more than --atol 1e-12" in stderr
 
 
 def test_int8_quantization_keeps_accuracy_and_shrinks_the_file(onnx_export, reference):
@@ -136,6 +146,24 @@ def test_int8_quantization_keeps_accuracy_and_shrinks_the_file(onnx_export, refe
     assert json.loads(open(int8["path"].removesuffix(".onnx") + ".quantize.json").read()) == result
 
 
+def test_tflite_int8_joins_the_onnx_int8_table(onnx_export, tflite_export, reference):
+    from ai_edge_litert.interpreter import Interpreter
+
+    *_, labels, logits = reference
+    stdout, _, result = job("quantize", onnx_export["path"], "--calibration-samples", "128", "--reps", "3",
+                            "--threads", "1", "--tflite")
+    assert all(f"| {name} |" in stdout for name in ("fp32", "int8", "tflite fp32", "tflite int8"))
+    fp32, int8 = result["tflite fp32"], result["tflite int8"]
+    assert fp32["accuracy"] == (logits.argmax(1) == labels).mean() > 0.9
+    assert int8["accuracy"] >= fp32["accuracy"] - 0.02
+    assert int8["bytes"] < 0.6 * fp32["bytes"] and result["tflite_size_ratio"] == int8["bytes"] / fp32["bytes"]
+    assert int8["batch1"]["median_ms"] > 0 and int8["batch1"]["reps"] == 3
+    interpreter = Interpreter(model_path=int8["path"])
+    assert interpreter.get_input_details()[0]["dtype"] == np.int8  # fully integer, not just int8 weights
+    meta = json.loads(open(int8["path"] + ".json").read())
+    assert meta["classes"] == ["0", "1", "2", "3"] and meta["quantization"]["calibration_samples"] == 128
+
+
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory, reference):
     """12 test samples as PNGs (half in a subfolder) plus one corrupt file;
@@ -153,11 +181,11 @@ def image_folder(tmp_path_factory, reference):
     return folder, known
 
 
-@pytest.mark.parametrize("source,output", [("checkpoint", "json"), ("onnx", "csv")])
-def test_predict_classifies_files_and_reports_the_corrupt_one(source, output, trained, onnx_export, image_folder,
-                                                              tmp_path):
+@pytest.mark.parametrize("source,output", [("checkpoint", "json"), ("onnx", "csv"), ("tflite", "json")])
+def test_predict_classifies_files_and_reports_the_corrupt_one(source, output, trained, onnx_export, tflite_export,
+                                                              image_folder, tmp_path):
     folder, known = image_folder
-    model = trained if source == "checkpoint" else onnx_export["path"]
+    model = {"checkpoint": trained, "onnx": onnx_export["path"], "tflite": tflite_export["path"]}[source]
     images = [str(folder)] if source == "checkpoint" else [str(folder / "*.png"), str(folder / "sub" / "*.png")]
     dest = tmp_path / f"out.{output}"
     stdout, stderr, code = job("predict", model, *images, "--batch-size", "5", "--top-k", "3",
@@ -191,3 +219,37 @@ def test_predict_fails_only_when_no_image_is_readable(onnx_export, image_folder)
     _, stderr, code = job("predict", onnx_export["path"], str(folder / "corrupt.png"), str(folder / "missing.png"))
     assert code == 1
     assert "corrupt.png" in stderr and "missing.png" in stderr
+
+
+def test_predict_refuses_a_torchscript_file_named_like_a_checkpoint(torchscript_export, image_folder, tmp_path):
+    folder, known = image_folder
+    renamed = tmp_path / "best.pt"
+    shutil.copy(torchscript_export[1]["path"], renamed)
+    image = next(iter(known))
+    stdout, stderr, code = job("predict", str(renamed), image)
+    assert code == 2 and stdout == ""
+    assert stderr.strip().count("\n") == 0, f"not a one-line error: {stderr}"
+    assert str(renamed) in stderr and "TorchScript archive, not a checkpoint" in stderr
+    # asked for explicitly, the same file loads (its metadata read from the archive, not by running it)
+    stdout, _, code = job("predict", str(renamed), image, "--format", "torchscript", "--top-k", "1")
+    assert code == 0 and stdout.split("\t")[1].split(" ")[0] == known[image][1]
+
+
+def test_tflite_export_of_fast_cnn_whose_global_max_pool_litert_cannot_lower(tmp_path):
+    """fast_cnn (the default recipe's model) ends in AdaptiveMaxPool2d(1), which litert-torch
+    has no lowering for; the export swaps in an equal max over H and W."""
+    from imgcls.export import export_tflite
+    from imgcls.inference import META_FORMAT, Predictor
+    from imgcls.models import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="fast_cnn", width=8), 10, 1).eval()
+    assert any(isinstance(m, torch.nn.AdaptiveMaxPool2d) for m in model.modules())
+    meta = {"format": META_FORMAT, "classes": [str(i) for i in range(10)], "image": {"height": 28, "width": 28,
+            "channels": 1}, "mean": [0.5], "std": [0.5], "input": "image", "output": "logits"}
+    path = export_tflite(model, meta, tmp_path / "fast.tflite")
+    images = np.random.default_rng(0).standard_normal((4, 1, 28, 28), dtype=np.float32)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(images)).numpy()
+    assert np.abs(Predictor.from_tflite(path)(images) - expected).max() < 1e-4
+    assert any(isinstance(m, torch.nn.AdaptiveMaxPool2d) for m in model.modules()), "the model itself was changed"

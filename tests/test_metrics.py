@@ -1,12 +1,13 @@
 import json
 import math
+import os
 
 import pytest
 import torch
 from PIL import Image
 
-from imgcls.metrics import ConfusionMatrix, topk_correct
-from imgcls.plots import plot_confusion_matrix, plot_training_curves
+from imgcls.metrics import ConfusionMatrix, PrecisionRecallCurves, topk_correct
+from imgcls.plots import plot_confusion_matrix, plot_pr_curves, plot_training_curves
 
 # 4 classes: "c" has a sample but is never predicted, "d" has neither
 LABELS = torch.tensor([0, 0, 1, 1, 2])
@@ -161,3 +162,149 @@ def test_plot_training_curves_from_records_and_jsonl(tmp_path):
 def test_plot_training_curves_with_panels_missing(tmp_path):
     plot_training_curves([{"step": 1, "train/loss": 1.0}], tmp_path / "sparse.png")
     assert_png(tmp_path / "sparse.png")
+
+
+# ---- precision-recall curves --------------------------------------------------------------
+def exact_average_precision(scores, positive) -> float:
+    """sklearn's average_precision_score, written out independently: thresholds at every
+    distinct score, highest first; AP = sum (R_i - R_(i-1)) * P_i."""
+    import numpy as np
+
+    scores, positive = np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool)
+    ap, previous_recall = 0.0, 0.0
+    for threshold in sorted(set(scores.tolist()), reverse=True):
+        chosen = scores >= threshold
+        recall = (chosen & positive).sum() / positive.sum()
+        ap += (recall - previous_recall) * (chosen & positive).sum() / chosen.sum()
+        previous_recall = recall
+    return ap
+
+
+def test_pr_curves_hand_computed():
+    # class 0 ranks positive, negative, positive, negative: AP = 1/2 * 1 + 1/2 * 2/3
+    p0 = torch.tensor([0.95, 0.75, 0.65, 0.25])
+    curves = PrecisionRecallCurves(2, bins=10)
+    curves.update(torch.stack([p0, 1 - p0], 1), torch.tensor([0, 1, 0, 1]))
+    precision, recall, threshold = curves.curve(0)
+    assert precision.tolist() == pytest.approx([1, 1 / 2, 2 / 3, 1 / 2])
+    assert recall.tolist() == pytest.approx([1 / 2, 1 / 2, 1, 1])
+    assert threshold.tolist() == pytest.approx([0.9, 0.7, 0.6, 0.2])
+    assert curves.average_precision.tolist() == pytest.approx([5 / 6, 5 / 6])
+    assert curves.support.tolist() == [2, 2]
+
+
+def test_pr_curves_equal_exact_ap_and_sum_like_all_reduce():
+    """Probabilities on bin centres (no two samples share a bin unless their scores are equal):
+    AP equals the exact one; batches and per-rank counts summed give the same counts."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    n, classes, bins = 300, 5, 1000
+    labels = torch.from_numpy(rng.integers(0, classes, n))
+    logits = torch.from_numpy(rng.normal(size=(n, classes))) + 2 * torch.nn.functional.one_hot(labels, classes)
+    probs = ((logits.softmax(1) * bins).floor() + 0.5) / bins
+    whole = PrecisionRecallCurves(classes, bins)
+    whole.update(probs, labels)
+    ranks = [PrecisionRecallCurves(classes, bins) for _ in range(2)]
+    for start in range(0, n, 64):  # batches dealt to two "ranks"
+        ranks[start // 64 % 2].update(probs[start:start + 64], labels[start:start + 64])
+    assert torch.equal(ranks[0].counts + ranks[1].counts, whole.counts)
+    exact = [exact_average_precision(probs[:, c], labels == c) for c in range(classes)]
+    assert whole.average_precision.tolist() == pytest.approx(exact, abs=1e-12)
+    assert 0.5 < whole.mean_average_precision < 1  # informative: neither chance nor perfect
+
+
+def test_pr_curves_report_and_json_name_every_class():
+    curves = PrecisionRecallCurves(3)
+    curves.update(torch.tensor([[0.8, 0.1, 0.1], [0.3, 0.6, 0.1]]), torch.tensor([0, 1]))
+    data = curves.to_json(["a", "b", "c"])
+    assert data["average_precision"] == {"a": 1.0, "b": 1.0, "c": 0.0}
+    assert data["average_precision_undefined"] == ["c"] and data["mean_average_precision"] == 1.0
+    report = curves.report(["a", "b", "c"])
+    assert "avg prec" in report and "mean AP" in report and report.count("1.0000") == 3
+
+
+def test_plot_pr_curves_draws_the_lowest_ap_classes_beyond_the_limit(tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    labels = torch.from_numpy(rng.integers(0, 25, 2000))
+    # class c gets a signal growing with c: the low classes have the lowest AP
+    signal = torch.arange(25, dtype=torch.float64) / 8
+    logits = torch.from_numpy(rng.normal(size=(2000, 25))) + signal * torch.nn.functional.one_hot(labels, 25)
+    curves = PrecisionRecallCurves(25)
+    curves.update(logits.softmax(1), labels)
+    names = [f"class{c}" for c in range(25)]
+    drawn = plot_pr_curves(curves, names, tmp_path / "pr.png", max_classes=10)
+    lowest = sorted(range(25), key=lambda c: curves.average_precision[c].item())[:10]
+    assert drawn == [names[c] for c in lowest] and "class0" in drawn and "class24" not in drawn
+    assert_png(tmp_path / "pr.png")
+    assert plot_pr_curves(curves, names[:], tmp_path / "all.png", max_classes=30) == names
+    with pytest.raises(ValueError, match="3 class names for 25 classes"):
+        plot_pr_curves(curves, names[:3], tmp_path / "bad.png")
+
+
+def test_evaluate_reports_average_precision_alone_and_on_two_ranks(bands_checkpoint, tmp_path):
+    """jobs/evaluate.py on a copy of the bands test split with 30% of the labels randomised (so
+    AP is neither 0 nor 1): AP per class in metrics.json and on stdout, equal to the exact AP of
+    the model's probabilities, and the same from two torchrun ranks (each with its own shard)."""
+    import subprocess
+    import sys
+
+    from imgcls.export import read_samples
+    from imgcls.inference import load_checkpoint_model
+    from tests.conftest import REPO, build_bands_dataset, free_port, job
+
+    noisy = build_bands_dataset(tmp_path / "noisy", label_noise=0.3)
+    stdout, _, result = job("evaluate", bands_checkpoint, "--data", noisy, "--out", str(tmp_path / "one"))
+    saved = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    assert list(saved["average_precision"]) == ["0", "1", "2", "3"]
+    assert "avg prec" in stdout and f"{saved['mean_average_precision']:.4f}" in stdout
+    assert_png(tmp_path / "one" / "pr_curves.png")
+
+    model, meta = load_checkpoint_model(bands_checkpoint, noisy)
+    images, labels = read_samples(meta, "test", data_url=noisy)
+    with torch.no_grad():
+        probs = model(torch.from_numpy(images)).softmax(1)
+    exact = [exact_average_precision(probs[:, c], labels == c) for c in range(4)]
+    ap = list(saved["average_precision"].values())
+    assert ap == pytest.approx(exact, abs=0.01)
+    assert 0.3 < min(ap) and max(ap) < 0.95, "labels too clean or too noisy for AP to tell anything"
+
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+                          f"--master-port={free_port()}", "--master-addr=127.0.0.1", str(REPO / "jobs" / "evaluate.py"),
+                          bands_checkpoint, "--data", noisy, "--out", str(tmp_path / "two")],
+                         cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert json.loads((tmp_path / "two" / "metrics.json").read_text())["average_precision"] == saved["average_precision"]
+
+
+def test_on_batch_sees_each_batch_with_its_labels_under_test_time_views(bands_checkpoint, tmp_path):
+    """The hook evaluate_checkpoint gives `evaluate`: over 7 batches, with mirror and shifted
+    views, the curves equal the exact AP of the test-time-view probabilities, and evaluate's own
+    accuracy is that of the same logits."""
+    import contextlib
+
+    from imgcls.data import DataConfig, ShardReader
+    from imgcls.evaluation import evaluate, tta_logits
+    from imgcls.export import read_samples
+    from imgcls.inference import load_checkpoint_model
+    from tests.conftest import build_bands_dataset
+
+    noisy = build_bands_dataset(tmp_path / "noisy", label_noise=0.3)
+    model, meta = load_checkpoint_model(bands_checkpoint, noisy)
+    reader = ShardReader(DataConfig(url=noisy, eval_batch_size=32, num_workers=0, mean=meta["mean"], std=meta["std"]),
+                         "test", train=False)
+    curves = PrecisionRecallCurves(4)
+    result = evaluate(model, reader, torch.device("cpu"), contextlib.nullcontext, 4, flip=True, shift=True,
+                      on_batch=lambda logits, labels: curves.update(logits.softmax(1), labels))
+    assert result["count"] == 200 and curves.support.sum() == 200
+
+    images, labels = read_samples(meta, "test", data_url=noisy)
+    model.eval()  # evaluate leaves its model in training mode
+    with torch.no_grad():
+        logits = tta_logits(model, torch.from_numpy(images), flip=True, shift=True)
+    probs = logits.softmax(1)
+    assert result["acc"] == pytest.approx((logits.argmax(1).numpy() == labels).mean())
+    exact = [exact_average_precision(probs[:, c], labels == c) for c in range(4)]
+    assert curves.average_precision.tolist() == pytest.approx(exact, abs=0.01)

@@ -1,0 +1,140 @@
+"""jobs/serve.py as a real server process on 127.0.0.1, with a real HTTP client (httpx):
+concurrent requests batched and answered as jobs/predict.py answers, for every model format;
+bad input answered with a 4xx and the reason; a slow client does not hold up the others."""
+from __future__ import annotations
+
+import io
+import json
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from imgcls.export import export_checkpoint, read_samples
+from imgcls.inference import read_meta
+from tests.conftest import job, save_test_images, serving
+
+
+@pytest.fixture(scope="module")
+def models(bands_checkpoint, tmp_path_factory) -> dict[str, str]:
+    """The trained model in every format the server takes."""
+    out = tmp_path_factory.mktemp("serve-models")
+    paths = {"checkpoint": bands_checkpoint}
+    for fmt, name in (("onnx", "m.onnx"), ("torchscript", "m.torchscript.pt"), ("tflite", "m.tflite")):
+        paths[fmt] = export_checkpoint(bands_checkpoint, fmt, out / name, check_samples=10)["path"]
+    return paths
+
+
+@pytest.fixture(scope="module")
+def images(models, tmp_path_factory) -> list:
+    meta = read_meta(models["onnx"])
+    test_images, _ = read_samples(meta, "test", 12)
+    return save_test_images(tmp_path_factory.mktemp("serve-images"), test_images, meta, 12)
+
+
+def predict_answers(model: str, images: list) -> dict[str, list[dict]]:
+    """jobs/predict.py's top-3 for each image: what the server must answer."""
+    _, _, code = job("predict", model, *map(str, images), "--top-k", "3", "--output", str(images[0].parent / "p.json"))
+    assert code == 0
+    rows = json.loads((images[0].parent / "p.json").read_text())["predictions"]
+    return {row["path"]: row["top_k"] for row in rows}
+
+
+def post(url: str, path, multipart: bool) -> httpx.Response:
+    data = path.read_bytes()
+    if multipart:
+        return httpx.post(url + "/predict", files={"image": (path.name, data, "image/png")}, timeout=30)
+    return httpx.post(url + "/predict", content=data, headers={"content-type": "application/octet-stream"}, timeout=30)
+
+
+def metrics(url: str) -> dict[str, dict]:
+    """{sample name: {labels as a sorted tuple: value}} parsed by prometheus_client's own parser."""
+    parsed = {}
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics").text):
+        for sample in family.samples:
+            parsed.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return parsed
+
+
+@pytest.mark.parametrize("fmt", ["checkpoint", "onnx", "torchscript", "tflite"])
+def test_concurrent_requests_are_batched_and_answered_like_predict(fmt, models, images):
+    expected = predict_answers(models[fmt], images)
+    requests = [(images[i % len(images)], i % 2 == 0) for i in range(24)]  # multipart and raw, alternately
+    with serving(models[fmt], "--max-batch", "8", "--max-wait-ms", "100") as url:
+        with ThreadPoolExecutor(12) as pool:
+            answers = list(pool.map(lambda r: post(url, *r), requests))
+        health = httpx.get(url + "/health").json()
+        seen = metrics(url)
+    assert health["status"] == "ok" and health["classes"] == 4
+    for (path, _), answer in zip(requests, answers):
+        assert answer.status_code == 200, answer.text
+        top = answer.json()["top_k"]
+        want = expected[str(path)]
+        assert [t["class"] for t in top] == [t["class"] for t in want]
+        assert np.allclose([t["prob"] for t in top], [t["prob"] for t in want], atol=1e-5)
+    assert seen["imgcls_requests_total"][(("status", "200"),)] == 24
+    batches = seen["imgcls_batch_size_count"][()]
+    assert seen["imgcls_batch_size_sum"][()] == 24 and batches < 24, "no two requests were batched"
+    assert seen["imgcls_batch_size_bucket"][(("le", "8.0"),)] == batches  # never above --max-batch
+    p50 = seen["imgcls_request_latency_recent_seconds"][(("quantile", "0.5"),)]
+    p99 = seen["imgcls_request_latency_recent_seconds"][(("quantile", "0.99"),)]
+    assert 0 < p50 <= p99 < 30
+
+
+def png_of_size(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("1", (width, height)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_bad_input_gets_a_4xx_with_the_reason_and_the_server_goes_on(models, images):
+    good = images[0].read_bytes()
+    cases = {  # body, multipart?, status, words of the reason
+        "text": (b"hello, not an image", False, 400, "not an image"),
+        "truncated": (good[:len(good) // 2], False, 400, "truncated"),
+        "empty": (b"", False, 400, "empty"),
+        "oversized": (b"\0" * 30_000, False, 413, "more than the 20971 allowed"),
+        "no file field": (None, True, 400, "without a file field"),
+        "malformed multipart": (b"--x\r\nnot a part", "boundary=x", 400, "Invalid multipart data"),
+        "decompression bomb": (png_of_size(9000, 9000), False, 400, "9000x9000 pixels"),
+    }
+    with serving(models["onnx"], "--max-body-mb", "0.02") as url:
+        for name, (body, multipart, status, reason) in cases.items():
+            if multipart == "boundary=x":
+                answer = httpx.post(url + "/predict", content=body,
+                                    headers={"content-type": "multipart/form-data; boundary=x"})
+            elif multipart:
+                answer = httpx.post(url + "/predict", files={"note": (None, "no image here")})
+            else:
+                answer = httpx.post(url + "/predict", content=body)
+            assert answer.status_code == status, f"{name}: {answer.status_code} {answer.text}"
+            assert reason in answer.json()["error"].replace(",", ""), f"{name}: {answer.text}"
+        assert httpx.post(url + "/predict?top_k=0", content=good).status_code == 422
+        answer = httpx.post(url + "/predict?top_k=1", content=good)
+        assert answer.status_code == 200 and len(answer.json()["top_k"]) == 1
+        assert metrics(url)["imgcls_requests_total"][(("status", "400"),)] == 6
+
+
+def test_a_slow_client_does_not_block_the_others(models, images):
+    good = images[0].read_bytes()
+    with serving(models["onnx"]) as url:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as slow:
+            # headers and a tenth of the body, then silence
+            slow.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(good)
+                         + good[:len(good) // 10])
+            start = time.perf_counter()
+            answers = [httpx.post(url + "/predict", content=good, timeout=10) for _ in range(5)]
+            elapsed = time.perf_counter() - start
+            assert all(a.status_code == 200 for a in answers) and elapsed < 5
+            slow.sendall(good[len(good) // 10:])  # the slow client still gets its answer
+            slow.settimeout(10)
+            reply = b""
+            while b"}]}" not in reply and (chunk := slow.recv(65536)):  # headers and body may come apart
+                reply += chunk
+        assert reply.startswith(b"HTTP/1.1 200") and b'"top_k"' in reply
