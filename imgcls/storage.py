@@ -10,8 +10,9 @@ its own.
 
 Faults, and what this module promises about them:
 - transient errors (refused or reset connections, timeouts, HTTP 5xx) are retried with
-  exponential backoff for up to a budget (`retrying`, `read_bytes(retry_s=...)`), then raise
-  `StorageUnavailable` naming the URL. Missing files, denied access and bad requests are
+  exponential backoff for up to a budget (`retry_s` of read_bytes, exists and
+  write_bytes_atomic; `retrying` for anything else), then raise `StorageUnavailable` naming
+  the URL. Missing files, denied access and bad requests are
   raised at once: retrying cannot fix them.
 - `write_bytes_atomic`: readers see the old file or the new one, never half of one. Locally
   the temporary file and its directory are fsynced before and after the rename, so a crash of
@@ -123,13 +124,14 @@ def read_bytes(url: str, retry_s: float = DEFAULT_RETRY_S) -> bytes:
     return retrying(lambda: fs.cat_file(path), url, retry_s)
 
 
-def exists(url: str) -> bool:
+def exists(url: str, retry_s: float = DEFAULT_RETRY_S) -> bool:
     fs, path = filesystem(url)
-    return fs.exists(path)
+    return retrying(lambda: fs.exists(path), url, retry_s)
 
 
-def write_bytes_atomic(url: str, data: bytes, retry_s: float = 0) -> None:
-    """Write so that readers never see half a file (see the module docstring)."""
+def write_bytes_atomic(url: str, data: bytes, retry_s: float = DEFAULT_RETRY_S) -> None:
+    """Write so that readers never see half a file (see the module docstring); transient
+    errors are retried for up to `retry_s` (a PUT of the whole object is idempotent)."""
     fs, path = filesystem(url)
     if is_local(url):
         _write_local_atomic(path, data)
