@@ -130,6 +130,7 @@ class OutageProxy:
         self._lock = threading.Lock()
         self._server = None
         self._timer: threading.Timer | None = None
+        self.answer_503 = False  # up, but every request gets 503 Service Unavailable
         self.up()
 
     def up(self) -> None:
@@ -137,6 +138,8 @@ class OutageProxy:
 
         class Pipe(socketserver.BaseRequestHandler):
             def handle(self):
+                if proxy.answer_503:
+                    return _answer_503(self.request)
                 with socket.create_connection(("127.0.0.1", proxy.target_port)) as upstream:
                     proxy._track(self.request, upstream)
                     pumps = [threading.Thread(target=_pump, args=pair, daemon=True)
@@ -177,6 +180,16 @@ class OutageProxy:
     def _track(self, *socks) -> None:
         with self._lock:
             self._open.update(socks)
+
+
+def _answer_503(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.settimeout(5)
+        request = b""
+        while b"\r\n\r\n" not in request and (chunk := sock.recv(1 << 16)):
+            request += chunk
+        sock.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/xml\r\n"
+                     b"Content-Length: 0\r\nConnection: close\r\n\r\n")
 
 
 def _pump(src: socket.socket, dst: socket.socket) -> None:

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -115,6 +116,18 @@ def test_read_bytes_in_a_20s_outage_fails_naming_the_url_after_its_budget(s3_buc
     with pytest.raises(storage.StorageUnavailable, match=f"{url}: storage unreachable"):
         storage.read_bytes(url, retry_s=3)
     assert time.monotonic() - start < 18  # the budget, not the outage, decided
+
+
+def test_read_bytes_retries_5xx_answers(s3_bucket, s3_outage):
+    url = f"{s3_bucket}/data/train-000002.tar"
+    storage.write_bytes_atomic(url, b"shard bytes")
+    s3_outage.down()  # cut the pooled connections, then answer every request with 503
+    s3_outage.answer_503 = True
+    s3_outage.up()
+    with pytest.raises(storage.StorageUnavailable, match="Service Unavailable"):
+        storage.read_bytes(url, retry_s=0)  # a 503 counts as transient once botocore gives up
+    threading.Timer(3.0, setattr, (s3_outage, "answer_503", False)).start()
+    assert storage.read_bytes(url, retry_s=30) == b"shard bytes"
 
 
 def test_a_missing_file_is_not_retried(s3_bucket):
