@@ -29,20 +29,28 @@ def saved_steps(run_dir: str) -> list[int]:
 
 
 # ---- corrupt checkpoints (issue items 3 and 6) -------------------------------------------
-def test_bit_flip_in_the_newest_is_skipped_with_a_warning_and_moved_aside(tmp_path, caplog):
-    run_dir = str(tmp_path / "run")
+@pytest.fixture(params=["local", "s3"])
+def any_run_dir(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "run")
+    return f"{request.getfixturevalue('s3_bucket')}/runs/one"
+
+
+def test_bit_flip_in_the_newest_is_skipped_with_a_warning_and_moved_aside(any_run_dir, caplog):
+    run_dir = any_run_dir
     for step in (1, 2):
         checkpoint.save(make_state(step), run_dir, step, keep_last=3)
-    newest = Path(checkpoint.step_url(run_dir, 2))
-    data = bytearray(newest.read_bytes())
+    newest = checkpoint.step_url(run_dir, 2)
+    data = bytearray(storage.read_bytes(newest))
     data[len(data) // 2] ^= 0x40  # one bit in the middle of the weights
-    newest.write_bytes(bytes(data))
+    storage.write_bytes_atomic(newest, bytes(data))
     with caplog.at_level(logging.WARNING):
         state, url = checkpoint.load_latest(run_dir)
     assert url == checkpoint.step_url(run_dir, 1) and state["progress"]["step"] == 1
     assert any("step-00000002.pt" in r.getMessage() and "sha256" in r.getMessage() for r in caplog.records)
     assert saved_steps(run_dir) == [1]
-    assert (tmp_path / "run/checkpoints/corrupt/step-00000002.pt").read_bytes() == bytes(data)
+    assert storage.read_bytes(f"{run_dir}/checkpoints/corrupt/step-00000002.pt") == bytes(data)
+    assert storage.exists(f"{run_dir}/checkpoints/corrupt/step-00000002.pt.sha256")
 
 
 def test_a_checkpoint_matching_its_checksum_loads_and_the_sidecar_is_sha256sum_format(tmp_path):
@@ -253,7 +261,7 @@ def test_racing_jobs_get_exactly_one_lease(lease_dir):
 
 
 def test_a_killed_holders_lease_is_taken_over_after_the_timeout(lease_dir):
-    timeout_s = 4.0
+    timeout_s = 6.0
     holder = start_lease_holder(lease_dir, "2001", timeout_s=timeout_s)
     assert read_line(holder) == "acquired"
     holder.send_signal(signal.SIGKILL)
