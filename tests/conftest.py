@@ -108,10 +108,19 @@ def build_bands_dataset(workdir: Path, n: int = 2000, size: int = 12) -> str:
     return str(dest)
 
 
+def torchrun_command(args: list[str], nproc: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+            f"--master-port={free_port()}", "--master-addr=127.0.0.1", str(REPO / "jobs" / "train.py"), *args]
+
+
+def start_torchrun(args: list[str], nproc: int = 2, env: dict | None = None) -> subprocess.Popen:
+    """jobs/train.py under torchrun in the background; read its log with read_line(p, stream=p.stderr)."""
+    return subprocess.Popen(torchrun_command(args, nproc), cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 def torchrun(args: list[str], nproc: int = 2, env: dict | None = None, check: bool = True, timeout: int = 300):
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-           f"--master-port={free_port()}", "--master-addr=127.0.0.1", str(REPO / "jobs" / "train.py"), *args]
-    result = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    result = subprocess.run(torchrun_command(args, nproc), cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
                             capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"torchrun failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
@@ -241,13 +250,14 @@ def start_lease_holder(run_dir: str, job_id: str, timeout_s: float, start_at: fl
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def read_line(proc: subprocess.Popen, timeout: float = 60.0) -> str:
-    """The process's next stdout line, or an AssertionError (with its stderr) after `timeout`."""
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+def read_line(proc: subprocess.Popen, timeout: float = 60.0, stream=None) -> str:
+    """The process's next line on `stream` (default stdout), or an AssertionError after `timeout`."""
+    stream = stream or proc.stdout
+    ready, _, _ = select.select([stream], [], [], timeout)
     if not ready:
         proc.kill()
         raise AssertionError(f"no output after {timeout}s; stderr:\n{proc.stderr.read()[-3000:]}")
-    line = proc.stdout.readline().strip()
+    line = stream.readline().strip()
     if not line:
         raise AssertionError(f"process ended (rc {proc.wait()}); stderr:\n{proc.stderr.read()[-3000:]}")
     return line

@@ -16,7 +16,7 @@ import torch
 
 from imgcls import checkpoint, storage
 from imgcls.lease import Lease, LeaseHeld
-from tests.conftest import read_line, start_lease_holder
+from tests.conftest import build_bands_dataset, read_line, start_lease_holder, start_torchrun, torchrun
 
 
 def make_state(step: int, n: int = 4096) -> dict:
@@ -107,6 +107,24 @@ def test_load_latest_fails_naming_the_url_when_an_outage_outlasts_the_budget(s3_
         checkpoint.load_latest(run_dir, retry_s=2)
     s3_outage.up()
     assert saved_steps(run_dir) == [10]
+
+
+def test_a_run_resumes_at_its_step_after_an_s3_outage_at_start(tmp_path, s3_bucket, s3_outage):
+    from tests.test_train import SMALL
+
+    run_dir = f"{s3_bucket}/runs/resume-after-outage"
+    args = [f"data.url={build_bands_dataset(tmp_path / 'data')}", f"run.dir={run_dir}", *SMALL]
+    torchrun([*args, "train.max_steps=5"], nproc=1)
+    s3_outage.down()  # the resumed job starts while S3 is down ...
+    job = start_torchrun([*args, "train.max_steps=7"], nproc=1)
+    log = []
+    while not any("retrying" in line for line in log):  # ... and stays down until the job has met it
+        log.append(read_line(job, timeout=120, stream=job.stderr))
+    s3_outage.up()
+    rest = job.communicate(timeout=300)[1]
+    assert job.returncode == 0, rest[-3000:]
+    assert "resumed from" in rest and "step-00000005.pt at step 5" in rest
+    assert checkpoint.load_latest(run_dir)[0]["progress"]["step"] == 7
 
 
 def test_read_bytes_survives_an_outage_shorter_than_its_budget(s3_bucket, s3_outage):
