@@ -169,8 +169,9 @@ def load(url: str, retry_s: float = storage.DEFAULT_RETRY_S) -> dict:
 
     Raises CorruptCheckpoint (bad bytes), storage.StorageUnavailable (no answer within
     `retry_s`) or FileNotFoundError."""
-    data = storage.read_bytes(url, retry_s)
+    # the sidecar first: a checkpoint always goes (pruned, moved aside) before its sidecar
     expected = _expected_sha256(url, retry_s)
+    data = storage.read_bytes(url, retry_s)
     if expected is None:
         log.info("%s has no %s sidecar (written before checksums); loading it unverified", url, CHECKSUM_SUFFIX)
     elif hashlib.sha256(data).hexdigest() != expected:
@@ -214,7 +215,9 @@ def move_aside(url: str, retry_s: float = storage.DEFAULT_RETRY_S) -> str:
     dest = storage.join(dest_dir, posixpath.basename(url))
     fs, _ = storage.filesystem(url)
     fs.makedirs(storage.filesystem(dest_dir)[1], exist_ok=True)
-    for src, dst in ((url + CHECKSUM_SUFFIX, dest + CHECKSUM_SUFFIX), (url, dest)):
+    # the checkpoint before its sidecar (as prune does): a load on another rank, which reads
+    # the sidecar first, never meets a checkpoint without its sidecar
+    for src, dst in ((url, dest), (url + CHECKSUM_SUFFIX, dest + CHECKSUM_SUFFIX)):
         with contextlib.suppress(FileNotFoundError):  # no sidecar, or another rank was first
             storage.retrying(lambda: fs.mv(storage.filesystem(src)[1], storage.filesystem(dst)[1]), src, retry_s)
     log.warning("moved corrupt checkpoint %s to %s", url, dest)
