@@ -32,6 +32,7 @@ import time
 
 import fsspec
 import tenacity
+from fsspec.implementations.local import LocalFileSystem
 
 log = logging.getLogger(__name__)
 DEFAULT_RETRY_S = 60.0  # long enough for an endpoint restart or a network blip
@@ -58,7 +59,7 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
 
 
 def is_local(url: str) -> bool:
-    return isinstance(filesystem(url)[0], fsspec.implementations.local.LocalFileSystem)
+    return isinstance(filesystem(url)[0], LocalFileSystem)
 
 
 def join(base: str, *parts: str) -> str:
