@@ -21,8 +21,10 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from imgcls.config import ConfigError
 from imgcls.data import DataError
 from imgcls.distributed import DeviceError, env_ranks
+from imgcls.lease import LeaseHeld
+from imgcls.storage import StorageUnavailable
 
-USER_ERRORS = (ConfigError, DataError, DeviceError)
+USER_ERRORS = (ConfigError, DataError, DeviceError, LeaseHeld, StorageUnavailable)
 
 
 def entry_point(main):

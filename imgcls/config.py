@@ -30,6 +30,12 @@ class RunConfig:
     # join a process group even as a single process (NCCL+gloo on CUDA), so checks exercise
     # the collectives; several processes always join one
     always_init_group: bool = False
+    # one job per run dir: the lease of a job that stopped renewing it (killed, node lost) is
+    # taken over after this many seconds; a requeue of the same job takes it back at once
+    lease_timeout_s: float = 120.0
+    # checkpoints, metrics and the lease: storage errors (no connection, timeouts, 5xx) are
+    # retried this long, then the run fails naming the URL
+    storage_retry_s: float = 60.0
 
 
 @dataclass
@@ -237,7 +243,8 @@ def _merge(into: dict, update: dict, source: str, strict: bool = True, where: st
 # Keys a resumed run may change: they do not alter what the run computes, or only extend it
 # (more epochs). A prefix ending in "." covers a whole section. Everything else is refused.
 RESUMABLE_KEYS = (
-    "run.name", "run.device", "run.dist_timeout_min", "run.always_init_group",
+    "run.name", "run.device", "run.dist_timeout_min", "run.always_init_group", "run.lease_timeout_s",
+    "run.storage_retry_s", "data.read_retry_s",
     "data.num_workers", "data.eval_batch_size", "data.verify_checksums", "data.max_bad_samples",
     "train.epochs", "train.max_steps", "train.log_every", "train.ckpt_every", "train.keep_last",
     "train.sync_every", "train.max_requeues", "train.early_stop_patience", "train.eval_flip", "train.eval_shift",

@@ -44,6 +44,7 @@ class DataConfig:
     eval_batch_size: int = 512
     num_workers: int = 2
     max_bad_samples: int = 0            # 0: the first bad sample is an error; N: skip up to N, then fail
+    read_retry_s: float = 60.0          # a shard read that storage fails (outage, 5xx) is retried this long
     verify_checksums: bool = True       # sha256 of every shard as it is read
     mean: list[float] = field(default_factory=list)   # per channel; empty: 0.5
     std: list[float] = field(default_factory=list)
@@ -262,7 +263,7 @@ class ShardReader(IterableDataset):
         """The shard's bytes, and their sha256 when checksums are verified. Thread-safe."""
         url = self.shard_url(shard_id)
         try:
-            data = storage.read_bytes(url)
+            data = storage.read_bytes(url, self.cfg.read_retry_s)
         except FileNotFoundError:
             raise DataError(f"shard {url} is missing") from None
         except Exception as e:

@@ -1,4 +1,4 @@
-"""One place that turns URLs into fsspec filesystems.
+"""One place that turns URLs into fsspec filesystems, and reads and writes them safely.
 
 Every URL fsspec knows works: local paths, file://, s3://, gs://, ... The S3 endpoint and
 credentials come from the usual AWS environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
@@ -7,15 +7,42 @@ AWS_PROFILE, ...) or fsspec config; nothing here prints or stores them.
 s3fs is not fork-safe: a filesystem created before a DataLoader forks its workers must not
 be used inside them. `filesystem()` therefore caches per process id, so each worker opens
 its own.
+
+Faults, and what this module promises about them:
+- transient errors (refused or reset connections, timeouts, HTTP 5xx) are retried with
+  exponential backoff for up to a budget (`retry_s` of read_bytes, exists and
+  write_bytes_atomic; `retrying` for anything else), then raise `StorageUnavailable` naming
+  the URL. Missing files, denied access and bad requests are
+  raised at once: retrying cannot fix them.
+- `write_bytes_atomic`: readers see the old file or the new one, never half of one. Locally
+  the temporary file and its directory are fsynced before and after the rename, so a crash of
+  the machine cannot leave a renamed but empty file. On object stores one PUT (or one
+  completed multipart upload) is atomic by itself.
+- `cleanup_leftovers(url)`: removes what killed writers leave under a run dir: `*.tmp-PID`
+  files and unfinished S3 multipart uploads.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import posixpath
+import re
+import time
 
 import fsspec
+import tenacity
+from fsspec.implementations.local import LocalFileSystem
 
+log = logging.getLogger(__name__)
+DEFAULT_RETRY_S = 60.0  # long enough for an endpoint restart or a network blip
+TEMP_FILE = re.compile(r"\.tmp-\d+$")
+_TRANSIENT_CODES = {"RequestTimeout", "SlowDown", "ServiceUnavailable", "InternalError", "Throttling"}
 _cache: dict[tuple[int, str], fsspec.AbstractFileSystem] = {}
+
+
+class StorageUnavailable(OSError):
+    """Storage kept failing with transient errors for the whole retry budget."""
 
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -31,34 +58,156 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, fs._strip_protocol(url)
 
 
+def is_local(url: str) -> bool:
+    return isinstance(filesystem(url)[0], LocalFileSystem)
+
+
 def join(base: str, *parts: str) -> str:
     """Join URL parts with '/' (posixpath), keeping the protocol of `base`."""
     return posixpath.join(base.rstrip("/"), *parts)
 
 
-def read_bytes(url: str) -> bytes:
+# ---- retries ---------------------------------------------------------------------------
+def _transient_types() -> tuple[type, ...]:
+    types: list[type] = [ConnectionError, TimeoutError]  # builtins: refused, reset, timed out
+    with contextlib.suppress(ImportError):
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        from botocore.exceptions import HTTPClientError  # read timeouts, closed connections
+        types += [BotoConnectionError, HTTPClientError]
+    with contextlib.suppress(ImportError):
+        import aiohttp
+        types += [aiohttp.ClientConnectionError, aiohttp.ClientPayloadError]
+    return tuple(types)
+
+
+def is_transient(error: BaseException) -> bool:
+    """True for errors that waiting can fix: no connection, a timeout, a 5xx answer."""
+    if isinstance(error, _transient_types()):
+        return True
+    for e in (error, error.__cause__):  # s3fs turns a botocore ClientError into an OSError
+        response = getattr(e, "response", None)
+        if isinstance(response, dict):
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            if status >= 500 or response.get("Error", {}).get("Code") in _TRANSIENT_CODES:
+                return True
+    return False
+
+
+def retrying(fn, url: str, budget_s: float = DEFAULT_RETRY_S):
+    """fn(), retried on transient errors with exponential backoff (0.5 s doubling to 8 s)
+    until `budget_s` has passed; then StorageUnavailable naming `url`.
+
+    The budget bounds when the last attempt starts; an attempt itself may take a few more
+    seconds (botocore retries a refused connection on its own before it gives up).
+    """
+    start = time.monotonic()
+
+    def warn(attempt: tenacity.RetryCallState) -> None:
+        log.warning("%s: %s; retrying (%.0f of %.0f s)", url, attempt.outcome.exception(),
+                    time.monotonic() - start, budget_s)
+
+    retryer = tenacity.Retrying(retry=tenacity.retry_if_exception(is_transient),
+                                stop=tenacity.stop_after_delay(budget_s),
+                                wait=tenacity.wait_exponential(multiplier=0.5, max=8),
+                                before_sleep=warn)
+    try:
+        return retryer(fn)
+    except tenacity.RetryError as e:
+        last = e.last_attempt.exception()
+        raise StorageUnavailable(f"{url}: storage unreachable for {time.monotonic() - start:.0f} s "
+                                 f"(retry budget {budget_s:g} s): {type(last).__name__}: {last}") from last
+
+
+# ---- reads and writes ------------------------------------------------------------------
+def read_bytes(url: str, retry_s: float = DEFAULT_RETRY_S) -> bytes:
+    """The whole file; transient errors are retried for up to `retry_s` (0: no retries)."""
     fs, path = filesystem(url)
-    return fs.cat_file(path)
+    return retrying(lambda: fs.cat_file(path), url, retry_s)
 
 
-def exists(url: str) -> bool:
+def exists(url: str, retry_s: float = DEFAULT_RETRY_S) -> bool:
     fs, path = filesystem(url)
-    return fs.exists(path)
+    return retrying(lambda: fs.exists(path), url, retry_s)
 
 
-def write_bytes_atomic(url: str, data: bytes) -> None:
-    """Write under a temporary name, then move into place: readers never see half a file.
+def write_bytes_atomic(url: str, data: bytes, retry_s: float = DEFAULT_RETRY_S) -> None:
+    """Write so that readers never see half a file (see the module docstring); transient
+    errors are retried for up to `retry_s` (a PUT of the whole object is idempotent)."""
+    fs, path = filesystem(url)
+    if is_local(url):
+        _write_local_atomic(path, data)
+    else:
+        retrying(lambda: fs.pipe_file(path, data), url, retry_s)
 
-    On object stores the final PUT is itself atomic; the temporary object is removed by mv.
+
+def _write_local_atomic(path: str, data: bytes) -> None:
+    parent = os.path.dirname(path) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # the data is on disk before the name points at it
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+    fsync_dir(parent)
+
+
+def fsync_dir(path: str) -> None:
+    """Make a rename or a new name in `path` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---- leftovers of killed writers -------------------------------------------------------
+def cleanup_leftovers(url: str) -> list[str]:
+    """Remove `*.tmp-PID` files and abort unfinished S3 multipart uploads under `url`.
+
+    Call it only while nothing else writes there (rank 0, at start, holding the run's lease).
+    Returns what was removed or aborted.
     """
     fs, path = filesystem(url)
-    parent = posixpath.dirname(path)
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with fs.open(tmp, "wb") as f:
-        f.write(data)
-    fs.mv(tmp, path)
+    removed = [p for p in _find(fs, path) if TEMP_FILE.search(p)]
+    for p in removed:
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm_file(p)
+    if "s3" in _protocols(fs):
+        removed += _abort_multipart_uploads(fs, path)
+    for p in removed:
+        log.warning("removed a leftover of a killed writer: %s", p)
+    return removed
+
+
+def _protocols(fs) -> tuple[str, ...]:
+    return fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+
+
+def _find(fs, path: str) -> list[str]:
+    try:
+        return fs.find(path)
+    except FileNotFoundError:
+        return []
+
+
+def _abort_multipart_uploads(fs, path: str) -> list[str]:
+    bucket, prefix, _ = fs.split_path(path)
+    prefix = prefix.rstrip("/") + "/" if prefix else ""
+    aborted, markers = [], {}
+    while True:
+        page = fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix, **markers)
+        for upload in page.get("Uploads", []):
+            fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+            aborted.append(f"s3://{bucket}/{upload['Key']} (multipart upload {upload['UploadId']})")
+        if not page.get("IsTruncated"):
+            return aborted
+        markers = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}
 
 
 def register_webdataset_handlers() -> None:

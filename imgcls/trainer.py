@@ -239,7 +239,20 @@ def train(cfg: Config) -> dict:
     dist = distributed.init_distributed(cfg.run.device, cfg.run.dist_timeout_min, cfg.run.always_init_group)
     # No cleanup collective on failure: the other ranks may be inside one; torchrun or srun
     # (--kill-on-bad-exit) ends them.
-    result = Trainer(cfg, dist, stop).train()
+    # the run dir's owner: its lease, its newest checkpoint; created before the model is built,
+    # so a fresh run is known as such (whitening runs only then)
+    checkpointer = Checkpointer(cfg.run.dir, cfg.train.keep_last, dist.is_main, config=to_dict(cfg),
+                                lease_timeout_s=cfg.run.lease_timeout_s, retry_s=cfg.run.storage_retry_s)
+    try:
+        result = Trainer(cfg, dist, stop, checkpointer).train()
+    except BaseException:
+        with contextlib.suppress(Exception):  # give the run dir back, without hiding the error
+            checkpointer.close()
+        raise
+    # the last checkpoint is written first; a SLURM job stopped by a signal is requeued by its
+    # caller (imgcls.cluster) and takes its lease back, so the record stays
+    requeue = result["reason"].startswith("signal") and "SLURM_JOB_ID" in os.environ
+    checkpointer.close(requeue=requeue)
     gc.collect()  # the Trainer's DDP model (and any cycle holding its reducer) is gone before the group
     distributed.shutdown()
     return result
@@ -248,8 +261,8 @@ def train(cfg: Config) -> dict:
 class Trainer:
     """Wires the components of a run from its config, then trains them (`train`)."""
 
-    def __init__(self, cfg: Config, dist: distributed.DistInfo, stop: StopRequest):
-        self.cfg, self.dist, self.stop = cfg, dist, stop
+    def __init__(self, cfg: Config, dist: distributed.DistInfo, stop: StopRequest, checkpointer: Checkpointer):
+        self.cfg, self.dist, self.stop, self.checkpointer = cfg, dist, stop, checkpointer
         self.device = device = dist.device
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
         self._set_backend_flags()
@@ -261,9 +274,7 @@ class Trainer:
         self.val_reader = (ShardReader(cfg.data, "val", rank=dist.rank, world_size=dist.world_size,
                                        seed=cfg.run.seed, train=False, manifest=self.manifest)
                            if self.manifest["splits"].get("val", {}).get("count") else None)
-        # looked up before the model is built, so whitening runs only on a fresh run
-        self.checkpointer = Checkpointer(cfg.run.dir, cfg.train.keep_last, dist.is_main, config=to_dict(cfg))
-        self.checkpointer.check_config(cfg.train.allow_config_change)
+        checkpointer.check_config(cfg.train.allow_config_change)
         self.model = self._build_model(channels)
         accum = cfg.train.accum_steps
         self.steps_per_epoch = [self.reader.batches_per_epoch(e) // accum for e in range(cfg.train.epochs)]
@@ -402,6 +413,7 @@ class Trainer:
         # DDP is (re)built each epoch: it registers hooks only for parameters that require grad.
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         ddp = DDP(self.compiled, device_ids=device_ids) if self.dist.enabled else self.compiled
+        self.checkpointer.wait()  # no fork of loader workers while a background write holds locks
         batches = iter(reader.loader(pin_memory=self.device.type == "cuda"))
         if self.report is not None:
             self.report.set_epoch(epoch)

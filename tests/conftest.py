@@ -4,9 +4,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import socket
+import socketserver
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -109,10 +112,19 @@ def build_bands_dataset(workdir: Path, n: int = 2000, size: int = 12, label_nois
     return str(dest)
 
 
+def torchrun_command(args: list[str], nproc: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+            f"--master-port={free_port()}", "--master-addr=127.0.0.1", str(REPO / "jobs" / "train.py"), *args]
+
+
+def start_torchrun(args: list[str], nproc: int = 2, env: dict | None = None) -> subprocess.Popen:
+    """jobs/train.py under torchrun in the background; read its log with read_line(p, stream=p.stderr)."""
+    return subprocess.Popen(torchrun_command(args, nproc), cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 def torchrun(args: list[str], nproc: int = 2, env: dict | None = None, check: bool = True, timeout: int = 300):
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-           f"--master-port={free_port()}", "--master-addr=127.0.0.1", str(REPO / "jobs" / "train.py"), *args]
-    result = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    result = subprocess.run(torchrun_command(args, nproc), cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
                             capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"torchrun failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
@@ -205,3 +217,138 @@ def job(name: str, *args: str):
 
 def last_json(stdout: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
+
+class OutageProxy:
+    """A TCP proxy in front of 127.0.0.1:`target_port` that can go down, as an S3 endpoint does
+    in an outage: while down, new connections are refused and open ones are cut."""
+
+    def __init__(self, target_port: int):
+        self.target_port = target_port
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._server = None
+        self._timer: threading.Timer | None = None
+        self.answer_503 = False  # up, but every request gets 503 Service Unavailable
+        self.up()
+
+    def up(self) -> None:
+        proxy = self
+
+        class Pipe(socketserver.BaseRequestHandler):
+            def handle(self):
+                if proxy.answer_503:
+                    return _answer_503(self.request)
+                with socket.create_connection(("127.0.0.1", proxy.target_port)) as upstream:
+                    proxy._track(self.request, upstream)
+                    pumps = [threading.Thread(target=_pump, args=pair, daemon=True)
+                             for pair in ((self.request, upstream), (upstream, self.request))]
+                    for pump in pumps:
+                        pump.start()
+                    for pump in pumps:
+                        pump.join()
+
+        socketserver.ThreadingTCPServer.allow_reuse_address = True
+        socketserver.ThreadingTCPServer.daemon_threads = True
+        self._server = socketserver.ThreadingTCPServer(("127.0.0.1", self.port), Pipe)
+        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def down(self) -> None:
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server.server_close()
+        self._server = None
+        with self._lock:
+            for sock in self._open:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+            self._open.clear()
+
+    def outage(self, seconds: float) -> None:
+        """Go down now and come back after `seconds` (in the background)."""
+        self.down()
+        self._timer = threading.Timer(seconds, self.up)
+        self._timer.start()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self.down()
+
+    def _track(self, *socks) -> None:
+        with self._lock:
+            self._open.update(socks)
+
+
+def _answer_503(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.settimeout(5)
+        request = b""
+        while b"\r\n\r\n" not in request and (chunk := sock.recv(1 << 16)):
+            request += chunk
+        sock.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/xml\r\n"
+                     b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+
+
+def _pump(src: socket.socket, dst: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        while data := src.recv(1 << 16):
+            dst.sendall(data)
+    with contextlib.suppress(OSError):
+        dst.shutdown(socket.SHUT_WR)
+
+
+@pytest.fixture
+def s3_outage(s3_endpoint, monkeypatch):
+    """An OutageProxy in front of the S3 endpoint; this process's S3 traffic goes through it."""
+    from imgcls import storage
+
+    proxy = OutageProxy(int(s3_endpoint.rsplit(":", 1)[1]))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    monkeypatch.setattr(storage, "_cache", {})  # filesystems made from now on use the proxy
+    yield proxy
+    proxy.close()
+
+
+LEASE_HOLDER = """
+import sys, time
+from imgcls.lease import Lease, LeaseHeld, LeaseLost
+run_dir, job_id, timeout_s, start_at = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
+time.sleep(max(0.0, start_at - time.time()))  # racers start together
+try:
+    lease = Lease(run_dir, job_id=job_id, timeout_s=timeout_s, heartbeat_s=timeout_s / 6).acquire()
+except LeaseHeld as e:
+    print("held:", e, flush=True)
+    sys.exit(3)
+print("acquired", flush=True)
+while True:  # hold until killed; say so if the lease is lost
+    time.sleep(timeout_s / 10)
+    try:
+        lease.check()
+    except LeaseLost as e:
+        print("lost:", e, flush=True)
+        sys.exit(4)
+"""
+
+
+def start_lease_holder(run_dir: str, job_id: str, timeout_s: float, start_at: float = 0.0) -> subprocess.Popen:
+    """A separate python process that takes the run dir's lease and holds it until killed.
+    Its first stdout line is 'acquired' or 'held: <why>' (exit code 3)."""
+    return subprocess.Popen([sys.executable, "-c", LEASE_HOLDER, run_dir, job_id, str(timeout_s), str(start_at)],
+                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def read_line(proc: subprocess.Popen, timeout: float = 60.0, stream=None) -> str:
+    """The process's next line on `stream` (default stdout), or an AssertionError after `timeout`."""
+    stream = stream or proc.stdout
+    ready, _, _ = select.select([stream], [], [], timeout)
+    if not ready:
+        proc.kill()
+        raise AssertionError(f"no output after {timeout}s; stderr:\n{proc.stderr.read()[-3000:]}")
+    line = stream.readline().strip()
+    if not line:
+        raise AssertionError(f"process ended (rc {proc.wait()}); stderr:\n{proc.stderr.read()[-3000:]}")
+    return line
