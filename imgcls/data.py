@@ -229,7 +229,10 @@ class ShardReader(IterableDataset):
                      self.cfg.url, self.split, epoch, self.layout, saved)
             position = 0
         self.epoch, self.position, self.consumed = epoch, position, consumed
-        self.remaining()  # a segment the manifest cannot hold is an error now, not in a worker
+        # a state the manifest cannot hold is an error here, not in a loader worker
+        if self.train and position > self.batches_per_epoch():
+            raise DataError(f"{self.cfg.url}: split {self.split!r} cannot hold the checkpoint's {position} "
+                            f"batches under {self.layout} (were the shards rebuilt?)")
 
     def set_epoch(self, epoch: int, position: int = 0) -> None:
         """Batch `position` of a whole epoch under this layout (earlier segments are cleared)."""

@@ -342,6 +342,13 @@ def test_two_layout_changes_in_one_epoch_and_the_next_epoch_is_whole_again(s3_da
     state = reader.state_dict()
     assert len(state["consumed"]) == 1 and state["position"] == 3
     assert state["samples"] == 2 * 4 * 16 + 3 * 3 * 8
+    # the same layout again: the segment's own tail, exactly
+    segment = ShardReader(cfg(s3_dataset, num_workers=1, batch_size=8), "train", rank=0, world_size=3, seed=4)
+    segment.load_state_dict(state)
+    assert segment.position == 3 and len(segment.consumed) == 1
+    tail = [b["key"] for b in segment.loader()]
+    segment.load_state_dict(stopped_on_two_ranks(s3_dataset, 4)[1])
+    assert tail == [b["key"] for b in segment.loader()][3:]
     after, last = resume_everywhere(s3_dataset, state, 1, 2, 16)
     assert [s["world_size"] for s in last.consumed] == [2, 3]
     seen = before + middle + after
@@ -368,3 +375,9 @@ def test_a_state_the_manifest_cannot_hold_is_refused_naming_the_dataset(s3_datas
     state = {"epoch": 0, "position": 100, "layout": {"world_size": 2, "workers": 2, "batch_size": 16}}
     with pytest.raises(DataError, match=f"{s3_dataset}: split 'train' cannot hold the checkpoint's 100 batches"):
         reader.load_state_dict(state)
+
+
+def test_a_same_layout_position_past_the_epoch_is_refused(s3_dataset):
+    reader = ShardReader(cfg(s3_dataset), "train", seed=4)
+    with pytest.raises(DataError, match="cannot hold the checkpoint's 40 batches"):
+        reader.load_state_dict({"epoch": 0, "position": 40})
