@@ -1,13 +1,17 @@
 """Stream one split of a shard manifest, per rank and per DataLoader worker, resumably.
 
 The order of an epoch is a function of (seed, epoch) alone (docs/design.md, "Reader order"):
-shards are permuted, dealt to ranks, then to workers; each worker shuffles inside a shard and
-cuts its stream into batches; the rank's batch sequence interleaves its workers round-robin,
-exactly as torch's DataLoader returns them. Every rank yields the same number of batches,
-computed from the manifest, so DDP never waits on a rank that ran out of data.
+shards are permuted, each shard's samples are permuted, and the concatenation is the epoch's
+sequence G, whatever the world size or worker count. G is cut into equal contiguous ranges,
+one per rank, each cut into contiguous ranges per worker; a worker cuts its range into
+batches, and the rank's batch sequence interleaves its workers round-robin, exactly as
+torch's DataLoader returns them. Every rank yields the same number of batches, computed from
+the manifest, so DDP never waits on a rank that ran out of data.
 
-Resuming at (epoch, position) skips whole shards by the manifest's counts and never decodes a
-skipped sample; workers are rotated so the loader starts with the worker owning `position`.
+Resuming at (epoch, position) skips by the manifest's counts and never decodes a skipped
+sample; workers are rotated so the loader starts with the worker owning `position`. Resuming
+under another layout (ranks, workers, batch size) is elastic: the batches read so far are
+recorded as a segment, and the rest of G is cut by the new layout.
 
 Batches are uint8 [B,C,H,W] with the crop and flip applied; `reader.transform(batch, device)`
 turns them into the model's normalised float input on the training device (imgcls.augment).
@@ -20,7 +24,7 @@ import json
 import logging
 import os
 import threading
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -69,6 +73,55 @@ def interleave(counts: list[int]) -> list[tuple[int, int]]:
                 order.append((w, taken[w]))
                 taken[w] += 1
     return order
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a training sequence is cut: `world_size` equal contiguous rank ranges of whole
+    batches, packed from its start (the last length % (world_size * batch_size) samples are
+    dropped), each cut into `workers` contiguous ranges of whole batches, balanced."""
+    world_size: int
+    workers: int
+    batch_size: int
+
+    def batches_per_rank(self, length: int) -> int:
+        return length // (self.world_size * self.batch_size)
+
+    def worker_batches(self, length: int) -> list[int]:
+        n, k = self.batches_per_rank(length), self.workers
+        return [n // k + (w < n % k) for w in range(k)]
+
+    def worker_starts(self, length: int, rank: int) -> list[int]:
+        """Index in the sequence where each worker of `rank` starts."""
+        counts, b = self.worker_batches(length), self.batch_size
+        first = rank * self.batches_per_rank(length) * b
+        return [first + sum(counts[:w]) * b for w in range(self.workers)]
+
+    def delivered(self, length: int, batches: int) -> list[int]:
+        """Batches each worker had delivered once a rank had taken `batches`."""
+        taken = [0] * self.workers
+        for w, _ in interleave(self.worker_batches(length))[:batches]:
+            taken[w] += 1
+        return taken
+
+    def consumed(self, length: int, batches: int) -> np.ndarray:
+        """Indices into the sequence that all ranks read in their first `batches` batches."""
+        b, taken = self.batch_size, self.delivered(length, batches)
+        return np.concatenate([np.arange(start, start + n * b, dtype=np.int64)
+                               for rank in range(self.world_size)
+                               for start, n in zip(self.worker_starts(length, rank), taken)])
+
+
+def _skip(plan: list[tuple[int, np.ndarray]], n: int) -> list[tuple[int, np.ndarray]]:
+    """The plan without its first n samples; shards left with none are dropped (never opened)."""
+    out = []
+    for shard_id, picks in plan:
+        if n >= len(picks):
+            n -= len(picks)
+            continue
+        out.append((shard_id, picks[n:]))
+        n = 0
+    return out
 
 
 class _ReadAhead:
@@ -144,54 +197,131 @@ class ShardReader(IterableDataset):
         self.num_classes = len(self.manifest["classes"])
         self.batch_size = cfg.batch_size if train else cfg.eval_batch_size
         self.workers = max(1, cfg.num_workers)
+        self.layout = Layout(world_size, self.workers, self.batch_size)
         channels = self.manifest["image"]["channels"]
         self.input_transform = InputTransform(cfg.mean or [0.5] * channels, cfg.std or [0.5] * channels)
-        if train and len(self.shards) < world_size * self.workers:
-            raise DataError(
-                f"{cfg.url}: split {split!r} has {len(self.shards)} shards, fewer than ranks × workers = "
-                f"{world_size} × {self.workers}; rebuild with smaller shards or use fewer workers")
         self.epoch, self.position = 0, 0
+        self.consumed: list[dict] = []  # earlier layouts' segments of this epoch (elastic resume)
         if train:
-            dropped = self.split_count() - self.world_size * self.batches_per_epoch(0) * self.batch_size
+            dropped = self.split_count() - self.samples_per_epoch()
             log.info("%s/%s: %d batches of %d per rank per epoch; %d samples (%.2f%%) dropped as remainder",
                      cfg.url, split, self.batches_per_epoch(0), self.batch_size, dropped,
                      100 * dropped / max(1, self.split_count()))
 
     # ---- position: the reader's state in a checkpoint -------------------------------------
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
+        """`position` counts this layout's batches done on every rank; `consumed` holds the
+        segments read under earlier layouts in this epoch; `samples` (all ranks, this epoch)
+        is derived, for logs and schedules."""
+        return {"epoch": self.epoch, "position": self.position, "layout": asdict(self.layout),
+                "consumed": [dict(segment) for segment in self.consumed], "samples": self.samples}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        """Resume exactly where `state` stopped. Under the same layout (or a state without
+        one) the batches are the same; under another, the batches read so far become a
+        segment and the rest of the epoch is cut by this reader's layout."""
+        saved = Layout(**state.get("layout", asdict(self.layout)))
+        epoch, position = int(state["epoch"]), int(state["position"])
+        consumed = [dict(segment) for segment in state.get("consumed", [])]
+        if saved != self.layout:
+            if position:
+                consumed.append({**asdict(saved), "batches": position})
+            log.info("%s/%s: resuming epoch %d under %s after %s: the rest of the epoch is re-cut",
+                     self.cfg.url, self.split, epoch, self.layout, saved)
+            position = 0
+        self.epoch, self.position, self.consumed = epoch, position, consumed
+        # a state the manifest cannot hold is an error here, not in a loader worker
+        if self.train and position > self.batches_per_epoch():
+            raise DataError(f"{self.cfg.url}: split {self.split!r} cannot hold the checkpoint's {position} "
+                            f"batches under {self.layout} (were the shards rebuilt?)")
 
     def set_epoch(self, epoch: int, position: int = 0) -> None:
-        self.epoch, self.position = epoch, position
+        """Batch `position` of a whole epoch under this layout (earlier segments are cleared)."""
+        self.epoch, self.position, self.consumed = epoch, position, []
+
+    @property
+    def samples(self) -> int:
+        """Samples of the current epoch read by all ranks, over every segment."""
+        done = [(s["world_size"] * s["batch_size"], s["batches"]) for s in self.consumed]
+        done.append((self.world_size * self.batch_size, self.position))
+        return sum(per_batch * batches for per_batch, batches in done)
 
     # ---- the plan, from the manifest alone ----------------------------------------------
     def split_count(self) -> int:
         return sum(s["count"] for s in self.shards)
 
+    def samples_per_epoch(self) -> int:
+        """Samples all ranks read in a whole epoch under this layout (the remainder dropped)."""
+        return self.world_size * self.batch_size * self.layout.batches_per_rank(self.split_count())
+
+    def shard_order(self, epoch: int) -> list[int]:
+        if not self.train:
+            return list(range(len(self.shards)))
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.shards)).tolist()
+
+    def _shard_permutation(self, epoch: int, shard_id: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch, shard_id]).permutation(self.shards[shard_id]["count"])
+
+    def sequence(self, epoch: int) -> list[tuple[int, int]]:
+        """The epoch's sample sequence G as (shard index, sample index in the shard's tar),
+        independent of ranks, workers and batch size. For checks and tools: it walks every
+        sample."""
+        return [(shard_id, int(i)) for shard_id in self.shard_order(epoch)
+                for i in self._shard_permutation(epoch, shard_id)]
+
+    def remaining(self, epoch: int | None = None) -> np.ndarray:
+        """Indices into G that this layout still cuts in `epoch`: all of G, less the samples
+        that earlier layouts' segments of the current epoch read; in G order."""
+        epoch = self.epoch if epoch is None else epoch
+        live = np.arange(self.split_count(), dtype=np.int64)
+        for segment in self.consumed if epoch == self.epoch else []:
+            layout = Layout(segment["world_size"], segment["workers"], segment["batch_size"])
+            if not 0 <= segment["batches"] <= layout.batches_per_rank(len(live)):
+                raise DataError(f"{self.cfg.url}: split {self.split!r} cannot hold the checkpoint's {segment['batches']} "
+                                f"batches under {layout} (were the shards rebuilt?)")
+            live = np.delete(live, layout.consumed(len(live), segment["batches"]))
+        return live
+
+    def _remaining_count(self, epoch: int) -> int:
+        return len(self.remaining(epoch)) if self.consumed and epoch == self.epoch else self.split_count()
+
+    def _plan(self, epoch: int, indices: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        """Sorted indices into G as [(shard, indices into the shard's epoch order)]."""
+        order = self.shard_order(epoch)
+        starts = np.cumsum([0] + [self.shards[i]["count"] for i in order[:-1]])
+        which = np.searchsorted(starts, indices, side="right") - 1  # an empty shard is never picked
+        cuts = np.flatnonzero(np.diff(which)) + 1
+        return [(order[which[run[0]]], indices[run] - starts[which[run[0]]])
+                for run in np.split(np.arange(len(indices)), cuts) if len(run)]
+
+    def worker_plans(self, epoch: int, rank: int) -> list[list[tuple[int, np.ndarray]]]:
+        """Per worker of `rank`: the samples it reads in `epoch`, as [(shard, picks)]."""
+        if not self.train:  # eval: whole shards dealt to ranks, then workers, in manifest order
+            mine = list(range(len(self.shards)))[rank::self.world_size]
+            return [[(i, np.arange(self.shards[i]["count"])) for i in mine[w::self.workers]]
+                    for w in range(self.workers)]
+        live = self.remaining(epoch)
+        counts, b = self.layout.worker_batches(len(live)), self.batch_size
+        return [self._plan(epoch, live[start:start + n * b])
+                for start, n in zip(self.layout.worker_starts(len(live), rank), counts)]
+
     def worker_shards(self, epoch: int, rank: int) -> list[list[int]]:
-        """Shard indices per worker of `rank` for `epoch`."""
-        if self.train:
-            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards)).tolist()
-        else:
-            order = list(range(len(self.shards)))
-        mine = order[rank::self.world_size]
-        return [mine[w::self.workers] for w in range(self.workers)]
+        """Shard indices per worker of `rank` for `epoch` (a shard straddling two workers' ranges is in both)."""
+        return [[shard_id for shard_id, _ in plan] for plan in self.worker_plans(epoch, rank)]
 
     def worker_batches(self, epoch: int, rank: int) -> list[int]:
-        per_worker = [sum(self.shards[i]["count"] for i in shards) for shards in self.worker_shards(epoch, rank)]
         if self.train:
-            return [n // self.batch_size for n in per_worker]
+            return self.layout.worker_batches(self._remaining_count(epoch))
+        per_worker = [sum(len(picks) for _, picks in plan) for plan in self.worker_plans(epoch, rank)]
         return [-(-n // self.batch_size) for n in per_worker]  # eval keeps the partial batch
 
     def batches_per_epoch(self, epoch: int | None = None) -> int:
-        """Batches this rank yields in an epoch: equal on every rank when training."""
+        """Batches this rank yields in an epoch (equal on every rank when training). For the
+        current epoch after an elastic resume: the batches of this layout's segment."""
         epoch = self.epoch if epoch is None else epoch
         if not self.train:
             return sum(self.worker_batches(epoch, self.rank))
-        return min(sum(self.worker_batches(epoch, r)) for r in range(self.world_size))
+        return self.layout.batches_per_rank(self._remaining_count(epoch))
 
     def __len__(self) -> int:
         return self.batches_per_epoch() - (self.position if self.train else 0)
@@ -206,55 +336,36 @@ class ShardReader(IterableDataset):
             torch.set_num_threads(1)  # workers share the cores with the training processes
             _freeze_inherited_objects()
         epoch, start = self.epoch, self.position if self.train else 0
-        shards = self.worker_shards(epoch, self.rank)
-        counts = self.worker_batches(epoch, self.rank)
-        if self.train:
-            order = interleave(counts)[:self.batches_per_epoch(epoch)]
-        else:
-            order = interleave(counts)
+        order = interleave(self.worker_batches(epoch, self.rank))
         tail = order[start:]
         if not tail:
             return
-        first_worker = tail[0][0]
-        role = (first_worker + worker_id) % self.workers  # rotation: loader worker 0 owns batch `start`
-        positions = {local: start + i for i, (w, local) in enumerate(tail) if w == role}
+        role = (tail[0][0] + worker_id) % self.workers  # rotation: loader worker 0 owns batch `start`
+        positions = [start + i for i, (w, _) in enumerate(tail) if w == role]
         if not positions:
             return
-        yield from self._batches(epoch, shards[role], min(positions), max(positions) + 1, positions)
+        done = sum(1 for w, _ in order[:start] if w == role)
+        plan = _skip(self.worker_plans(epoch, self.rank)[role], done * self.batch_size)
+        yield from self._batches(epoch, plan, positions)
 
-    def _batches(self, epoch, shard_ids, first_batch, end_batch, positions):
-        bsz = self.batch_size
-        begin, end = first_batch * bsz, end_batch * bsz
-        total = sum(self.shards[i]["count"] for i in shard_ids)
-        end = min(end, total)
-        plan, offset = [], 0  # (shard, lo, hi) of every shard this worker opens, in order
-        for shard_id in shard_ids:
-            count = self.shards[shard_id]["count"]
-            if offset + count <= begin:           # wholly before the resume point: never opened
-                offset += count
-                continue
-            if offset >= end:
-                break
-            plan.append((shard_id, max(0, begin - offset), min(count, end - offset)))
-            offset += count
-        samples, bad = [], 0
-        batch_index = first_batch
-        self._ahead = _ReadAhead(self._fetch_shard, [shard_id for shard_id, _, _ in plan])
+    def _batches(self, epoch, plan, positions):
+        samples, bad, index = [], 0, 0
+        self._ahead = _ReadAhead(self._fetch_shard, [shard_id for shard_id, _ in plan])
         try:
-            for shard_id, lo, hi in plan:
-                for sample in self._read_shard(epoch, shard_id, lo, hi):
+            for shard_id, picks in plan:
+                for sample in self._read_shard(epoch, shard_id, picks):
                     decoded = self._decode(shard_id, sample)
                     if decoded is None:
                         bad += 1
                     else:
                         samples.append(decoded)
-                    if len(samples) + bad == bsz:
-                        yield self._collate(epoch, samples, bad, positions[batch_index])
-                        samples, bad, batch_index = [], 0, batch_index + 1
+                    if len(samples) + bad == self.batch_size:
+                        yield self._collate(epoch, samples, bad, positions[index])
+                        samples, bad, index = [], 0, index + 1
         finally:
             self._ahead = None
         if samples or bad:  # eval's partial last batch
-            yield self._collate(epoch, samples, bad, positions.get(batch_index, -1))
+            yield self._collate(epoch, samples, bad, positions[index])
 
     def shard_url(self, shard_id: int) -> str:
         return storage.join(self.cfg.url, self.shards[shard_id]["path"])
@@ -270,8 +381,8 @@ class ShardReader(IterableDataset):
             raise DataError(f"shard {url} could not be read: {e}") from e
         return data, hashlib.sha256(data).hexdigest() if self.cfg.verify_checksums else None
 
-    def _read_shard(self, epoch: int, shard_id: int, lo: int, hi: int):
-        """Samples lo..hi-1 of the shard in this epoch's order, still encoded."""
+    def _read_shard(self, epoch: int, shard_id: int, picks: np.ndarray):
+        """The samples at `picks` in the shard's order for this epoch, still encoded."""
         meta, url = self.shards[shard_id], self.shard_url(shard_id)
         ahead = getattr(self, "_ahead", None)
         data, digest = ahead.take(shard_id) if ahead is not None else self._fetch_shard(shard_id)
@@ -286,9 +397,9 @@ class ShardReader(IterableDataset):
         if len(samples) != meta["count"]:
             raise DataError(f"shard {url} holds {len(samples)} samples, the manifest says {meta['count']}")
         if self.train:
-            perm = np.random.default_rng([self.seed, epoch, shard_id]).permutation(len(samples))
-            samples = [samples[i] for i in perm]
-        yield from samples[lo:hi]
+            picks = self._shard_permutation(epoch, shard_id)[picks]
+        for i in picks.tolist():
+            yield samples[i]
 
     def _decode(self, shard_id: int, sample: dict):
         """(key, image HWC uint8, label), or None for a bad sample when skipping is allowed."""
