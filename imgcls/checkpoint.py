@@ -143,7 +143,7 @@ def prune(run_dir: str, newest_step: int, keep_last: int, retry_s: float = stora
     if keep_last <= 0:
         return []
     behind = [url for url in list_checkpoints(run_dir, retry_s) if step_of(url) < newest_step]
-    stale = behind[:len(behind) - (keep_last - 1)] if keep_last > 1 else behind
+    stale = behind[:max(0, len(behind) - (keep_last - 1))]
     for url in stale:
         for victim in (url, url + CHECKSUM_SUFFIX):  # the checkpoint first: never one without its sum
             fs, path = storage.filesystem(victim)

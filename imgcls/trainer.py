@@ -336,13 +336,15 @@ class Trainer:
             return
         url = self.checkpointer.restore()
         self.progress.restarts += 1
+        # on another layout (world size, workers) the reader reads what is left of this epoch
+        self.steps_per_epoch[self.reader.epoch] = self.reader.batches_per_epoch() // self.cfg.train.accum_steps
         if self.dist.is_main:  # the other ranks are ended by torchrun/srun if this raises
             stalled = record_resume(self.cfg.run.dir, self.progress.step)
             if stalled > self.cfg.train.max_requeues:
                 raise RuntimeError(f"{self.cfg.run.dir}: resumed {stalled} times at step {self.progress.step} without "
                                    f"progress (train.max_requeues={self.cfg.train.max_requeues}); giving up")
-            log.info("resumed from %s at step %d (epoch %d, batch %d)", url, self.progress.step,
-                     self.reader.epoch, self.reader.position)
+            log.info("resumed from %s at step %d (epoch %d, %d samples of it read, batch %d of this layout)", url,
+                     self.progress.step, self.reader.epoch, self.reader.samples, self.reader.position)
 
     def describe(self) -> str:
         """The start-up line: what runs where, at which batch and learning rate, from where."""

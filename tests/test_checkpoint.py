@@ -77,6 +77,13 @@ def test_empty_high_step_files_never_push_good_checkpoints_out(tmp_path):
     assert sorted(p.name for p in (ckpt_dir / "corrupt").iterdir()) == ["step-00000900.pt", "step-00000950.pt"]
 
 
+def test_keep_last_larger_than_the_checkpoints_written_keeps_them_all(tmp_path):
+    run_dir = str(tmp_path / "run")
+    for step in range(1, 6):
+        checkpoint.save(make_state(step), run_dir, step, keep_last=10)
+    assert saved_steps(run_dir) == [1, 2, 3, 4, 5]
+
+
 def test_a_truncated_checkpoint_is_corrupt_and_load_names_it(tmp_path):
     run_dir = str(tmp_path / "run")
     url = checkpoint.save(make_state(3), run_dir, 3, keep_last=1)

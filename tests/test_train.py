@@ -75,7 +75,8 @@ def test_stop_mid_epoch_then_resume_is_bitwise_identical(uninterrupted, dataset,
     first = torchrun([f"data.url={dataset}", f"run.dir={run_dir}", *SMALL, "train.max_steps=7"])
     assert json.loads(first.stdout.strip().splitlines()[-1])["status"] == "stopped"
     stopped = final_state(run_dir)
-    assert stopped["progress"]["step"] == 7 and stopped["data"] == {"epoch": 0, "position": 14}
+    assert stopped["progress"]["step"] == 7
+    assert stopped["data"]["epoch"] == 0 and stopped["data"]["position"] == 14 and stopped["data"]["samples"] == 448
     out = torchrun([f"data.url={dataset}", f"run.dir={run_dir}", *SMALL])
     assert "; resuming at step 7 (epoch 0, batch 14)" in out.stderr
     resumed = final_state(run_dir)
@@ -373,3 +374,17 @@ def test_logs_off_a_terminal_are_plain_lines_at_a_bounded_rate(dataset, tmp_path
                for line in progress), progress
     # at the default of one line every 30 s: 120 lines an hour, under 20 kB (tqdm wrote 268 kB in 7.5 minutes)
     assert 3600 / Config().track.progress_every_s * max(len(line) + 1 for line in progress) < 20_000
+
+
+def test_stopped_on_two_ranks_resumes_on_one_and_reads_the_rest_of_the_epoch(dataset, tmp_path):
+    """An elastic resume through the trainer: the epoch is finished on the new layout from the
+    samples the two ranks left, at the same place on the learning-rate schedule."""
+    run_dir = str(tmp_path / "elastic")
+    args = [f"data.url={dataset}", f"run.dir={run_dir}", *SMALL, "train.epochs=1"]
+    torchrun([*args, "train.max_steps=7"])  # 7 steps x 2 ranks x 2 micro-batches x 16 = 448 samples
+    out = torchrun(args, nproc=1)
+    assert "at step 7 (epoch 0, 448 samples of it read, batch 0 of this layout)" in out.stderr
+    state = final_state(run_dir)
+    # 1400 training samples: the rest after 448 is 952, read in steps of 32 (24 left over)
+    assert state["data"]["epoch"] == 1 and state["progress"]["step"] == 7 + 952 // 32
+    assert state["scheduler"]["samples"] == 448 + 952 // 32 * 32
