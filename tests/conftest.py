@@ -112,3 +112,23 @@ def torchrun(args: list[str], nproc: int = 2, env: dict | None = None, check: bo
     if check and result.returncode != 0:
         raise AssertionError(f"torchrun failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
     return result
+
+
+# A run of a few seconds on the bands dataset: one process, no loader workers, no wandb.
+TINY_RUN = ["model.width=8", "data.batch_size=32", "data.num_workers=0", "train.epochs=1",
+            "train.log_every=5", "track.wandb=disabled", "track.progress=false"]
+
+
+@pytest.fixture(scope="session")
+def bands_dataset(tmp_path_factory) -> str:
+    return build_bands_dataset(tmp_path_factory.mktemp("bands"))
+
+
+def train_process(args: list[str], env: dict | None = None, timeout: int = 180) -> subprocess.CompletedProcess:
+    """`python jobs/train.py ARGS` in one plain process (no torchrun); fails with its stderr."""
+    result = subprocess.run([sys.executable, str(REPO / "jobs" / "train.py"), *args], cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+                            capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stderr[-6000:]}")
+    return result
