@@ -1,6 +1,7 @@
 """Shared fixtures: a real S3 endpoint (moto's server on 127.0.0.1), as s3fs's own tests use."""
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -38,15 +39,7 @@ def s3_endpoint(tmp_path_factory):
 
     The env is inherited by DataLoader workers and by torchrun/srun children.
     """
-    port = free_port()
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=out, stderr=subprocess.STDOUT)
-    try:
-        wait_for_port(port)
-        endpoint = f"http://127.0.0.1:{port}"
+    with moto_server(tmp_path_factory.mktemp("moto") / "moto.log") as endpoint:
         env = {
             "AWS_ENDPOINT_URL": endpoint,
             "AWS_ACCESS_KEY_ID": "testing-key-id",
@@ -55,15 +48,31 @@ def s3_endpoint(tmp_path_factory):
         }
         old = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
-        yield endpoint
+        try:
+            yield endpoint
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+@contextlib.contextmanager
+def moto_server(log: Path, env: dict | None = None):
+    """moto's S3 server on a free loopback port; yields its endpoint URL. `env`, e.g.
+    INITIAL_NO_AUTH_ACTION_COUNT=0, makes it check credentials like AWS does."""
+    port = free_port()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    try:
+        wait_for_port(port)
+        yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
         proc.wait(timeout=10)
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture
