@@ -48,3 +48,11 @@ def wants_requeue(reason: str) -> bool:
     """Whether a trainer result's reason ("signal <NAME>", see StopRequest.describe) asks
     for a requeue: only the requeue signal does, never a cancel."""
     return reason == f"signal {REQUEUE_SIGNAL.name}"
+
+
+def keep_worker_through_cancel(worker_id: int) -> None:
+    """DataLoader worker_init_fn. scancel's SIGTERM reaches every process of the job step,
+    and torch's loader workers die on it, so the rank fails with "DataLoader worker exited
+    unexpectedly" instead of stopping at its next step with a checkpoint. The rank decides;
+    its workers are shut down with its loader (or by SLURM's SIGKILL after KillWait)."""
+    signal.signal(CANCEL_SIGNAL, signal.SIG_IGN)
