@@ -136,3 +136,17 @@ def test_wrong_s3_credentials_give_one_line_naming_the_url(tmp_path):
                "AWS_DEFAULT_REGION": "us-east-1"}
         line = error_line(run_cli("build", str(source), "s3://data/tiny", "--no-progress", env=env))
     assert line.startswith("error: s3://data/tiny: ") and "credentials" in line
+
+
+@pytest.mark.xfail(strict=True, reason="needs imgcls/data.py read_manifest to call shards.format.check_shard_paths")
+def test_the_trainer_refuses_escaping_shard_paths_too(tmp_path):
+    from imgcls.data import DataError, read_manifest
+
+    dest = build_bands_dataset(tmp_path, n=200)
+    manifest_path = os.path.join(dest, "manifest.json")
+    manifest = json.loads(open(manifest_path).read())
+    manifest["splits"]["train"]["shards"][0]["path"] = "/etc/passwd"
+    with open(manifest_path, "w") as f:
+        json.dump(manifest, f)
+    with pytest.raises(DataError, match="shard path '/etc/passwd' must be relative"):
+        read_manifest(dest)
