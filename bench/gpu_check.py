@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     (out / "gpu_check.json").write_text(json.dumps(report, indent=2))
-    print(f"\n| check | ok | numbers |\n|---|:---:|---|")
+    print("\n| check | ok | numbers |\n|---|:---:|---|")
     for row in report["checks"]:
         numbers = {k: v for k, v in row.items() if k not in ("check", "ok", "startup")}
         print(f"| {row['check']} | {'yes' if row['ok'] else 'NO'} | {json.dumps(numbers)} |")

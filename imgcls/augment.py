@@ -12,7 +12,6 @@ per sample in the loader worker and applied to the whole batch at once, in two h
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass
 
 import numpy as np

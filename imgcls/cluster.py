@@ -5,6 +5,8 @@ handler only sets a flag (imgcls.signals); the trainer stops at the next optimiz
 every rank together, saves a checkpoint and returns "stopped"; then rank 0 requeues the job
 and every task exits without a result, so submitit keeps waiting for the requeued run. The
 requeued job resumes from that checkpoint: same run dir, same wandb run, same code snapshot.
+A cancelled job (scancel, `jobs/status.py cancel`: SIGTERM) also stops with a checkpoint,
+but is never requeued: cancel means stop.
 
 Run dir layout: config.yaml, submit.json (how it was submitted, every job id), code/ (the
 snapshot the job runs), logs/ (submitit's stdout/stderr per job), attempts.jsonl (one line
@@ -12,10 +14,12 @@ per start), checkpoints/, metrics.jsonl, wandb/.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -23,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from imgcls.config import Config, apply_override, from_dict, save_config, to_dict
+from imgcls.distributed import job_port
+from imgcls.signals import wants_requeue
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +71,13 @@ class TrainTask:
             log.info("running the code in %s", Path(imgcls.__file__).parent.parent)
             record_attempt(cfg.run.dir)
         result = train(cfg)
-        if result["status"] == "stopped" and result["reason"].startswith("signal") and "SLURM_JOB_ID" in os.environ:
+        if result["status"] == "stopped" and wants_requeue(result["reason"]) and "SLURM_JOB_ID" in os.environ:
             if is_main:
                 requeue(os.environ["SLURM_JOB_ID"])
             # No result file: submitit keeps waiting for the requeued job.
             sys.exit(0)
+        if result["status"] == "stopped" and is_main:
+            log.warning("stopped by %s at step %d: not requeued", result["reason"], result["step"])
         return result
 
 
@@ -85,14 +93,30 @@ def _export_local_ranks() -> None:
         return
     if env.num_tasks > 1:
         os.environ.update(RANK=str(env.global_rank), WORLD_SIZE=str(env.num_tasks), LOCAL_RANK=str(env.local_rank),
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(20000 + int(str(env.job_id).split("_")[0]) % 20000))
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(job_port(env.job_id)))
 
 
 def requeue(job_id: str) -> None:
     """Put this job back in the queue (SLURM kills this run of it). After a preemption with
-    PreemptMode=REQUEUE SLURM requeues by itself and this call's refusal is harmless."""
+    PreemptMode=REQUEUE SLURM requeues by itself and this call's refusal is harmless.
+    A job cancelled meanwhile stays cancelled: `scontrol requeue` would revive it."""
+    state = slurm_job_state(job_id)
+    if state == "CANCELLED":
+        log.warning("job %s was cancelled: not requeued", job_id)
+        return
     out = subprocess.run(["scontrol", "requeue", str(job_id)], capture_output=True, text=True)
     log.warning("requeue job %s: %s", job_id, (out.stdout + out.stderr).strip() or "ok")
+
+
+def slurm_job_state(job_id: str) -> str:
+    """The job's state in slurmctld (RUNNING, CANCELLED, ...); '' when scontrol cannot tell."""
+    try:
+        out = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True,
+                             text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    match = re.search(r"\bJobState=(\w+)", out)
+    return match.group(1) if match else ""
 
 
 def record_attempt(run_dir: str) -> None:
@@ -185,12 +209,14 @@ class Submission:
 
 
 def submit(cfg: Config, opts: SlurmOptions, cluster: str = "slurm", sweeps: list[str] = (),
-           resume: str = "") -> Submission:
-    """Submit one training job, or a job array over the sweep grid, and return at once."""
+           resume: str = "", resume_changes: dict | None = None) -> Submission:
+    """Submit one training job, or a job array over the sweep grid, and return at once.
+    With `resume`, the run's saved options, with `resume_changes` applied (e.g. {"nodes": 2}:
+    the reader and the schedule resume elastically on the new number of ranks)."""
     if resume:
         run_dir = Path(resume).resolve()
         info = json.loads((run_dir / "submit.json").read_text())
-        opts = SlurmOptions(**info["slurm"])
+        opts = dataclasses.replace(SlurmOptions(**info["slurm"]), **(resume_changes or {}))
         cluster = info["cluster"]
         task_dirs = [Path(d) for d in info["run_dirs"]]
         configs = [from_dict(json.loads((d / "config.json").read_text())) for d in task_dirs]
@@ -211,8 +237,8 @@ def submit(cfg: Config, opts: SlurmOptions, cluster: str = "slurm", sweeps: list
             task_cfg.run.name = task_cfg.run.name or f"{opts.job_name}-{task_dir.name}"
             task_cfg.track.run_id = task_cfg.track.run_id or _new_run_id()
             task_dir.mkdir(parents=True, exist_ok=True)
-            save_config(task_cfg, str(task_dir / "config.yaml"))
-            (task_dir / "config.json").write_text(json.dumps(to_dict(task_cfg)))
+            save_config(task_cfg, str(task_dir / "config.yaml"))  # credentials masked
+            write_private(task_dir / "config.json", json.dumps(to_dict(task_cfg)))  # the job's own, in full
             configs.append(task_cfg)
             task_dirs.append(task_dir)
 
@@ -231,10 +257,28 @@ def submit(cfg: Config, opts: SlurmOptions, cluster: str = "slurm", sweeps: list
     previous = json.loads(info_path.read_text())["job_ids"] if info_path.exists() else []
     info = {"cluster": cluster, "slurm": vars(opts), "run_dirs": [str(d) for d in task_dirs],
             "job_ids": previous + [str(j.job_id) for j in jobs], "code": str(code)}
-    info_path.write_text(json.dumps(info, indent=2))
+    write_private(info_path, json.dumps(info, indent=2))  # --setup lines may hold a token
+    make_private(run_dir / "logs", SUBMITIT_INPUTS)  # the pickled config and the sbatch script
     return Submission(job_ids=[str(j.job_id) for j in jobs], run_dirs=[str(d) for d in task_dirs],
                       log_paths=[str(j.paths.stdout).replace("%t", "0") for j in jobs],
                       run_ids=[c.track.run_id for c in configs], jobs=jobs)
+
+
+SUBMITIT_INPUTS = ("*_submitted.pkl", "*_submission.sh")
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a file that only its owner may read: it holds credentials the job needs."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an older file keeps its mode through O_CREAT
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def make_private(folder: Path, patterns: tuple[str, ...]) -> None:
+    for pattern in patterns:
+        for path in folder.glob(pattern):
+            path.chmod(0o600)
 
 
 def _run_task(config: dict) -> dict:

@@ -3,11 +3,14 @@
     cfg = load_config("configs/fashion_mnist.yaml", ["optim.lr=0.2", "train.epochs=3"])
 
 Unknown keys and values of the wrong type are errors that name the key, so a typo never
-silently trains the default. The resolved config is saved in every run dir and checkpoint.
+silently trains the default. The resolved config is saved in every run dir and checkpoint,
+with credentials (URL passwords, `*token*=...`) masked by `redacted`: the config in memory
+keeps them, so a trial still reaches its database.
 """
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -278,6 +281,37 @@ def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
 
 
 def save_config(cfg: Config, url: str) -> None:
+    """Write the config as YAML, credentials masked (see `redacted`)."""
     from imgcls import storage
 
-    storage.write_bytes_atomic(url, yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
+    storage.write_bytes_atomic(url, yaml.safe_dump(redacted(to_dict(cfg)), sort_keys=False).encode())
+
+
+# ---------------------------------------------------------------- credentials
+REDACTED = "***"
+SECRET_NAME = r"\w*(?:passw|secret|token|api_?key|access_?key|credential)\w*"
+# scheme://user:PASSWORD@host: the password runs to the authority's last '@'
+URL_PASSWORD = re.compile(r"(?P<keep>\b[a-z][a-z0-9+.-]*://[^\s/?#@:]*:)[^\s/?#]+(?=@)", re.IGNORECASE)
+# NAME=VALUE where the name says secret: `export WANDB_API_KEY=...`, `?token=...`
+NAMED_SECRET = re.compile(rf"(?P<keep>\b{SECRET_NAME}=)[^\s&'\"]+", re.IGNORECASE)
+SECRET_KEY = re.compile(rf"^{SECRET_NAME}$", re.IGNORECASE)
+
+
+def redact_text(text: str) -> str:
+    """`text` with URL passwords and NAME=VALUE secrets replaced by ***."""
+    text = URL_PASSWORD.sub(lambda m: m["keep"] + REDACTED, text)
+    return NAMED_SECRET.sub(lambda m: m["keep"] + REDACTED, text)
+
+
+def redacted(data):
+    """A copy of a config dict (or any nesting of dicts, lists and strings) that is safe to
+    save or send: credentials in strings are masked, and so is every non-empty string
+    under a key whose name says secret (password, token, api_key, ...)."""
+    if isinstance(data, dict):
+        return {key: REDACTED if isinstance(value, str) and value and SECRET_KEY.match(str(key))
+                else redacted(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [redacted(value) for value in data]
+    if isinstance(data, str):
+        return redact_text(data)
+    return data

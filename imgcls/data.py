@@ -32,7 +32,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from imgcls import storage
 from imgcls.augment import AugmentConfig, InputTransform, crop_flip, draw_params, photometric
-from shards.format import decode_sample, read_tar
+from imgcls.signals import keep_worker_through_cancel
+from shards.format import check_shard_paths, decode_sample, read_tar
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +59,13 @@ class DataConfig:
 def read_manifest(url: str) -> dict:
     manifest_url = storage.join(url, "manifest.json")
     try:
-        return json.loads(storage.read_bytes(manifest_url))
+        manifest = json.loads(storage.read_bytes(manifest_url))
+        check_shard_paths(manifest, manifest_url)  # no absolute or `..` paths out of the dataset
     except FileNotFoundError:
         raise DataError(f"no shard manifest at {manifest_url}: build one with `python -m shards build`") from None
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    return manifest
 
 
 def interleave(counts: list[int]) -> list[tuple[int, int]]:
@@ -447,6 +452,7 @@ class ShardReader(IterableDataset):
         `pin_memory` (for CUDA) lets the host-to-device copies run asynchronously."""
         workers = self.cfg.num_workers
         return DataLoader(self, batch_size=None, num_workers=workers, collate_fn=_as_is, pin_memory=pin_memory,
+                          worker_init_fn=keep_worker_through_cancel,
                           prefetch_factor=4 if workers else None, persistent_workers=False)
 
 

@@ -16,10 +16,11 @@ trial process prunes with the same rule as the sweep that created it.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
+
+from imgcls.jsonl import read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -118,14 +119,11 @@ def set_key(config: dict, key: str, value) -> None:
 
 def best_value(run_dir: str, metric: str) -> float | None:
     """The best `metric` over the run's metrics.jsonl records (None if never logged)."""
-    path = Path(run_dir) / "metrics.jsonl"
     values = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                value = json.loads(line).get(metric)
-                if isinstance(value, (int, float)) and math.isfinite(value):
-                    values.append(float(value))
+    for record in read_jsonl(Path(run_dir) / "metrics.jsonl"):
+        value = record.get(metric)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            values.append(float(value))
     if not values:
         return None
     return (min if direction(metric) == "minimize" else max)(values)

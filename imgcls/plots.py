@@ -7,7 +7,6 @@ be any URL imgcls.storage understands, and are written atomically.
 from __future__ import annotations
 
 import io
-import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from imgcls import storage
+from imgcls.jsonl import read_jsonl
 
 
 def _save(fig: Figure, path: str | Path) -> None:
@@ -99,8 +99,7 @@ PANELS = [
 def read_records(source: str | Path | Iterable[dict]) -> list[dict]:
     """Records from a metrics JSONL file (path or URL), or the given records."""
     if isinstance(source, (str, Path)):
-        lines = storage.read_bytes(str(source)).decode().splitlines()
-        return [json.loads(line) for line in lines if line.strip()]
+        return read_jsonl(source)
     return list(source)
 
 

@@ -10,24 +10,56 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
+import sys
 import time
+import urllib.parse
+import urllib.request
 import uuid
 from pathlib import Path
 
 from imgcls import storage
+from imgcls.config import redact_text, redacted
+from imgcls.jsonl import parse_jsonl
 
 log = logging.getLogger(__name__)
 
+WANDB_DEFAULT_URL = "https://api.wandb.ai"
 
-def wandb_mode(setting: str) -> str:
+
+def wandb_mode(setting: str, timeout: float = 3.0) -> str:
+    """auto: online with an API key (or a wandb login in ~/.netrc) when the wandb server
+    answers within `timeout`; offline otherwise (a compute node without internet). An
+    explicit WANDB_MODE wins."""
     if setting != "auto":
         return setting
-    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE"):
-        return os.environ.get("WANDB_MODE", "online")
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
     netrc = Path.home() / ".netrc"
-    if netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
-        return "online"
-    return "offline"
+    has_key = bool(os.environ.get("WANDB_API_KEY")) or (
+        netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore"))
+    if not has_key:
+        return "offline"
+    url = os.environ.get("WANDB_BASE_URL") or WANDB_DEFAULT_URL
+    if not reachable(url, timeout):
+        log.warning("track.wandb=auto: %s is not reachable: logging offline (`wandb sync` later)", url)
+        return "offline"
+    return "online"
+
+
+def reachable(url: str, timeout: float) -> bool:
+    """Whether a TCP connection to `url`'s host (or to the HTTPS/HTTP proxy that would carry
+    it) opens within `timeout` seconds."""
+    parts = urllib.parse.urlsplit(url)
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and not urllib.request.proxy_bypass(parts.hostname or ""):
+        parts = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parts.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 class Tracker:
@@ -60,19 +92,32 @@ class Tracker:
         import wandb
 
         local_dir = self.run_dir if "://" not in self.run_dir else "."
-        self.run = wandb.init(
-            project=self.cfg.project, entity=self.cfg.entity or None, id=self.run_id,
-            name=self.name or None, config=config,
-            dir=local_dir, mode=mode, resume="allow",
-            settings=wandb.Settings(silent=True, console="off", x_disable_stats=True))
+        argv = sys.argv
+        sys.argv = [redact_text(arg) for arg in argv]  # wandb sends the command line (settings._args)
+        try:
+            self.run = wandb.init(
+                project=self.cfg.project, entity=self.cfg.entity or None, id=self.run_id,
+                name=self.name or None, config=redacted(config),
+                dir=local_dir, mode=mode, resume="allow",
+                settings=wandb.Settings(silent=True, console="off", x_disable_stats=True))
+        finally:
+            sys.argv = argv
         self.run.define_metric("*", step_metric="step")
         log.info("wandb run %s (%s) in %s", self.run_id, mode, self.run.dir)
 
     def _read_records(self) -> list[dict]:
+        """The records logged so far. A torn line (a killed append) is skipped and reported,
+        and the file is rewritten without it, so the next append starts on a line of its own."""
         if not storage.exists(self.metrics_url):
             return []
-        lines = storage.read_bytes(self.metrics_url).decode().splitlines()
-        return [json.loads(line) for line in lines if line.strip()]
+        text = storage.read_bytes(self.metrics_url).decode(errors="replace")
+        records, torn = parse_jsonl(text, self.metrics_url)
+        if torn or (text and not text.endswith("\n")):
+            self._rewrite(records)
+        return records
+
+    def _rewrite(self, records: list[dict]) -> None:
+        storage.write_bytes_atomic(self.metrics_url, "".join(json.dumps(r) + "\n" for r in records).encode())
 
     def log(self, step: int, metrics: dict) -> None:
         """Record metrics at `step` unless an earlier attempt already logged them there."""
@@ -85,14 +130,12 @@ class Tracker:
         self.records.append(record)
         self.last_step = max(self.last_step, step)
         self._append(record)
-        if self.run is not None:
-            self.run.log({"step": step, **metrics})
+        self._send(lambda run: run.log({"step": step, **metrics}))
 
     def _append(self, record: dict) -> None:
         line = json.dumps(record) + "\n"
         if "://" in self.metrics_url and not self.metrics_url.startswith("file://"):
-            # object stores cannot append: rewrite the (small) file
-            storage.write_bytes_atomic(self.metrics_url, "".join(json.dumps(r) + "\n" for r in self.records).encode())
+            self._rewrite(self.records)  # object stores cannot append: rewrite the (small) file
             return
         path = self.metrics_url.removeprefix("file://")
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -109,11 +152,23 @@ class Tracker:
             import wandb
             from PIL import Image
 
-            self.run.log({"step": step, name: wandb.Image(Image.open(io.BytesIO(storage.read_bytes(url))))})
+            image = wandb.Image(Image.open(io.BytesIO(storage.read_bytes(url))))
+            self._send(lambda run: run.log({"step": step, name: image}))
 
     def finish(self) -> None:
-        if self.run is not None:
-            self.run.finish()
+        self._send(lambda run: run.finish())
+        self.run = None
+
+    def _send(self, call) -> None:
+        """call(wandb run). If wandb's service is gone, go on without it: scancel's SIGTERM
+        reaches every process of the job step, wandb's service too, and the rank still has
+        a checkpoint to write. metrics.jsonl keeps every record."""
+        if self.run is None:
+            return
+        try:
+            call(self.run)
+        except OSError as error:  # ConnectionResetError, BrokenPipeError from the service socket
+            log.warning("wandb stopped answering (%s): logging to metrics.jsonl only", error)
             self.run = None
 
 

@@ -28,14 +28,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from imgcls import distributed, storage
 from imgcls.checkpoint import Checkpointer, RNGState
-from imgcls.config import Config, save_config, to_dict
+from imgcls.config import Config, redacted, save_config, to_dict
 from imgcls.data import DataError, ShardReader, first_images, read_manifest
 from imgcls.evaluation import evaluate, model_from_checkpoint
+from imgcls.jsonl import parse_jsonl
 from imgcls.losses import classification_loss, distillation_loss, mix_batch
 from imgcls.models import apply_unfreeze_schedule, build_model
 from imgcls.precision import autocast, precision_name, resolve_precision
 from imgcls.progress import ProgressReport
-from imgcls.signals import StopRequest
+from imgcls.signals import StopRequest, wants_requeue
 from imgcls.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ def record_resume(run_dir: str, step: int) -> int:
     row before this one started at the same step, i.e. made no progress."""
     url = storage.join(run_dir, "resumes.jsonl")
     old = storage.read_bytes(url).decode() if storage.exists(url) else ""
-    steps = [json.loads(line)["step"] for line in old.splitlines() if line.strip()] + [step]
+    steps = [record["step"] for record in parse_jsonl(old, url)[0]] + [step]
     storage.write_bytes_atomic(url, (old + json.dumps({"step": step, "time": time.time()}) + "\n").encode())
     stalled = 0
     while stalled + 1 < len(steps) and steps[-2 - stalled] == step:
@@ -241,7 +242,7 @@ def train(cfg: Config) -> dict:
     # (--kill-on-bad-exit) ends them.
     # the run dir's owner: its lease, its newest checkpoint; created before the model is built,
     # so a fresh run is known as such (whitening runs only then)
-    checkpointer = Checkpointer(cfg.run.dir, cfg.train.keep_last, dist.is_main, config=to_dict(cfg),
+    checkpointer = Checkpointer(cfg.run.dir, cfg.train.keep_last, dist.is_main, config=redacted(to_dict(cfg)),
                                 lease_timeout_s=cfg.run.lease_timeout_s, retry_s=cfg.run.storage_retry_s)
     try:
         result = Trainer(cfg, dist, stop, checkpointer).train()
@@ -249,10 +250,9 @@ def train(cfg: Config) -> dict:
         with contextlib.suppress(Exception):  # give the run dir back, without hiding the error
             checkpointer.close()
         raise
-    # the last checkpoint is written first; a SLURM job stopped by a signal is requeued by its
-    # caller (imgcls.cluster) and takes its lease back, so the record stays
-    requeue = result["reason"].startswith("signal") and "SLURM_JOB_ID" in os.environ
-    checkpointer.close(requeue=requeue)
+    # the last checkpoint is written first; a SLURM job stopped to come back (USR2) is requeued
+    # by its caller (imgcls.cluster) and takes its lease back, so the record stays
+    checkpointer.close(requeue=wants_requeue(result["reason"]) and "SLURM_JOB_ID" in os.environ)
     gc.collect()  # the Trainer's DDP model (and any cycle holding its reducer) is gone before the group
     distributed.shutdown()
     return result

@@ -24,6 +24,13 @@ def add_slurm_arguments(p, job_name: str = "imgcls") -> None:
     p.add_argument("--signal-margin", type=int, default=120, help="seconds of USR2 warning before the time limit")
 
 
+# SlurmOptions field -> the argparse dest it comes from
+SLURM_FIELDS = {"nodes": "nodes", "gpus_per_node": "gpus_per_node", "tasks_per_node": "tasks_per_node",
+                "cpus_per_task": "cpus_per_task", "mem_gb": "mem_gb", "time_min": "time", "partition": "partition",
+                "account": "account", "qos": "qos", "constraint": "constraint", "exclude": "exclude",
+                "job_name": "job_name", "sbatch": "sbatch", "setup": "setup", "signal_margin_s": "signal_margin"}
+
+
 def slurm_options(args) -> SlurmOptions:
     sbatch = {}
     for item in args.sbatch:

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from imgcls import checkpoint
+from imgcls.jsonl import read_jsonl
 
 
 def sacct_state(job_id: str) -> str:
@@ -22,12 +23,6 @@ def sacct_state(job_id: str) -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown (no sacct)"
     return out[-1] if out else "unknown"
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def find_runs(root: Path) -> list[tuple[Path, dict, int]]:

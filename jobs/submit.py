@@ -18,7 +18,13 @@ import sys
 from imgcls.cluster import submit
 from imgcls.config import load_config
 from imgcls.tracking import configure_logging, wandb_mode
-from slurm_args import add_slurm_arguments, slurm_options
+from slurm_args import SLURM_FIELDS, add_slurm_arguments, slurm_options
+
+
+def given_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The dests of the options that `argv` names (with --resume: the saved ones to change)."""
+    names = {arg.split("=", 1)[0] for arg in argv if arg.startswith("--")}
+    return {action.dest for action in parser._actions if names & set(action.option_strings)}
 
 
 def parse_args(argv):
@@ -28,9 +34,13 @@ def parse_args(argv):
     add_slurm_arguments(p)
     p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
                    help="grid over values (repeatable): one job array, one run dir per task")
-    p.add_argument("--resume", default="", metavar="RUN_DIR", help="resubmit a run with its saved config and code")
+    p.add_argument("--resume", default="", metavar="RUN_DIR",
+                   help="resubmit a run with its saved config, code and SLURM options; SLURM options given "
+                        "here replace the saved ones (e.g. --nodes 2: the run resumes elastically)")
     p.add_argument("--wait", action="store_true", help="wait for the job(s) and print the results")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.given = given_options(p, sys.argv[1:] if argv is None else argv)
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -38,7 +48,8 @@ def main(argv: list[str] | None = None) -> dict:
     configure_logging()
     cfg = load_config(args.config, args.overrides)
     opts = slurm_options(args)
-    sub = submit(cfg, opts, cluster=args.cluster, sweeps=args.sweep, resume=args.resume)
+    changes = {field: getattr(opts, field) for field, dest in SLURM_FIELDS.items() if dest in args.given}
+    sub = submit(cfg, opts, cluster=args.cluster, sweeps=args.sweep, resume=args.resume, resume_changes=changes)
     mode = wandb_mode(cfg.track.wandb)
     for job_id, run_dir, log_path, run_id in zip(sub.job_ids, sub.run_dirs, sub.log_paths, sub.run_ids):
         print(f"job {job_id}\n  run dir: {run_dir}\n  log:     {log_path}\n  wandb:   run {run_id} ({mode})"

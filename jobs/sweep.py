@@ -39,8 +39,8 @@ import optuna
 from optuna.trial import TrialState
 
 from imgcls import hpo
-from imgcls.cluster import _run_task, absolute_paths, make_executor, snapshot_code
-from imgcls.config import from_dict, load_config, save_config, to_dict
+from imgcls.cluster import SUBMITIT_INPUTS, _run_task, absolute_paths, make_executor, make_private, snapshot_code
+from imgcls.config import from_dict, load_config, redact_text, save_config, to_dict
 from imgcls.tracking import configure_logging
 from slurm_args import add_slurm_arguments, slurm_options
 
@@ -117,6 +117,7 @@ class Sweep:
             job = executor.submit(_run_task, to_dict(cfg))
         finally:
             os.chdir(cwd)
+        make_private(self.dir / "logs", SUBMITIT_INPUTS)  # the pickled config holds hpo.storage in full
         trial.set_user_attr("run_dir", str(run_dir))
         trial.set_user_attr("overrides", [f"{k}={v}" for k, v in params.items()])
         trial.set_user_attr("job_id", str(job.job_id))
@@ -183,7 +184,7 @@ class Sweep:
             run_dir = b.user_attrs.get("run_dir", "")  # none for a trial added to the study by hand
             best = {"number": b.number, "value": b.value, "overrides": b.user_attrs.get("overrides", []),
                     "run_dir": run_dir, "config": str(Path(run_dir) / "config.yaml") if run_dir else ""}
-        return {"study": self.name, "storage": self.url, "metric": self.metric,
+        return {"study": self.name, "storage": redact_text(self.url), "metric": self.metric,
                 "direction": self.study.direction.name.lower(), "trials": trials, "best": best}
 
 

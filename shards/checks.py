@@ -10,7 +10,7 @@ import numpy as np
 
 from imgcls.storage import filesystem, join, read_bytes
 
-from .format import EXTENSIONS, FORMAT, decode_sample, read_tar
+from .format import EXTENSIONS, FORMAT, check_shard_paths, decode_sample, read_tar
 
 
 def load_manifest(dest: str) -> dict:
@@ -23,6 +23,7 @@ def load_manifest(dest: str) -> dict:
         raise ValueError(f"{url} is not valid JSON: {e}") from None
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{url}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    check_shard_paths(manifest, url)
     return manifest
 
 

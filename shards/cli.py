@@ -86,10 +86,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args)
     except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {error_line(e, args.dest)}", file=sys.stderr)
         return 2
     finally:
         log.removeHandler(handler)  # main() may run more than once in a process (tests)
+
+
+def error_line(error: Exception, dest: str) -> str:
+    """One line naming what failed: an object store's error (s3fs: "Forbidden") names no
+    URL, so DEST is added, and a refusal says which credentials to check."""
+    text = str(error) or type(error).__name__
+    if isinstance(error, OSError) and not error.filename and dest not in text:
+        text = f"{dest}: {text}"
+    if isinstance(error, PermissionError) and "://" in dest:
+        text += " (check the credentials for it: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE)"
+    return " ".join(text.split())
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -16,6 +16,9 @@ from PIL import Image
 FORMAT = "imgcls.shards/1"
 ENCODINGS = ("raw", "png", "jpeg")
 EXTENSIONS = {"raw": "raw", "png": "png", "jpeg": "jpg"}  # encoding -> tar member extension
+# A decoded image above this many pixels is refused from its header, before decoding: a
+# 140 kB PNG can claim 12000x12000 pixels (PIL itself warns at 89M and refuses at 179M).
+MAX_PIXELS = 1 << 26
 _KEY_OK = re.compile(r"[A-Za-z0-9_/-]+")
 _KEY_BAD_CHARS = re.compile(r"[^A-Za-z0-9_/-]")
 
@@ -62,15 +65,39 @@ def decode_image(data: bytes, ext: str, image_meta: dict) -> np.ndarray:
     if ext not in ("png", "jpg"):
         raise ValueError(f"unknown image extension {ext!r}")
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            array = np.asarray(image.convert("L" if channels == 1 else "RGB"))
+        image = Image.open(io.BytesIO(data))  # reads the header only
     except Exception as e:  # PIL raises many types for bad data; callers want one
         raise ValueError(f"cannot decode {ext} image: {e}") from None
+    with image:
+        check_image_size(image.height, image.width, height, width)
+        try:
+            array = np.asarray(image.convert("L" if channels == 1 else "RGB"))
+        except Exception as e:
+            raise ValueError(f"cannot decode {ext} image: {e}") from None
     if array.ndim == 2:
         array = array[:, :, None]
-    if height is not None and array.shape[:2] != (height, width):
-        raise ValueError(f"image is {array.shape[0]}x{array.shape[1]}, expected {height}x{width}")
     return array
+
+
+def check_image_size(height: int, width: int, expected_height: int | None = None,
+                     expected_width: int | None = None) -> None:
+    """ValueError unless an image's header size is the expected one (when there is one) and
+    at most MAX_PIXELS: checked before decoding, so a decompression bomb costs nothing."""
+    if expected_height is not None and (height, width) != (expected_height, expected_width):
+        raise ValueError(f"image is {height}x{width}, expected {expected_height}x{expected_width}")
+    if height * width > MAX_PIXELS:
+        raise ValueError(f"image is {height}x{width}: more than {MAX_PIXELS} pixels, refused before decoding")
+
+
+def check_shard_paths(manifest: dict, where: str) -> None:
+    """ValueError naming `where` (the manifest's URL) when a shard path could point outside
+    the dataset: absolute, a URL, or with a '..' part. Paths are relative to DEST (design.md)."""
+    for split in manifest.get("splits", {}).values():
+        for shard in split.get("shards", []):
+            path = str(shard.get("path", ""))
+            parts = path.replace("\\", "/").split("/")
+            if not path or path.startswith(("/", "\\")) or ":" in parts[0] or ".." in parts:
+                raise ValueError(f"{where}: shard path {path!r} must be relative to the dataset, without '..'")
 
 
 def decode_label(data: bytes | None, num_classes: int) -> int:

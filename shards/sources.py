@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from .format import sanitize_key
+from .format import check_image_size, sanitize_key
 
 DATASETS = Path("/usr/share/datasets")  # where Debian's dataset-* packages install
 SHORT_NAMES = {"fashion-mnist": DATASETS / "fashion-mnist", "mnist": DATASETS / "mnist"}
@@ -159,10 +159,34 @@ def _idx(folder: Path, name: str | None) -> Source:
 
 # ---- CIFAR python pickles ----
 
+class _DataUnpickler(pickle.Unpickler):
+    """Unpickles arrays, lists, dicts, bytes, str and numbers only: a pickle can name any
+    callable (os.system...), and a downloaded dataset is not trusted code."""
+
+    ALLOWED = {
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+        ("_codecs", "encode"),  # how Python 3 writes bytes in a protocol-2 pickle
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only arrays, lists, "
+                                         "dicts, bytes, str and numbers are allowed")
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> dict:
     # The official files are Python 2 pickles: bytes keys. Normalise to str keys.
     with open(path, "rb") as f:
-        d = pickle.load(f, encoding="bytes")
+        try:
+            d = _DataUnpickler(f, encoding="bytes").load()
+        except Exception as e:  # a bad pickle raises many types; the CLI wants one, naming the file
+            raise ValueError(f"{path}: not a CIFAR pickle: {e}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: not a CIFAR pickle: holds a {type(d).__name__}, not a dict")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
 
 
@@ -261,6 +285,7 @@ def _folder(root: Path, workers: int) -> Source:
 def _image_header(path: str) -> tuple[int, int, str]:
     try:
         with Image.open(path) as image:
+            check_image_size(image.height, image.width)  # before anything decodes it
             return image.height, image.width, image.mode
     except Exception as e:  # PIL raises many types for bad files
         raise ValueError(f"cannot read image {path}: {e}") from None

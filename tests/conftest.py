@@ -43,15 +43,7 @@ def s3_endpoint(tmp_path_factory):
 
     The env is inherited by DataLoader workers and by torchrun/srun children.
     """
-    port = free_port()
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=out, stderr=subprocess.STDOUT)
-    try:
-        wait_for_port(port)
-        endpoint = f"http://127.0.0.1:{port}"
+    with moto_server(tmp_path_factory.mktemp("moto") / "moto.log") as endpoint:
         env = {
             "AWS_ENDPOINT_URL": endpoint,
             "AWS_ACCESS_KEY_ID": "testing-key-id",
@@ -60,15 +52,31 @@ def s3_endpoint(tmp_path_factory):
         }
         old = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
-        yield endpoint
+        try:
+            yield endpoint
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+@contextlib.contextmanager
+def moto_server(log: Path, env: dict | None = None):
+    """moto's S3 server on a free loopback port; yields its endpoint URL. `env`, e.g.
+    INITIAL_NO_AUTH_ACTION_COUNT=0, makes it check credentials like AWS does."""
+    port = free_port()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    try:
+        wait_for_port(port)
+        yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
         proc.wait(timeout=10)
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture
@@ -352,3 +360,22 @@ def read_line(proc: subprocess.Popen, timeout: float = 60.0, stream=None) -> str
     if not line:
         raise AssertionError(f"process ended (rc {proc.wait()}); stderr:\n{proc.stderr.read()[-3000:]}")
     return line
+
+# A run of a few seconds on the bands dataset: one process, no loader workers, no wandb.
+TINY_RUN = ["model.width=8", "data.batch_size=32", "data.num_workers=0", "train.epochs=1",
+            "train.log_every=5", "track.wandb=disabled", "track.progress=false"]
+
+
+@pytest.fixture(scope="session")
+def bands_dataset(tmp_path_factory) -> str:
+    return build_bands_dataset(tmp_path_factory.mktemp("bands"))
+
+
+def train_process(args: list[str], env: dict | None = None, timeout: int = 180) -> subprocess.CompletedProcess:
+    """`python jobs/train.py ARGS` in one plain process (no torchrun); fails with its stderr."""
+    result = subprocess.run([sys.executable, str(REPO / "jobs" / "train.py"), *args], cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+                            capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stderr[-6000:]}")
+    return result

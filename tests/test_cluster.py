@@ -171,13 +171,55 @@ def test_usr2_requeues_then_a_killed_rank_fails_and_resume_finishes(slurm_cluste
     last_good = final_weights(run_dir)["progress"]["step"]
     assert last_good > stopped_at
 
-    resumed = submit("--resume", str(run_dir))
+    # on one node instead of two: the rest of the epoch is read by one rank, elastically
+    resumed = submit("--resume", str(run_dir), "--nodes", "1")
     assert resumed != job
     assert wait_state(slurm_cluster, resumed, {"COMPLETED", "FAILED", "CANCELLED"}, 240) == "COMPLETED", \
         log_tail(run_dir, resumed)
+    log = (run_dir / "logs" / f"{resumed}_0_log.err").read_text()
+    assert "world size 1," in log and "samples of it read" in log
+    assert json.loads((run_dir / "submit.json").read_text())["slurm"]["nodes"] == 1
     state = final_weights(run_dir)
     assert state["data"]["epoch"] == 20 and state["progress"]["restarts"] >= 2
     assert (run_dir / "code" / "imgcls" / "trainer.py").exists()  # it ran the snapshot
+
+
+def cancel_job(cluster, how: str, job_id: str, run_dir: Path) -> None:
+    if how == "scancel":
+        cluster.run("scancel", job_id)
+    else:
+        out = subprocess.run([sys.executable, str(REPO / "jobs" / "status.py"), "cancel", str(run_dir)],
+                             cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and f"cancelled {job_id}" in out.stdout, out.stderr
+
+
+@pytest.mark.parametrize("how, wandb", [("scancel", "disabled"), ("status.py cancel", "offline")])
+def test_cancelled_job_stops_and_stays_cancelled(slurm_cluster, dataset, tmp_path, how, wandb):
+    run_dir = tmp_path / "cancelled"
+    args = job_config(dataset, run_dir, epochs=40, wandb=wandb)  # with a loader worker: it ignores SIGTERM
+    job = submit("--time", "10", *args)
+    wait_for(lambda: logged_step(run_dir) >= 10, 120, "the job to train 10 steps")
+    cancel_job(slurm_cluster, how, job, run_dir)
+    assert wait_state(slurm_cluster, job, {"COMPLETED", "FAILED", "CANCELLED"}, 60) == "CANCELLED"
+    # a requeue would restart it within ~10 s (cred_expire=5, sched_interval=2): watch 25 s
+    deadline = time.time() + 25
+    while time.time() < deadline:
+        assert slurm_cluster.sacct_state(job) == "CANCELLED", log_tail(run_dir, job)
+        time.sleep(1)
+    assert len(attempts(run_dir)) == 1
+    assert "signal SIGTERM" in log_tail(run_dir, job) and "not requeued" in log_tail(run_dir, job)
+    assert final_weights(run_dir)["progress"]["step"] >= 10  # the last checkpoint, at the stop
+
+
+def test_cancelled_job_with_loader_workers_stops_cleanly(slurm_cluster, dataset, tmp_path):
+    run_dir = tmp_path / "cancelled"
+    job = submit("--time", "10", *job_config(dataset, run_dir, epochs=40, wandb="disabled"))  # num_workers=1
+    wait_for(lambda: logged_step(run_dir) >= 10, 120, "the job to train 10 steps")
+    slurm_cluster.run("scancel", job)
+    assert wait_state(slurm_cluster, job, {"COMPLETED", "FAILED", "CANCELLED"}, 60) == "CANCELLED"
+    wait_for(lambda: (run_dir / "logs" / f"{job}_0_result.pkl").exists(), 30, "the task's result")
+    log = (run_dir / "logs" / f"{job}_0_log.err").read_text()
+    assert "stopped by signal SIGTERM" in log and "DataLoader worker" not in log, log[-3000:]
 
 
 def test_sweep_is_one_job_array_with_a_run_dir_per_task(slurm_cluster, dataset, tmp_path):

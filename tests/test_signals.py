@@ -1,0 +1,56 @@
+"""What a stop signal means: USR2 comes back (requeue), SIGTERM stops for good."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from imgcls.signals import StopRequest, keep_worker_through_cancel, wants_requeue
+
+
+@pytest.fixture
+def restore_handlers():
+    saved = {s: signal.getsignal(s) for s in (signal.SIGUSR2, signal.SIGTERM)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+
+
+@pytest.mark.parametrize("signals, requeue, reason", [
+    ([signal.SIGTERM], False, "SIGTERM"),                  # scancel
+    ([signal.SIGUSR2], True, "SIGUSR2"),                   # time limit
+    ([signal.SIGUSR2, signal.SIGTERM], True, "SIGUSR2"),   # preemption: USR2, GraceTime, SIGTERM
+])
+def test_only_the_requeue_signal_asks_for_a_requeue(restore_handlers, signals, requeue, reason):
+    stop = StopRequest()
+    assert not stop.requested
+    for s in signals:
+        os.kill(os.getpid(), s)
+    assert stop.requested and stop.requeue == requeue and stop.describe() == reason
+    assert wants_requeue(f"signal {stop.describe()}") == requeue and not wants_requeue("max_steps")
+
+
+class Slow(IterableDataset):
+    def __iter__(self):
+        for i in range(6):
+            time.sleep(0.05)
+            yield torch.tensor([i])
+
+
+@pytest.mark.parametrize("init, survives", [(keep_worker_through_cancel, True), (None, False)])
+def test_loader_worker_outlives_the_cancel_signal_only_when_told(init, survives):
+    loader = DataLoader(Slow(), batch_size=None, num_workers=1, worker_init_fn=init, prefetch_factor=1)
+    batches = iter(loader)
+    seen = [int(next(batches))]
+    os.kill(batches._workers[0].pid, signal.SIGTERM)  # what slurmd sends every process of the step
+    time.sleep(0.5)
+    if survives:
+        seen += [int(b) for b in batches]
+        assert seen == list(range(6))
+    else:
+        with pytest.raises(RuntimeError, match="exited unexpectedly"):
+            seen += [int(b) for b in batches]
