@@ -388,3 +388,31 @@ def test_stopped_on_two_ranks_resumes_on_one_and_reads_the_rest_of_the_epoch(dat
     # 1400 training samples: the rest after 448 is 952, read in steps of 32 (24 left over)
     assert state["data"]["epoch"] == 1 and state["progress"]["step"] == 7 + 952 // 32
     assert state["scheduler"]["samples"] == 448 + 952 // 32 * 32
+
+
+def test_a_second_job_on_a_run_dir_in_use_is_refused_naming_the_holder(dataset, tmp_path):
+    """A resubmit while the first job still runs: one line naming the holder, and the first job
+    finishes with its own config and a checkpoint per epoch, untouched."""
+    import time
+
+    from tests.conftest import start_torchrun
+
+    run_dir = tmp_path / "shared"
+    first = start_torchrun([f"data.url={dataset}", f"run.dir={run_dir}", *SMALL, "train.epochs=4"], nproc=1)
+    try:
+        deadline = time.time() + 120
+        while not (run_dir / "metrics.jsonl").exists() and time.time() < deadline and first.poll() is None:
+            time.sleep(0.2)
+        assert (run_dir / "lease.json").exists() and first.poll() is None
+        second = torchrun([f"data.url={dataset}", f"run.dir={run_dir}", *SMALL, "train.epochs=4", "run.seed=9"],
+                          nproc=1, check=False)
+        errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
+        assert second.returncode != 0 and len(errors) == 1, second.stderr[-2000:]
+        assert f"{run_dir} is in use by job local:" in errors[0] and "(pid " in errors[0]
+        assert first.wait(timeout=240) == 0, first.stderr.read()[-3000:]
+    finally:
+        first.kill()
+        first.wait()
+    state = final_state(str(run_dir))
+    assert state["data"]["epoch"] == 4 and state["config"]["run"]["seed"] == 0
+    assert "seed: 0" in (run_dir / "config.yaml").read_text() and not (run_dir / "lease.json").exists()
