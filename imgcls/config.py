@@ -99,7 +99,10 @@ class EWCConfig:
     """Elastic Weight Consolidation (Kirkpatrick et al. 2017): protect a previous task's
     weights with (importance/2) * sum_i F_i (w_i - w*_i)^2 (imgcls.ewc)."""
     previous: str = ""               # checkpoint of the previous task's run (file or URL); "" = off
-    importance: float = 1000.0       # lambda: the penalty's weight against the new task's loss
+    # lambda, the penalty's weight against the new task's loss. 1e4-1e5 cut forgetting under
+    # AdamW in bench/continual.py; SGD diverges once lr x importance x max Fisher passes ~1.4
+    # (Nesterov; the run warns), which limits it to small importances
+    importance: float = 1e4
     fisher_samples: int = 1000       # samples of the previous task's data for the diagonal Fisher
     data_url: str = ""               # the previous task's shards; "" = the previous checkpoint's data.url
     split: str = "train"             # the split of data_url the Fisher samples come from
