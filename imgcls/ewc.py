@@ -43,8 +43,8 @@ class EWC:
     """The penalty's state, per parameter name: the Fisher diagonal and the anchor weights.
     A checkpoint part (state_dict/load_state_dict)."""
 
-    def __init__(self, model: torch.nn.Module, importance: float):
-        self.model, self.importance = model, importance
+    def __init__(self, model: torch.nn.Module, importance: float, is_main: bool = True):
+        self.model, self.importance, self.is_main = model, importance, is_main
         self.fisher: dict[str, torch.Tensor] = {}
         self.anchor: dict[str, torch.Tensor] = {}
 
@@ -65,7 +65,7 @@ class EWC:
         device = next(self.model.parameters()).device
         self.fisher = {n: t.to(device) for n, t in state["fisher"].items()}
         self.anchor = {n: t.to(device) for n, t in state["anchor"].items()}
-        if distributed.env_ranks()[0] == 0:
+        if self.is_main:
             log.info("ewc: Fisher and anchor of %d tensors restored from the checkpoint (not recomputed)",
                      len(self.fisher))
 
@@ -73,7 +73,7 @@ class EWC:
 def build_ewc(cfg, model: torch.nn.Module, dist: distributed.DistInfo, *, resuming: bool, lr: float) -> EWC:
     """The run's EWC part: computed now on a fresh run; left empty on a resume, for the
     checkpoint to fill. Collective on a fresh run (every rank calls it)."""
-    ewc = EWC(model, cfg.ewc.importance)
+    ewc = EWC(model, cfg.ewc.importance, dist.is_main)
     if resuming:
         return ewc
     if cfg.model.pretrained != cfg.ewc.previous and dist.is_main:

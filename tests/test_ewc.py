@@ -119,7 +119,7 @@ def test_a_huge_importance_with_adamw_barely_moves_the_weights(tasks, previous, 
     """AdamW's normalised steps stay stable where SGD would need lr x importance x max Fisher
     small (the run warns about that): at importance 1e6 the weights that matter stay put."""
     adamw = ["optim.name=adamw", "optim.lr=0.002", "train.epochs=1"]
-    plain = task_b(tasks, previous, tmp_path / "plain", *adamw)
+    task_b(tasks, previous, tmp_path / "plain", *adamw)
     held = task_b(tasks, previous, tmp_path / "held", *adamw, *ewc_args(previous, 1e6))
     assert "SGD diverges" not in held.stderr
     ewc = final_state(tmp_path / "held")["ewc"]
