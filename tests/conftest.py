@@ -93,20 +93,21 @@ def needs_fashion_mnist():
         reason="Debian package dataset-fashion-mnist is not installed (CI installs it)")
 
 
-def build_bands_dataset(workdir: Path, n: int = 2000, size: int = 12, reverse: bool = False) -> str:
+def build_bands_dataset(workdir: Path, n: int = 2000, size: int = 12, reverse: bool = False,
+                        classes: int = 4) -> str:
     """A small learnable dataset as shards (~1400 train / 400 val / 200 test, 100 per shard):
-    the class (0-3) is which horizontal band is bright, unchanged by the flip augmentation;
-    counted from the top, or from the bottom with `reverse` (another task on the same images)."""
+    the class (0 to classes-1) is which horizontal band is bright, unchanged by the flip
+    augmentation; counted from the top, or from the bottom with `reverse` (another task)."""
     import numpy as np
 
     import shards
 
     rng = np.random.default_rng(0)
-    labels = rng.integers(0, 4, n)
+    labels = rng.integers(0, classes, n)
     images = rng.integers(0, 100, (n, size, size, 1), dtype=np.uint8)
-    band = size // 4
+    band = size // classes
     for i, label in enumerate(labels):
-        row = 3 - label if reverse else label
+        row = classes - 1 - label if reverse else label
         images[i, row * band:(row + 1) * band] += 120
     workdir.mkdir(parents=True, exist_ok=True)
     src = workdir / "bands.npz"

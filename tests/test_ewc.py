@@ -148,6 +148,17 @@ def test_resume_restores_the_fisher_without_recomputing_and_is_bitwise_exact(run
         assert torch.equal(resumed["model"][name], tensor), name
 
 
+def test_a_head_for_other_classes_is_left_out_of_the_penalty(previous, tmp_path):
+    """Task B with 3 classes after task A's 4: the head (fc) starts as initialised and is not
+    protected; every other weight is."""
+    three = build_bands_dataset(tmp_path / "data", classes=3)
+    out = torchrun([f"data.url={three}", f"run.dir={tmp_path / 'run'}", *SMALL, "train.epochs=1",
+                    f"model.pretrained={previous}", *ewc_args(previous, 10)])
+    assert "ewc: not protected (absent from, or shaped unlike, the previous model): fc.weight, fc.bias" in out.stderr
+    fisher = final_state(tmp_path / "run")["ewc"]["fisher"]
+    assert "fc.weight" not in fisher and "stage1.0.weight" in fisher and len(fisher) == 18
+
+
 def test_more_fisher_samples_than_the_split_holds_is_a_one_line_error(tasks, previous, tmp_path):
     out = task_b(tasks, previous, tmp_path / "bad", f"ewc.previous={previous}", "ewc.fisher_samples=100000",
                  check=False)
