@@ -159,9 +159,16 @@ def test_a_head_for_other_classes_is_left_out_of_the_penalty(previous, tmp_path)
     assert "fc.weight" not in fisher and "stage1.0.weight" in fisher and len(fisher) == 18
 
 
-def test_more_fisher_samples_than_the_split_holds_is_a_one_line_error(tasks, previous, tmp_path):
-    out = task_b(tasks, previous, tmp_path / "bad", f"ewc.previous={previous}", "ewc.fisher_samples=100000",
-                 check=False)
+def one_error_line(out) -> str:
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
-    assert out.returncode != 0 and len(errors) == 1
-    assert f"ewc.fisher_samples=100000: {tasks[0]} split 'train' has 1400 samples" in errors[0]
+    assert out.returncode != 0 and len(errors) == 1, out.stderr[-2000:]
+    return errors[0]
+
+
+def test_bad_ewc_settings_are_one_line_errors(tasks, previous, tmp_path):
+    too_many = task_b(tasks, previous, tmp_path / "many", f"ewc.previous={previous}", "ewc.fisher_samples=100000",
+                      check=False)
+    assert f"ewc.fisher_samples=100000: {tasks[0]} split 'train' has 1400 samples" in one_error_line(too_many)
+    missing = tmp_path / "nowhere.pt"
+    absent = task_b(tasks, previous, tmp_path / "absent", f"ewc.previous={missing}", check=False)
+    assert f"ewc.previous: no checkpoint at {missing}" in one_error_line(absent)
