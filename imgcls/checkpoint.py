@@ -2,7 +2,7 @@
 
     {"config": ..., "model": ..., "optimizer": ..., "scheduler": ..., "scaler": ...,
      "ema": ..., "data": {"epoch", "position"}, "rng": [per rank], "progress": ...,
-     "tracker": {"run_id", ...}}
+     "tracker": {"run_id", ...}, "ewc": {"fisher", "anchor"} (with ewc.previous)}
 
 Files are `RUN_DIR/checkpoints/step-00001234.pt` (any fsspec URL) plus `best.pt`, each with a
 sidecar `step-00001234.pt.sha256` in `sha256sum` format. Loading uses

@@ -104,6 +104,21 @@ class DistillConfig:
 
 
 @dataclass
+class EWCConfig:
+    """Elastic Weight Consolidation (Kirkpatrick et al. 2017): protect a previous task's
+    weights with (importance/2) * sum_i F_i (w_i - w*_i)^2 (imgcls.ewc)."""
+    previous: str = ""               # checkpoint of the previous task's run (file or URL); "" = off
+    # lambda, the penalty's weight against the new task's loss. 1e4-1e5 cut forgetting under
+    # AdamW in bench/continual.py; SGD diverges once lr x importance x max Fisher passes ~1.4
+    # (Nesterov; the run warns), which limits it to small importances
+    importance: float = 1e4
+    fisher_samples: int = 1000       # samples of the previous task's data for the diagonal Fisher
+    data_url: str = ""               # the previous task's shards; "" = the previous checkpoint's data.url
+    split: str = "train"             # the split of data_url the Fisher samples come from
+    batch_size: int = 64             # per-sample gradients at a time (memory ~ batch x parameters)
+
+
+@dataclass
 class PruneConfig:
     """Magnitude pruning kept during training (masks live in the checkpoint)."""
     sparsity: float = 0.0            # fraction of weights (or channels) set to zero; 0 = off
@@ -142,6 +157,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    ewc: EWCConfig = field(default_factory=EWCConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     hpo: HPOConfig = field(default_factory=HPOConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
@@ -269,11 +285,13 @@ def flatten(data: dict, prefix: str = "") -> dict:
 def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
     """(refused, accepted): "key: old -> new" for every key whose value differs between a
     checkpoint's config and the one a resume asks for, split by RESUMABLE_KEYS."""
-    before, after = flatten(old), flatten(new)
+    before, after, defaults = flatten(old), flatten(new), flatten(to_dict(Config()))
     refused, accepted = [], []
     for key in sorted(before.keys() | after.keys()):
         if key in ("run.dir", "track.run_id") or before.get(key) == after.get(key):
             continue
+        if key not in before and after[key] == defaults.get(key, ...):
+            continue  # a key added since the checkpoint was written, left at its default: no change
         change = f"{key}: {before.get(key, '(absent)')!r} -> {after.get(key, '(absent)')!r}"
         resumable = any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_KEYS)
         (accepted if resumable else refused).append(change)

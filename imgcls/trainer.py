@@ -166,12 +166,14 @@ def make_schedule(cfg: Config, optimizer, steps_per_epoch: list[int], world_size
 
 class Objective:
     """The loss of one micro-batch: cross-entropy or focal loss with label smoothing, against
-    the Mixup/CutMix targets when the batch was mixed, plus distillation from a teacher."""
+    the Mixup/CutMix targets when the batch was mixed, plus distillation from a teacher, plus
+    a weight penalty (EWC). The penalty is added to every micro-batch's loss, which
+    forward_backward divides by their number: once per optimizer step, on every rank alike."""
 
-    def __init__(self, train_cfg=None, distill_cfg=None, teacher: torch.nn.Module | None = None):
+    def __init__(self, train_cfg=None, distill_cfg=None, teacher: torch.nn.Module | None = None, penalty=None):
         self.label_smoothing = train_cfg.label_smoothing if train_cfg else 0.0
         self.focal_gamma = train_cfg.focal_gamma if train_cfg else 0.0
-        self.distill, self.teacher = distill_cfg, teacher
+        self.distill, self.teacher, self.penalty = distill_cfg, teacher, penalty
 
     def __call__(self, logits, images, labels, mix: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
         def loss_for(targets):
@@ -186,6 +188,8 @@ class Objective:
                 teacher_logits = self.teacher(images).float()
             alpha = self.distill.alpha
             loss = (1 - alpha) * loss + alpha * distillation_loss(logits, teacher_logits, self.distill.temperature)
+        if self.penalty is not None:
+            loss = loss + self.penalty()
         return loss
 
 
@@ -289,14 +293,17 @@ class Trainer:
         self.ema = (torch.optim.swa_utils.AveragedModel(
             self.model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.train.ema_decay),
             use_buffers=True) if cfg.train.ema_decay > 0 else None)
+        self.ewc = self._ewc()
         self.progress = Progress()
         name = cfg.run.name or cfg.run.dir.rstrip("/").rsplit("/", 1)[-1]
         self.tracker = Tracker(cfg.track, cfg.run.dir, enabled=dist.is_main, name=name)
         self.checkpointer.parts = {
             "model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler, "scaler": self.scaler,
             "data": self.reader, "progress": self.progress, "tracker": self.tracker, "rng": RNGState(dist.rank),
-            **({"ema": self.ema} if self.ema is not None else {})}
-        self.objective = Objective(cfg.train, cfg.distill, self._teacher(channels))
+            **({"ema": self.ema} if self.ema is not None else {}),
+            **({"ewc": self.ewc} if self.ewc is not None else {})}
+        self.objective = Objective(cfg.train, cfg.distill, self._teacher(channels),
+                                   penalty=self.ewc.penalty if self.ewc is not None else None)
         self.compiled = torch.compile(self.model) if cfg.train.compile else self.model
         self.report: ProgressReport | None = None
         self.window = self._new_window()
@@ -329,6 +336,14 @@ class Trainer:
 
         teacher, _ = model_from_checkpoint(load(self.cfg.distill.teacher), len(self.classes), channels)
         return teacher.to(self.device).requires_grad_(False)
+
+    def _ewc(self):
+        """The EWC penalty's state (ewc.previous): computed on a fresh run, restored on a resume."""
+        if not self.cfg.ewc.previous:
+            return None
+        from imgcls.ewc import build_ewc
+
+        return build_ewc(self.cfg, self.model, self.dist, resuming=self.checkpointer.resuming, lr=self.lr)
 
     def resume(self) -> None:
         """Restore every part from the newest checkpoint, if there is one."""

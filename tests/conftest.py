@@ -90,28 +90,41 @@ def s3_bucket(s3_endpoint):
     return f"s3://{name}"
 
 
+# A tiny, deterministic, 2-epoch run on the bands dataset (CPU, seconds).
+SMALL = [
+    "model.name=simple_cnn", "model.width=8", "data.batch_size=16", "data.eval_batch_size=64",
+    "data.num_workers=1", "optim.lr=0.05", "optim.base_batch=64", "train.epochs=2",
+    "train.accum_steps=2", "train.log_every=2", "train.ckpt_every=5", "train.keep_last=2",
+    "track.wandb=disabled", "track.progress=false", "schedule.warmup_epochs=0.2",
+    "data.mean=[0.5]", "data.std=[0.25]", "run.deterministic=true", "train.ema_decay=0.9",
+]
+
+
 def needs_fashion_mnist():
     return pytest.mark.skipif(
         not (FASHION_MNIST / "train-images-idx3-ubyte.gz").exists(),
         reason="Debian package dataset-fashion-mnist is not installed (CI installs it)")
 
 
-def build_bands_dataset(workdir: Path, n: int = 2000, size: int = 12, label_noise: float = 0.0) -> str:
+def build_bands_dataset(workdir: Path, n: int = 2000, size: int = 12, label_noise: float = 0.0,
+                        reverse: bool = False, classes: int = 4) -> str:
     """A small learnable dataset as shards (~1400 train / 400 val / 200 test, 100 per shard):
-    the class (0-3) is which horizontal band is bright, unchanged by the flip augmentation.
+    the class (0 to classes-1) is which horizontal band is bright, unchanged by the flip
+    augmentation; counted from the top, or from the bottom with `reverse` (another task).
     With `label_noise`, that fraction of the labels is then replaced by a random class."""
     import numpy as np
 
     import shards
 
     rng = np.random.default_rng(0)
-    labels = rng.integers(0, 4, n)
+    labels = rng.integers(0, classes, n)
     images = rng.integers(0, 100, (n, size, size, 1), dtype=np.uint8)
-    band = size // 4
+    band = size // classes
     for i, label in enumerate(labels):
-        images[i, label * band:(label + 1) * band] += 120
+        row = classes - 1 - label if reverse else label
+        images[i, row * band:(row + 1) * band] += 120
     noisy = rng.random(n) < label_noise
-    labels[noisy] = rng.integers(0, 4, int(noisy.sum()))
+    labels[noisy] = rng.integers(0, classes, int(noisy.sum()))
     workdir.mkdir(parents=True, exist_ok=True)
     src = workdir / "bands.npz"
     np.savez(src, images=images, labels=labels)

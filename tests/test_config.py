@@ -36,3 +36,14 @@ def test_unknown_key_in_a_file_names_the_file(tmp_path):
     path.write_text("train:\n  epocs: 3\n")
     with pytest.raises(ConfigError, match=f"{path}: unknown config key 'train.epocs'"):
         load_config(path)
+
+
+def test_a_key_added_since_the_checkpoint_is_no_change_at_its_default():
+    """A checkpoint written before the `ewc` section existed resumes; setting a new key does not."""
+    from imgcls.config import Config, config_changes
+
+    old, new = to_dict(Config()), to_dict(Config())
+    del old["ewc"]
+    assert config_changes(old, new) == ([], [])
+    new["ewc"]["previous"] = "runs/a/checkpoints/best.pt"
+    assert config_changes(old, new)[0] == ["ewc.previous: '(absent)' -> 'runs/a/checkpoints/best.pt'"]

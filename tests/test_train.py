@@ -13,17 +13,8 @@ import pytest
 import torch
 
 from imgcls import checkpoint
-from tests.conftest import REPO, build_bands_dataset, torchrun
+from tests.conftest import REPO, SMALL, build_bands_dataset, torchrun
 from tests.wandb_records import logged_steps, run_id
-
-SMALL = [
-    "model.name=simple_cnn", "model.width=8", "data.batch_size=16", "data.eval_batch_size=64",
-    "data.num_workers=1", "optim.lr=0.05", "optim.base_batch=64", "train.epochs=2",
-    "train.accum_steps=2", "train.log_every=2", "train.ckpt_every=5", "train.keep_last=2",
-    "track.wandb=disabled", "track.progress=false", "schedule.warmup_epochs=0.2",
-    "data.mean=[0.5]", "data.std=[0.25]", "run.deterministic=true", "train.ema_decay=0.9",
-]
-
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
