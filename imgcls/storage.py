@@ -208,15 +208,3 @@ def _abort_multipart_uploads(fs, path: str) -> list[str]:
         if not page.get("IsTruncated"):
             return aborted
         markers = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}
-
-
-def register_webdataset_handlers() -> None:
-    """Let webdataset.gopen open every fsspec protocol (webdataset 1.0.2 has no s3://)."""
-    from webdataset import gopen_schemes  # the package re-exports gopen() over the module name
-
-    def gopen_fsspec(url, mode="rb", bufsize=8192, **kw):
-        fs, path = filesystem(url)
-        return fs.open(path, mode)
-
-    for protocol in ("s3", "s3a", "gs", "gcs", "az", "abfs", "memory"):
-        gopen_schemes[protocol] = gopen_fsspec
