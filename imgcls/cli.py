@@ -3,7 +3,8 @@
     @entry_point
     def main(argv=None): ...
 
-A user error (a config typo, a missing file or shard, a device that is not there) prints
+A user error (a config typo, a missing file or shard, a device that is not there, a run dir
+another job holds, storage that stays unreachable) prints
 `error: <message>` once, from rank 0, and exits with code 2, as the shards CLI does. Under
 torchrun the message also goes to torch's error file (torch's @record), so torchrun's summary
 names it instead of `error_file: <N/A>`. Any other exception is a bug and keeps its traceback.
@@ -24,7 +25,13 @@ from imgcls.distributed import DeviceError, env_ranks
 from imgcls.lease import LeaseHeld
 from imgcls.storage import StorageUnavailable
 
-USER_ERRORS = (ConfigError, DataError, DeviceError, LeaseHeld, StorageUnavailable)
+USER_ERRORS = (ConfigError, DataError, DeviceError, LeaseHeld, StorageUnavailable, FileNotFoundError)
+
+
+def message(error: Exception) -> str:
+    if isinstance(error, FileNotFoundError) and error.filename:
+        return f"{error.filename}: no such file or directory"
+    return str(error)
 
 
 def entry_point(main):
@@ -35,8 +42,8 @@ def entry_point(main):
             return main(*args, **kwargs)
         except USER_ERRORS as e:
             if env_ranks()[0] == 0:
-                print(f"error: {e}", file=sys.stderr)
-            _write_error_file(str(e))
+                print(f"error: {message(e)}", file=sys.stderr)
+            _write_error_file(message(e))
             sys.exit(2)
     return wrapper
 

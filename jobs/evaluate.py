@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 
+from imgcls.cli import entry_point
 from imgcls.evaluation import evaluate_checkpoint
 from imgcls.tracking import configure_logging
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a checkpoint file or URL (RUN_DIR/checkpoints/*.pt)")

@@ -18,10 +18,12 @@ import argparse
 import json
 import sys
 
+from imgcls.cli import entry_point
 from imgcls.export import FORMATS, export_checkpoint
 from imgcls.tracking import configure_logging
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a checkpoint file or URL (RUN_DIR/checkpoints/*.pt)")

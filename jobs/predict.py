@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from imgcls.cli import entry_point
 from imgcls.inference import MODEL_FORMATS, UntrustedFormatError, load_image, open_model, softmax, top_classes
 
 
@@ -82,6 +83,7 @@ def write_output(path: str, results: list[dict], model_path: str, top_k: int) ->
         raise ValueError(f"--output {path}: use a .json or .csv file name")
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="checkpoint (.pt), ONNX (.onnx), TorchScript (.torchscript.pt) or TFLite "

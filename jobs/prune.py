@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from imgcls import checkpoint, storage
+from imgcls.cli import entry_point
 from imgcls.config import Config, apply_override, from_dict, to_dict
 from imgcls.data import ShardReader, read_manifest
 from imgcls.evaluation import evaluate, model_from_checkpoint, run_dir_of
@@ -84,6 +85,7 @@ def sizes(model) -> tuple[int, int]:
     return len(raw), len(gzip.compress(raw, 9))
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     configure_logging()

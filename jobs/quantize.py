@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from imgcls.cli import entry_point
 from imgcls.export import accuracy, export_checkpoint, export_tflite, quantize_int8, quantize_tflite_int8, read_samples
 from imgcls.inference import Predictor, compare_latency, load_checkpoint_model, read_meta
 from imgcls.tracking import configure_logging
@@ -39,6 +40,7 @@ def tflite_models(meta: dict, fp32_onnx: Path, calibration: np.ndarray, data_url
     return dict(zip(TFLITE_ROWS, (fp32, int8)))
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="a checkpoint (.pt, file or URL) or an fp32 ONNX export")

@@ -20,9 +20,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from imgcls.cli import entry_point
 from imgcls.inference import MODEL_FORMATS, UntrustedFormatError, open_model
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="checkpoint (.pt), ONNX, TorchScript or TFLite export (trusted source only)")

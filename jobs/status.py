@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from imgcls import checkpoint
+from imgcls.cli import entry_point
 from imgcls.jsonl import read_jsonl
 
 
@@ -60,6 +61,7 @@ def describe(run_dir: Path, info: dict, index: int) -> dict:
     }
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", nargs="?", default="list", choices=("list", "tail", "cancel"))

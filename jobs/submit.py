@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 
+from imgcls.cli import entry_point
 from imgcls.cluster import submit
 from imgcls.config import load_config
 from imgcls.tracking import configure_logging, wandb_mode
@@ -43,6 +44,7 @@ def parse_args(argv):
     return args
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     configure_logging()

@@ -39,6 +39,7 @@ import optuna
 from optuna.trial import TrialState
 
 from imgcls import hpo
+from imgcls.cli import entry_point
 from imgcls.cluster import SUBMITIT_INPUTS, _run_task, absolute_paths, make_executor, make_private, snapshot_code
 from imgcls.config import from_dict, load_config, redact_text, save_config, to_dict
 from imgcls.tracking import configure_logging
@@ -202,6 +203,7 @@ def print_summary(summary: dict) -> None:
           f"  overrides: {' '.join(best['overrides'])}\n  config:    {best['config']}\n  run dir:   {best['run_dir']}")
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     configure_logging()
