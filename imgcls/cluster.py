@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from imgcls.config import Config, apply_override, from_dict, save_config, to_dict
+from imgcls.config import Config, absolute_paths, apply_override, from_dict, save_config, to_dict
 from imgcls.distributed import job_port
 from imgcls.signals import wants_requeue
 
@@ -141,14 +141,6 @@ def sweep_grid(sweeps: list[str]) -> list[list[str]]:
             raise ValueError(f"--sweep {sweep!r}: expected key=v1,v2,...")
         axes.append([f"{key}={v}" for v in values.split(",")])
     return [list(combo) for combo in itertools.product(*axes)] if axes else [[]]
-
-
-def absolute_paths(cfg: Config) -> None:
-    """Jobs run from the code snapshot: make local paths independent of the cwd."""
-    for holder, name in ((cfg.run, "dir"), (cfg.data, "url")):
-        value = getattr(holder, name)
-        if "://" not in value:
-            setattr(holder, name, str(Path(value).resolve()))
 
 
 def make_executor(cluster: str, logs: Path, opts: SlurmOptions):

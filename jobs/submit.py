@@ -14,12 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from imgcls.cli import entry_point
 from imgcls.cluster import submit
 from imgcls.config import load_config
 from imgcls.tracking import configure_logging, wandb_mode
 from slurm_args import SLURM_FIELDS, add_slurm_arguments, slurm_options
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "fashion_mnist.yaml"
 
 
 def given_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
@@ -30,7 +33,7 @@ def given_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="configs/fashion_mnist.yaml")
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     add_slurm_arguments(p)
     p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
@@ -39,7 +42,7 @@ def parse_args(argv):
                    help="resubmit a run with its saved config, code and SLURM options; SLURM options given "
                         "here replace the saved ones (e.g. --nodes 2: the run resumes elastically)")
     p.add_argument("--wait", action="store_true", help="wait for the job(s) and print the results")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     args.given = given_options(p, sys.argv[1:] if argv is None else argv)
     return args
 

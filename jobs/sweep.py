@@ -40,8 +40,8 @@ from optuna.trial import TrialState
 
 from imgcls import hpo
 from imgcls.cli import entry_point
-from imgcls.cluster import SUBMITIT_INPUTS, _run_task, absolute_paths, make_executor, make_private, snapshot_code
-from imgcls.config import from_dict, load_config, redact_text, save_config, to_dict
+from imgcls.cluster import SUBMITIT_INPUTS, _run_task, make_executor, make_private, snapshot_code
+from imgcls.config import absolute_paths, from_dict, load_config, redact_text, save_config, to_dict
 from imgcls.tracking import configure_logging
 from slurm_args import add_slurm_arguments, slurm_options
 

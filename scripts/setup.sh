@@ -11,7 +11,9 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 # Never newer than 2.14.1: that is the newest build this project is tested on.
 .venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-.venv/bin/python -m pip install -q -e '.[pretrained,deploy,tflite,serve,test]'
+# compat: the checkout is on sys.path (a .pth), so a user's own shards/ or jobs/ folder in the
+# working directory cannot shadow the package the way the default editable finder lets it
+.venv/bin/python -m pip install -q -e '.[pretrained,deploy,tflite,serve,test]' --config-settings editable_mode=compat
 
 if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

@@ -33,3 +33,23 @@ def test_a_users_mistake_is_one_line(name, args, line):
     out = job(name, *args)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
     assert out.stderr.strip().splitlines()[-1].startswith(line), out.stderr
+
+
+def test_print_config_round_trips_and_overrides_go_anywhere(tmp_path):
+    out = job("train", "train.epochs=3", "--print-config", "optim.lr=0.2", "data.url=data/mine")
+    assert out.returncode == 0, out.stderr[-2000:]
+    (tmp_path / "printed.yaml").write_text(out.stdout)
+    again = job("train", "--config", str(tmp_path / "printed.yaml"), "--print-config")
+    assert again.returncode == 0 and again.stdout == out.stdout
+    import yaml
+
+    printed = yaml.safe_load(out.stdout)
+    assert printed["train"]["epochs"] == 3 and printed["optim"]["lr"] == 0.2
+    assert printed["data"]["url"] == str(REPO / "data" / "mine")  # relative paths are stored absolute
+
+
+def test_a_shards_folder_in_the_working_directory_does_not_shadow_the_cli(tmp_path):
+    (tmp_path / "shards" / "train").mkdir(parents=True)  # a user's output folder, the natural name
+    out = subprocess.run([sys.executable, "-m", "shards", "--help"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0 and "build" in out.stdout, out.stderr[-2000:]
