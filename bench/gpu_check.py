@@ -3,9 +3,13 @@
     python bench/gpu_check.py                  # on a CUDA machine: about ten minutes
     python bench/gpu_check.py --device cpu     # the same checks, small, on CPU (in the test suite)
 
-Needs only torch, torchvision, numpy, pillow, pyyaml, fsspec, tqdm, matplotlib, onnx and
-onnxruntime (no wandb, no webdataset, no network): run it from the repo root, or with the repo
-on PYTHONPATH. Every check runs the real entry points (jobs/train.py under python and under
+Needs torch, torchvision, numpy, pillow, pyyaml, fsspec, filelock, tqdm, matplotlib, onnx and
+onnxruntime, which a CUDA image usually has, plus tenacity (one small pure-Python wheel to
+carry); no wandb, no network. Run it from the repo root, or with the repo on PYTHONPATH. On a
+machine with no index, carry the wheel:
+
+    pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl tenacity==9.2.1   # here
+    pip install --no-index --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site:. python bench/gpu_check.py Every check runs the real entry points (jobs/train.py under python and under
 torchrun, jobs/evaluate.py, jobs/export.py) on synthetic shards written to /dev/shm:
 
 1. train  - one process and torchrun with one process, in bf16 and in fp16; the torchrun runs
