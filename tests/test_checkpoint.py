@@ -341,3 +341,33 @@ def test_a_frozen_holder_learns_it_lost_the_lease(lease_dir):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_the_shard_reader_reads_through_an_outage_and_names_the_shard_past_its_budget(s3_bucket, s3_outage, tmp_path):
+    """Item 11 through the reader: an 8 s outage mid-epoch costs nothing but time; one longer
+    than data.read_retry_s fails naming the shard. In-process (num_workers=0): a forked loader
+    worker would inherit the proxy's listening socket, which then outlives the outage."""
+    import numpy as np
+
+    import shards
+    from imgcls.data import DataConfig, DataError, ShardReader
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "src.npz", images=rng.integers(0, 256, (600, 8, 8, 1), dtype=np.uint8),
+             labels=np.arange(600) % 3)
+    url = f"{s3_bucket}/ds"
+    shards.build(str(tmp_path / "src.npz"), url, shard_samples=40, progress=False, workers=1)
+    reader = ShardReader(DataConfig(url=url, batch_size=16, num_workers=0, read_retry_s=60), "train")
+    batches = iter(reader.loader())
+    keys = list(next(batches)["key"])
+    s3_outage.outage(8.0)
+    keys += [k for batch in batches for k in batch["key"]]
+    assert len(keys) == len(set(keys)) == reader.batches_per_epoch() * 16
+
+    impatient = ShardReader(DataConfig(url=url, batch_size=16, num_workers=0, read_retry_s=2), "train")
+    batches = iter(impatient.loader())
+    next(batches)
+    s3_outage.outage(20.0)
+    with pytest.raises(DataError, match=rf"shard {url}/train/\S+\.tar could not be read: .*storage unreachable"):
+        for _ in batches:
+            pass
