@@ -12,7 +12,9 @@ optimizer-step boundary, after all ranks agree through a collective.
 """
 from __future__ import annotations
 
+import atexit
 import logging
+import multiprocessing
 import signal
 
 log = logging.getLogger(__name__)
@@ -26,6 +28,7 @@ class StopRequest:
         self.signum: int | None = None
         for s in signals:
             signal.signal(s, self._handle)
+        atexit.register(kill_leftover_workers)  # after multiprocessing's own: runs before it
 
     def _handle(self, signum, frame) -> None:
         if self.signum != REQUEUE_SIGNAL:  # nothing else: see the module docstring
@@ -56,3 +59,11 @@ def keep_worker_through_cancel(worker_id: int) -> None:
     unexpectedly" instead of stopping at its next step with a checkpoint. The rank decides;
     its workers are shut down with its loader (or by SLURM's SIGKILL after KillWait)."""
     signal.signal(CANCEL_SIGNAL, signal.SIG_IGN)
+
+
+def kill_leftover_workers() -> None:
+    """At exit, kill loader workers that are still alive (an error's traceback kept their
+    loader from shutting them down): they ignore SIGTERM (see keep_worker_through_cancel), so
+    multiprocessing's exit handler, which terminates and then joins them, would wait forever."""
+    for child in multiprocessing.active_children():
+        child.kill()

@@ -435,23 +435,25 @@ class Trainer:
         if self.report is not None:
             self.report.set_epoch(epoch)
         reason = ""
-        for index in range(reader.position // accum, steps):
-            micro_batches = [self.micro_batch(next(batches), epoch, micro) for micro in range(accum)]
-            self.train_step(ddp, micro_batches)
-            step = self.progress.step
-            if step == cfg.train.max_steps:
-                reason = "max_steps"
-            if self.sync_due(step, last=index == steps - 1 or bool(reason)):
-                signalled = self.sync_flags()
-                if step % cfg.train.log_every == 0:
-                    self.log_train(epoch)
-                if signalled:
-                    reason = f"signal {self.stop.describe()}"
-                if reason:
-                    break
-                if step % cfg.train.ckpt_every == 0:
-                    self.save()
-        del batches, ddp  # shut the epoch's workers down
+        try:
+            for index in range(reader.position // accum, steps):
+                micro_batches = [self.micro_batch(next(batches), epoch, micro) for micro in range(accum)]
+                self.train_step(ddp, micro_batches)
+                step = self.progress.step
+                if step == cfg.train.max_steps:
+                    reason = "max_steps"
+                if self.sync_due(step, last=index == steps - 1 or bool(reason)):
+                    signalled = self.sync_flags()
+                    if step % cfg.train.log_every == 0:
+                        self.log_train(epoch)
+                    if signalled:
+                        reason = f"signal {self.stop.describe()}"
+                    if reason:
+                        break
+                    if step % cfg.train.ckpt_every == 0:
+                        self.save()
+        finally:  # on an error too: the workers ignore SIGTERM (imgcls.signals), so exit could not end them
+            del batches, ddp  # shut the epoch's workers down
         return reason
 
     def micro_batch(self, batch: dict, epoch: int, micro: int) -> MicroBatch:
