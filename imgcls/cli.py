@@ -22,10 +22,12 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from imgcls.config import ConfigError
 from imgcls.data import DataError
 from imgcls.distributed import DeviceError, env_ranks
+from imgcls.inference import UntrustedFormatError
 from imgcls.lease import LeaseHeld
 from imgcls.storage import StorageUnavailable
 
-USER_ERRORS = (ConfigError, DataError, DeviceError, LeaseHeld, StorageUnavailable, FileNotFoundError)
+USER_ERRORS = (ConfigError, DataError, DeviceError, LeaseHeld, StorageUnavailable, UntrustedFormatError,
+               FileNotFoundError)
 
 
 def message(error: Exception) -> str:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from imgcls.cli import entry_point
-from imgcls.inference import MODEL_FORMATS, UntrustedFormatError, load_image, open_model, softmax, top_classes
+from imgcls.inference import MODEL_FORMATS, load_image, open_model, softmax, top_classes
 
 
 def image_files(args: list[str]) -> list[str]:
@@ -103,11 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     files = image_files(args.images)
     if not files:
         parser.error("no image files found")
-    try:
-        model = open_model(args.model, args.threads, args.data, args.format)
-    except UntrustedFormatError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    model = open_model(args.model, args.threads, args.data, args.format)
     results = predict(model, files, args.top_k, args.batch_size)
     if args.output:
         write_output(args.output, results, args.model, min(args.top_k, len(model.meta["classes"])))

@@ -21,7 +21,7 @@ import argparse
 import sys
 
 from imgcls.cli import entry_point
-from imgcls.inference import MODEL_FORMATS, UntrustedFormatError, open_model
+from imgcls.inference import MODEL_FORMATS, open_model
 
 
 @entry_point
@@ -46,11 +46,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from imgcls.serving import create_app
 
-    try:
-        model = open_model(args.model, args.threads, args.data, args.format)
-    except UntrustedFormatError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    model = open_model(args.model, args.threads, args.data, args.format)
     app = create_app(model, args.model, args.max_batch, args.max_wait_ms, args.top_k, int(args.max_body_mb * 2**20))
     print(f"serving {args.model} ({model.kind}, {len(model.meta['classes'])} classes) on "
           f"http://{args.host}:{args.port}", flush=True)

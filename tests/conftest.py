@@ -232,7 +232,10 @@ def job(name: str, *args: str):
     spec.loader.exec_module(module)
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        result = module.main(list(args))
+        try:
+            result = module.main(list(args))
+        except SystemExit as e:  # a user's mistake: `error: ...` and exit code 2 (imgcls.cli)
+            result = e.code
     return stdout.getvalue(), stderr.getvalue(), result
 
 
