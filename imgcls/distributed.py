@@ -161,10 +161,6 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return tensor
 
 
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    return all_reduce(tensor, "sum")
-
-
 def all_gather_object(obj) -> list:
     if not dist.is_initialized():
         return [obj]
