@@ -339,8 +339,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from imgcls.augment import AugmentConfig
-    from imgcls.data import DataConfig
+    from imgcls.config import AugmentConfig, DataConfig
 
     # SIGTERM runs the finally blocks below too: the moto server never outlives us.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

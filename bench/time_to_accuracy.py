@@ -95,7 +95,8 @@ def accuracy(model, images, labels) -> float:
 
 def run_b(args) -> list[dict]:
     """The tutorial loop; [{"epoch", "time", "test"}] per epoch."""
-    from imgcls.models import ModelConfig, build_model
+    from imgcls.config import ModelConfig
+    from imgcls.models import build_model
 
     parts = [load_split(args.data, s) for s in ("train", "val")]
     images, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])

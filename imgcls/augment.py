@@ -12,21 +12,11 @@ per sample in the loader worker and applied to the whole batch at once, in two h
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-
-@dataclass
-class AugmentConfig:
-    enabled: bool = True
-    pad: int = 2                # random crop with this zero padding (pixels)
-    flip: bool = True           # horizontal flip with p=0.5
-    rotate_deg: float = 0.0     # uniform rotation in [-rotate_deg, rotate_deg]
-    brightness: float = 0.0     # factor in [1-b, 1+b]
-    contrast: float = 0.0       # factor in [1-c, 1+c]
+from imgcls.config import AugmentConfig
 
 
 def sample_uniforms(seed: int, epoch: int, key: str) -> np.ndarray:

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from imgcls.config import Config, absolute_paths, apply_override, from_dict, save_config, to_dict
+from imgcls.config import Config, ConfigError, absolute_paths, apply_override, from_dict, save_config, to_dict
 from imgcls.distributed import job_port
 from imgcls.signals import wants_requeue
 
@@ -213,6 +213,8 @@ def submit(cfg: Config, opts: SlurmOptions, cluster: str = "slurm", sweeps: list
         task_dirs = [Path(d) for d in info["run_dirs"]]
         configs = [from_dict(json.loads((d / "config.json").read_text())) for d in task_dirs]
     else:
+        if not cfg.data.url:  # refused here, not by every rank of a queued job
+            raise ConfigError("data.url is empty: set data.url=PATH_OR_URL, a dataset written by `python -m shards build`")
         absolute_paths(cfg)
         run_dir = Path(cfg.run.dir)
         if (run_dir / "submit.json").exists():

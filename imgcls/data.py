@@ -24,14 +24,15 @@ import json
 import logging
 import os
 import threading
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from imgcls import storage
-from imgcls.augment import AugmentConfig, InputTransform, crop_flip, draw_params, photometric
+from imgcls.augment import InputTransform, crop_flip, draw_params, photometric
+from imgcls.config import DataConfig
 from imgcls.signals import keep_worker_through_cancel
 from shards.format import check_shard_paths, decode_sample, read_tar
 
@@ -42,21 +43,9 @@ class DataError(RuntimeError):
     """Bad shard or sample. The message names the shard URL and, where known, the sample key."""
 
 
-@dataclass
-class DataConfig:
-    url: str = "data/fashion-mnist"     # the shard dataset root (holds manifest.json); any fsspec URL
-    batch_size: int = 128               # per rank, per micro-step
-    eval_batch_size: int = 512
-    num_workers: int = 2
-    max_bad_samples: int = 0            # 0: the first bad sample is an error; N: skip up to N, then fail
-    read_retry_s: float = 60.0          # a shard read that storage fails (outage, 5xx) is retried this long
-    verify_checksums: bool = True       # sha256 of every shard as it is read
-    mean: list[float] = field(default_factory=list)   # per channel; empty: 0.5
-    std: list[float] = field(default_factory=list)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-
-
 def read_manifest(url: str) -> dict:
+    if not url:
+        raise DataError("data.url is empty: set data.url=PATH_OR_URL, a dataset written by `python -m shards build`")
     manifest_url = storage.join(url, "manifest.json")
     try:
         manifest = json.loads(storage.read_bytes(manifest_url))
@@ -66,6 +55,16 @@ def read_manifest(url: str) -> dict:
     except ValueError as e:
         raise DataError(str(e)) from None
     return manifest
+
+
+def normalization(cfg: DataConfig, manifest: dict) -> tuple[list[float], list[float]]:
+    """(mean, std) per channel: the config's, else the manifest's training-split statistics,
+    else 0.5 (a manifest written before shards recorded them)."""
+    channels = manifest["image"]["channels"]
+    stats = manifest.get("stats") or {}
+    mean = cfg.mean or stats.get("mean") or [0.5] * channels
+    std = cfg.std or stats.get("std") or [0.5] * channels
+    return list(mean), list(std)
 
 
 def interleave(counts: list[int]) -> list[tuple[int, int]]:
@@ -203,8 +202,7 @@ class ShardReader(IterableDataset):
         self.batch_size = cfg.batch_size if train else cfg.eval_batch_size
         self.workers = max(1, cfg.num_workers)
         self.layout = Layout(world_size, self.workers, self.batch_size)
-        channels = self.manifest["image"]["channels"]
-        self.input_transform = InputTransform(cfg.mean or [0.5] * channels, cfg.std or [0.5] * channels)
+        self.input_transform = InputTransform(*normalization(cfg, self.manifest))
         self.epoch, self.position = 0, 0
         self.consumed: list[dict] = []  # earlier layouts' segments of this epoch (elastic resume)
         if train:

@@ -178,8 +178,8 @@ def read_samples(meta: dict, split: str, limit: int = 0, data_url: str = "",
     """(images [N,C,H,W] float32 normalised as in training, labels [N]) of a split, without
     augmentation; the first `limit` (0: all). Manifest order, or with `seed` the training
     reader's seeded order (shards and the samples inside them permuted)."""
-    from imgcls.augment import AugmentConfig
-    from imgcls.data import DataConfig, DataError, ShardReader
+    from imgcls.config import AugmentConfig, DataConfig
+    from imgcls.data import DataError, ShardReader
 
     cfg = DataConfig(url=data_url or meta["data_url"], batch_size=64, eval_batch_size=256, num_workers=0,
                      mean=meta["mean"], std=meta["std"], augment=AugmentConfig(enabled=False))

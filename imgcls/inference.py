@@ -107,17 +107,18 @@ def tflite_metadata(flatbuffer: bytes) -> dict | None:
 
 def checkpoint_meta(state: dict, manifest: dict, weights: str, checkpoint_url: str, data_url: str) -> dict:
     from imgcls.config import from_dict
+    from imgcls.data import normalization
 
     cfg = from_dict(state["config"])
     image = manifest["image"]
     channels = image["channels"]
+    mean, std = normalization(cfg.data, manifest)
     return {
         "format": META_FORMAT,
         "classes": manifest["classes"],
         "image": {"height": image.get("height"), "width": image.get("width"), "channels": channels},
-        # the shard reader's normalisation, including its default of 0.5 per channel
-        "mean": cfg.data.mean or [0.5] * channels,
-        "std": cfg.data.std or [0.5] * channels,
+        "mean": mean,  # the shard reader's normalisation
+        "std": std,
         "model": cfg.model.name,
         "weights": weights,
         "checkpoint": checkpoint_url,

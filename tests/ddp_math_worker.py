@@ -7,7 +7,8 @@ import torch
 
 from imgcls import distributed
 from imgcls.config import Config
-from imgcls.models import ModelConfig, build_model
+from imgcls.config import ModelConfig
+from imgcls.models import build_model
 from imgcls.trainer import MicroBatch, forward_backward, make_optimizer
 from torch.nn.parallel import DistributedDataParallel as DDP
 

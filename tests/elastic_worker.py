@@ -9,7 +9,8 @@ import json
 import sys
 
 from imgcls import distributed
-from imgcls.data import DataConfig, ShardReader
+from imgcls.config import DataConfig
+from imgcls.data import ShardReader
 
 SEED, EPOCH = 11, 1
 

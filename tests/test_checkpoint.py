@@ -350,7 +350,8 @@ def test_the_shard_reader_reads_through_an_outage_and_names_the_shard_past_its_b
     import numpy as np
 
     import shards
-    from imgcls.data import DataConfig, DataError, ShardReader
+    from imgcls.config import DataConfig
+    from imgcls.data import DataError, ShardReader
 
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "src.npz", images=rng.integers(0, 256, (600, 8, 8, 1), dtype=np.uint8),

@@ -47,3 +47,48 @@ def test_a_key_added_since_the_checkpoint_is_no_change_at_its_default():
     assert config_changes(old, new) == ([], [])
     new["ewc"]["previous"] = "runs/a/checkpoints/best.pt"
     assert config_changes(old, new)[0] == ["ewc.previous: '(absent)' -> 'runs/a/checkpoints/best.pt'"]
+
+
+def test_every_config_field_has_a_docstring():
+    import dataclasses
+    import typing
+
+    from imgcls.config import Config, field_docs
+
+    def sections(cls):
+        yield cls
+        for f in dataclasses.fields(cls):
+            hint = typing.get_type_hints(cls)[f.name]
+            if dataclasses.is_dataclass(hint):
+                yield from sections(hint)
+
+    for cls in sections(Config):
+        missing = {f.name for f in dataclasses.fields(cls)} - set(field_docs(cls))
+        assert cls.__doc__ and not missing, f"{cls.__name__}: no docstring under {sorted(missing)}"
+
+
+def test_docs_config_md_is_current():
+    from imgcls.config import reference_markdown
+    from tests.conftest import REPO
+
+    assert (REPO / "docs" / "config.md").read_text() == reference_markdown(), \
+        "docs/config.md is stale: run `python scripts/config_docs.py`"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lrr=0.1", "did you mean 'optim.lr'?"),
+    ("trian.epochs=3", "did you mean 'train.epochs'?"),
+    ("data.augmnt.flip=false", "did you mean 'data.augment.flip'?"),
+])
+def test_a_near_miss_gets_a_did_you_mean(override, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("?", r"\?")):
+        load_config(None, [override])
+
+
+def test_the_defaults_are_neutral():
+    """A run that names no config gets nothing of the Fashion-MNIST recipe: no dataset, no
+    normalisation constants (they come from the manifest), no whitening, EMA or test-time views."""
+    cfg = load_config(None)
+    assert cfg.data.url == "" and cfg.data.mean == [] and cfg.data.std == []
+    assert cfg.model.whiten_images == 0 and cfg.train.ema_decay == 0
+    assert not cfg.train.eval_flip and not cfg.train.eval_shift

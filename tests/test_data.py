@@ -9,8 +9,9 @@ import s3fs
 import torch
 
 import shards
-from imgcls.augment import AugmentConfig, draw_params
-from imgcls.data import DataConfig, DataError, ShardReader, interleave
+from imgcls.augment import draw_params
+from imgcls.config import AugmentConfig, DataConfig
+from imgcls.data import DataError, ShardReader, interleave
 from shards.format import write_tar
 
 NUM_CLASSES = 5

@@ -240,7 +240,8 @@ def test_tflite_export_of_fast_cnn_whose_global_max_pool_litert_cannot_lower(tmp
     has no lowering for; the export swaps in an equal max over H and W."""
     from imgcls.export import export_tflite
     from imgcls.inference import META_FORMAT, Predictor
-    from imgcls.models import ModelConfig, build_model
+    from imgcls.config import ModelConfig
+    from imgcls.models import build_model
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(name="fast_cnn", width=8), 10, 1).eval()

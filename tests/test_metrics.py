@@ -285,7 +285,8 @@ def test_on_batch_sees_each_batch_with_its_labels_under_test_time_views(bands_ch
     accuracy is that of the same logits."""
     import contextlib
 
-    from imgcls.data import DataConfig, ShardReader
+    from imgcls.config import DataConfig
+    from imgcls.data import ShardReader
     from imgcls.evaluation import evaluate, tta_logits
     from imgcls.export import read_samples
     from imgcls.inference import load_checkpoint_model

@@ -15,7 +15,8 @@ import torch
 from imgcls import checkpoint
 from imgcls.config import from_dict
 from imgcls.evaluation import model_from_checkpoint
-from imgcls.models import ModelConfig, build_model
+from imgcls.config import ModelConfig
+from imgcls.models import build_model
 from imgcls.pruning import apply_pruning, make_permanent, sparsity_report
 from tests.conftest import REPO, build_bands_dataset, torchrun
 
