@@ -327,7 +327,7 @@ def _pump(src: socket.socket, dst: socket.socket) -> None:
 @pytest.fixture
 def s3_outage(s3_endpoint, monkeypatch):
     """An OutageProxy in front of the S3 endpoint; this process's S3 traffic goes through it."""
-    from imgcls import storage
+    from shardio import storage
 
     proxy = OutageProxy(int(s3_endpoint.rsplit(":", 1)[1]))
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
