@@ -129,7 +129,7 @@ def upload(local: Path, url: str) -> None:
     shards.build does), checked against the manifest's sizes and sha256."""
     import hashlib
 
-    from imgcls import storage
+    from shardio import storage
 
     manifest = json.loads((local / "manifest.json").read_bytes())
     fs, root = storage.filesystem(url)
@@ -147,7 +147,7 @@ def upload(local: Path, url: str) -> None:
 def write_png_folder(manifest: dict, shard_root: Path, split: str, root: Path) -> int:
     """The split's images as root/<NN_class>/<key>.png, decoded from the local shards.
     Folder names sort in label order, so ImageFolder's labels equal the shards' labels."""
-    from shards.format import decode_sample, read_tar
+    from shardio.format import decode_sample, read_tar
 
     shards_meta = manifest["splits"][split]["shards"]
     marker = root / ".built-from"

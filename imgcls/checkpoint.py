@@ -43,8 +43,8 @@ import threading
 import numpy as np
 import torch
 
-from imgcls import storage
 from imgcls.distributed import all_gather_object
+from shardio import storage
 
 log = logging.getLogger(__name__)
 STEP_FILE = re.compile(r"step-(\d+)\.pt$")

@@ -24,7 +24,7 @@ from imgcls.data import DataError
 from imgcls.distributed import DeviceError, env_ranks
 from imgcls.inference import UntrustedFormatError
 from imgcls.lease import LeaseHeld
-from imgcls.storage import StorageUnavailable
+from shardio.storage import StorageUnavailable
 
 USER_ERRORS = (ConfigError, DataError, DeviceError, LeaseHeld, StorageUnavailable, UntrustedFormatError,
                FileNotFoundError)

@@ -527,7 +527,7 @@ def config_yaml(cfg: Config) -> str:
 
 
 def save_config(cfg: Config, url: str) -> None:
-    from imgcls import storage
+    from shardio import storage
 
     storage.write_bytes_atomic(url, config_yaml(cfg).encode())
 

@@ -30,11 +30,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from imgcls import storage
 from imgcls.augment import InputTransform, crop_flip, draw_params, photometric
 from imgcls.config import DataConfig
 from imgcls.signals import keep_worker_through_cancel
-from shards.format import check_shard_paths, decode_sample, read_tar
+from shardio import storage
+from shardio.format import check_shard_paths, decode_sample, read_tar
 
 log = logging.getLogger(__name__)
 

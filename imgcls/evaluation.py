@@ -6,10 +6,11 @@ import json
 import torch
 import torch.nn.functional as F
 
-from imgcls import checkpoint, distributed, storage
+from imgcls import checkpoint, distributed
 from imgcls.data import ShardReader, read_manifest
 from imgcls.metrics import ConfusionMatrix, PrecisionRecallCurves
 from imgcls.precision import autocast, resolve_precision
+from shardio import storage
 
 
 def evaluate(model, reader: ShardReader, device, autocast, num_classes: int, *, flip: bool = False,

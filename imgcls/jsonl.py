@@ -10,7 +10,7 @@ import json
 import logging
 from pathlib import Path
 
-from imgcls import storage
+from shardio import storage
 
 log = logging.getLogger(__name__)
 

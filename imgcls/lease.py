@@ -43,7 +43,7 @@ import uuid
 
 import fsspec.asyn
 
-from imgcls import storage
+from shardio import storage
 
 log = logging.getLogger(__name__)
 LEASE_FILE = "lease.json"

@@ -413,7 +413,7 @@ def adapt_input_channels(weight: torch.Tensor, in_channels: int) -> torch.Tensor
 
 
 def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
-    from imgcls import storage  # imported here: models has no other use for fsspec
+    from shardio import storage  # imported here: models has no other use for fsspec
 
     try:
         obj = torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu",

@@ -2,7 +2,7 @@
 
 Figures are drawn with matplotlib's object API on the Agg canvas, never through pyplot: no
 global backend switch, no figure registry to leak, safe in worker threads. Output paths may
-be any URL imgcls.storage understands, and are written atomically.
+be any URL shardio.storage understands, and are written atomically.
 """
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from imgcls import storage
 from imgcls.jsonl import read_jsonl
+from shardio import storage
 
 
 def _save(fig: Figure, path: str | Path) -> None:

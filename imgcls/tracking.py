@@ -18,9 +18,9 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from imgcls import storage
 from imgcls.config import redact_text, redacted
 from imgcls.jsonl import parse_jsonl
+from shardio import storage
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from imgcls import distributed, storage
+from imgcls import distributed
 from imgcls.checkpoint import Checkpointer, RNGState
 from imgcls.config import Config, redacted, save_config, to_dict
 from imgcls.data import DataError, ShardReader, first_images, read_manifest
@@ -38,6 +38,7 @@ from imgcls.precision import autocast, precision_name, resolve_precision
 from imgcls.progress import ProgressReport
 from imgcls.signals import StopRequest, wants_requeue
 from imgcls.tracking import Tracker
+from shardio import storage
 
 log = logging.getLogger(__name__)
 NO_STEP = 2 ** 52  # "no non-finite step yet" in the flags' max-reduce (exact in float64)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from imgcls import checkpoint, storage
+from imgcls import checkpoint
 from imgcls.cli import entry_point
 from imgcls.config import Config, apply_override, from_dict, to_dict
 from imgcls.data import ShardReader, read_manifest
@@ -41,6 +41,7 @@ from imgcls.precision import autocast, resolve_precision
 from imgcls.pruning import METHODS, apply_pruning, sparsity_report
 from imgcls.tracking import configure_logging
 from imgcls.trainer import train
+from shardio import storage
 
 
 def parse_args(argv):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from imgcls.cli import entry_point
 from imgcls.cluster import submit

@@ -6,8 +6,9 @@
 """
 __version__ = "0.1.0"
 
+from shardio.format import decode_image, decode_sample, encode_image  # noqa: E402
+
 from .checks import inspect, load_manifest, verify  # noqa: E402
-from .format import decode_image, decode_sample, encode_image  # noqa: E402
 from .writer import build  # noqa: E402
 
 __all__ = ["build", "verify", "inspect", "load_manifest",

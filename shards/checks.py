@@ -8,9 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from imgcls.storage import filesystem, join, read_bytes
-
-from .format import EXTENSIONS, FORMAT, check_shard_paths, decode_sample, read_tar
+from shardio.format import EXTENSIONS, FORMAT, check_shard_paths, decode_sample, read_tar
+from shardio.storage import filesystem, join, read_bytes
 
 
 def load_manifest(dest: str) -> dict:

@@ -6,8 +6,9 @@ import logging
 import re
 import sys
 
+from shardio.format import ENCODINGS
+
 from .checks import inspect, load_manifest, verify
-from .format import ENCODINGS
 from .writer import build, check_fractions, default_workers
 
 _UNITS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}

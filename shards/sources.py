@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from .format import check_image_size, sanitize_key
+from shardio.format import check_image_size, sanitize_key
 
 DATASETS = Path("/usr/share/datasets")  # where Debian's dataset-* packages install
 SHORT_NAMES = {"fashion-mnist": DATASETS / "fashion-mnist", "mnist": DATASETS / "mnist"}

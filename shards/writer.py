@@ -28,10 +28,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from imgcls.storage import filesystem, join, write_bytes_atomic
+from shardio.format import ENCODINGS, FORMAT, check_key, encode_image, tar_size, write_tar
+from shardio.storage import filesystem, join, write_bytes_atomic
 
 from . import __version__
-from .format import ENCODINGS, FORMAT, check_key, encode_image, tar_size, write_tar
 from .sources import Source, open_source
 
 log = logging.getLogger("shards")

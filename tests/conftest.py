@@ -133,6 +133,42 @@ def build_bands_dataset(workdir: Path, n: int = 2000, size: int = 12, label_nois
     return str(dest)
 
 
+PHOTO_FORMATS = (("JPEG", "jpg", 0.45), ("PNG", "png", 0.45), ("WEBP", "webp", 0.10))
+
+
+def build_photo_folder(root: Path, per_class: int = 20, classes: int = 10, seed: int = 0,
+                       min_side: int = 40, max_side: int = 300) -> Path:
+    """A "photo-like" folder root/<class>/<n>.{jpg,png,webp} from Fashion-MNIST's train images:
+    RGB (each image tinted by a random colour, so the channels differ), scaled to a random
+    width in [min_side, max_side] with a random aspect ratio (3:4 to 4:3, height clipped to the
+    same range), saved as JPEG or PNG or, for a few, WebP (quality 90). The same
+    arguments give the same files."""
+    import numpy as np
+    from PIL import Image
+
+    from shards.sources import FASHION_MNIST_CLASSES, open_source
+
+    source = open_source(FASHION_MNIST)
+    rng = np.random.default_rng(seed)
+    names, exts, weights = zip(*PHOTO_FORMATS)
+    for label in range(classes):
+        folder = root / FASHION_MNIST_CLASSES[label].replace("/", "-")
+        folder.mkdir(parents=True, exist_ok=True)
+        picks = rng.choice(np.flatnonzero(source.labels[:60000] == label), per_class, replace=False)
+        for n, i in enumerate(sorted(picks)):
+            gray = source.load(i)[:, :, 0].astype(np.float32)
+            tint = rng.uniform(0.5, 1.0, 3)
+            image = Image.fromarray(np.rint(gray[:, :, None] * tint).astype(np.uint8))
+            width = int(rng.integers(min_side, max_side + 1))
+            height = int(np.clip(round(width / np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))),
+                                 min_side, max_side))
+            image = image.resize((width, height), Image.BICUBIC)
+            fmt = int(rng.choice(len(names), p=weights))
+            options = {"quality": 90} if names[fmt] in ("JPEG", "WEBP") else {}
+            image.save(folder / f"{n:04d}.{exts[fmt]}", format=names[fmt], **options)
+    return root
+
+
 def torchrun_command(args: list[str], nproc: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
             f"--master-port={free_port()}", "--master-addr=127.0.0.1", str(REPO / "jobs" / "train.py"), *args]
@@ -327,7 +363,7 @@ def _pump(src: socket.socket, dst: socket.socket) -> None:
 @pytest.fixture
 def s3_outage(s3_endpoint, monkeypatch):
     """An OutageProxy in front of the S3 endpoint; this process's S3 traffic goes through it."""
-    from imgcls import storage
+    from shardio import storage
 
     proxy = OutageProxy(int(s3_endpoint.rsplit(":", 1)[1]))
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from imgcls import checkpoint, storage
+from imgcls import checkpoint
 from imgcls.lease import Lease, LeaseHeld
+from shardio import storage
 from tests.conftest import build_bands_dataset, read_line, start_lease_holder, start_torchrun, torchrun
 
 

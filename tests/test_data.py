@@ -12,7 +12,7 @@ import shards
 from imgcls.augment import draw_params
 from imgcls.config import AugmentConfig, DataConfig
 from imgcls.data import DataError, ShardReader, interleave
-from shards.format import write_tar
+from shardio.format import write_tar
 
 NUM_CLASSES = 5
 
@@ -198,7 +198,7 @@ def test_truncated_shard_is_named(bad_dataset):
 
 def _samples_with(data, bad):
     """Rewrite a shard, replacing its first two samples' label and image bytes."""
-    from shards.format import read_tar
+    from shardio.format import read_tar
 
     samples = list(read_tar(data))
     out = []
@@ -258,8 +258,8 @@ def test_batches_are_uint8_and_the_transform_makes_the_float_input(s3_dataset):
 # ---- elastic resume: the epoch's sequence G does not depend on the layout ----------------
 def sequence_keys(reader, epoch):
     """The keys of G, from the shard files themselves, in `reader.sequence(epoch)` order."""
-    from imgcls import storage
-    from shards.format import read_tar
+    from shardio import storage
+    from shardio.format import read_tar
 
     keys = {shard_id: [s["__key__"] for s in read_tar(storage.read_bytes(reader.shard_url(shard_id)))]
             for shard_id in range(len(reader.shards))}

@@ -20,7 +20,7 @@ from PIL import Image
 
 import shards
 from shards.cli import main as cli_main, parse_bytes
-from shards.format import decode_image, encode_image
+from shardio.format import decode_image, encode_image
 
 from tests.conftest import FASHION_MNIST, REPO, needs_fashion_mnist
 
@@ -447,7 +447,7 @@ def _tar(members, **kwargs) -> bytes:
 
 
 def test_read_tar_fast_path_agrees_with_tarfile_and_falls_back_for_other_headers():
-    from shards.format import _NotPlainUstar, _tarfile_members, _ustar_members, read_tar, write_tar
+    from shardio.format import _NotPlainUstar, _tarfile_members, _ustar_members, read_tar, write_tar
 
     plain = write_tar([(f"dir/k{i}", i % 3, "raw", bytes([i]) * (100 + 300 * i)) for i in range(5)])
     assert list(_ustar_members(plain)) == list(_tarfile_members(plain))

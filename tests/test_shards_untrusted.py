@@ -90,7 +90,7 @@ def png_bomb(height: int, width: int) -> bytes:
 # count the (large) pytest process that forked it.
 DECODE_AND_REPORT = """
 import re, sys
-from shards.format import decode_image
+from shardio.format import decode_image
 try:
     decode_image(open(sys.argv[1], "rb").read(), "png", {"height": 12, "width": 12, "channels": 1})
 except ValueError as e:
