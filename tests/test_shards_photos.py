@@ -3,6 +3,7 @@ source bytes kept, --max-side, sizes and pixel statistics in the manifest, bad f
 collected, `shards index` on shards written by webdataset's own TarWriter."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
@@ -147,6 +148,14 @@ def test_fixed_size_sources_stay_raw_with_stats(tmp_path):
         shards.build(tmp_path / "small.npz", tmp_path / "out2", encoding="source", progress=False)
 
 
+def test_index_of_built_shards_agrees_with_the_build(photos, tmp_path):
+    dest = str(tmp_path / "shards")
+    built = shards.build(photos, dest, shard_samples=16, progress=False)
+    indexed = shards.index(dest, classes=built["classes"], progress=False)
+    assert indexed["stats"] == built["stats"] and indexed["image"] == built["image"]
+    assert indexed["splits"] == built["splits"]  # counts, sha256s, class counts and sizes
+
+
 def break_files(folder) -> list[str]:
     """Three bad files among good ones: a truncated JPEG, a PNG that is not one, an empty WebP."""
     jpg = sorted(folder.rglob("*.jpg"))[0]
@@ -185,6 +194,33 @@ def test_verify_deep_shows_progress_as_log_lines_off_a_terminal(photos, tmp_path
     assert cli_main(["verify", dest, "--deep"]) == 0
     err = capsys.readouterr().err
     assert "verify: 60 of 60 images (100%)" in err and len(err.splitlines()) <= 11
+
+
+def test_verify_deep_shows_a_tqdm_bar_on_a_terminal(photos, tmp_path):
+    import fcntl
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    from tests.conftest import REPO
+
+    dest = str(tmp_path / "out")
+    shards.build(photos, dest, progress=False)
+    primary, secondary = pty.openpty()
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 100 columns
+    with os.fdopen(primary, "rb", buffering=0) as terminal:
+        proc = subprocess.run([sys.executable, "-m", "shards", "verify", dest, "--deep"], cwd=REPO,
+                              env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+                              stderr=secondary, timeout=120)
+        os.close(secondary)
+        shown = b""
+        with contextlib.suppress(OSError):  # EIO once the process's side is closed
+            while chunk := terminal.read(4096):
+                shown += chunk
+    assert proc.returncode == 0 and b"OK:" in proc.stdout
+    assert b"verify: 100%" in shown and b"60/60" in shown and b"INFO" not in shown
 
 
 # ---- shards index: shards another tool wrote ---------------------------------------------
