@@ -141,7 +141,7 @@ def inspect(dest: str) -> str:
     dest = str(dest).rstrip("/")
     m = load_manifest(dest)
     src, image, splits = m["source"], m["image"], m["splits"]
-    size = ("variable size" if image["height"] is None
+    size = ("variable size" + _size_range(splits) if image["height"] is None
             else f"{image['height']}x{image['width']}")
     quality = f" (quality {m['jpeg_quality']})" if m["encoding"] == "jpeg" else ""
     lines = [
@@ -170,6 +170,15 @@ def inspect(dest: str) -> str:
     if m.get("warnings"):
         lines += ["", "warnings:"] + [f"  - {w}" for w in m["warnings"]]
     return "\n".join(lines)
+
+
+def _size_range(splits: dict) -> str:
+    """" (WxH 40x40 to 300x300)": the smallest and largest width and height in `sizes`."""
+    sizes = np.array([wh for s in splits.values() for shard in s["shards"] for wh in shard.get("sizes", [])])
+    if not len(sizes):
+        return ""
+    low, high = sizes.min(axis=0), sizes.max(axis=0)
+    return f" (WxH {low[0]}x{low[1]} to {high[0]}x{high[1]})"
 
 
 def _table(header: list, rows: list[list]) -> list[str]:

@@ -85,7 +85,11 @@ def test_photo_folder_builds_without_resize_and_keeps_every_files_bytes(photos, 
     assert seen == set(files)
     assert {image_ext(s) for _, _, s in samples(dest, m, "train")} == {"jpg", "png", "webp"}
     assert shards.verify(dest, deep=True) == []
-    assert "images: variable size, 3 channel(s), source encoding" in shards.inspect(dest)
+    all_sizes = np.array([wh for s in m["splits"].values() for shard in s["shards"] for wh in shard["sizes"]])
+    (low_w, low_h), (high_w, high_h) = all_sizes.min(axis=0), all_sizes.max(axis=0)
+    assert 40 <= min(low_w, low_h) < 60 and 280 < max(high_w, high_h) <= 300  # what the folder holds
+    assert (f"images: variable size (WxH {low_w}x{low_h} to {high_w}x{high_h}), 3 channel(s), "
+            "source encoding") in shards.inspect(dest)
 
 
 def test_manifest_stats_are_the_train_pixels_mean_and_std(photos, tmp_path):
@@ -124,6 +128,8 @@ def test_max_side_downscales_the_big_images_once_in_their_own_format(photos, s3_
         if split_of(m, shard) == "train":
             images.append(decode_image(sample[ext], ext, m["image"]))
     assert kept > 5 and shrunk > 5
+    with pytest.raises(ValueError, match="resize .* or max_side .*, not both"):
+        shards.build(photos, f"{s3_bucket}/both", max_side=100, resize=(64, 64), progress=False)
     np.testing.assert_allclose(m["stats"]["mean"], numpy_stats(images)[0], atol=2e-6)
     assert shards.verify(dest, deep=True) == []
 
