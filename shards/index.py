@@ -65,7 +65,8 @@ def index(url: str, split: str | None = None, classes: list[str] | None = None,
     sizes = {tuple(wh) for s in shards for wh in s["sizes"]}
     channels = 1 if all(s["gray"] for s in shards) else 3
     fixed = next(iter(sizes)) if len(sizes) == 1 else None
-    image = {"height": fixed and fixed[1], "width": fixed and fixed[0], "channels": channels}
+    width, height = fixed if fixed else (None, None)
+    image = {"height": height, "width": width, "channels": channels}
 
     splits = {}
     for name in SPLITS:
