@@ -14,8 +14,13 @@ import numpy as np
 from PIL import Image
 
 FORMAT = "imgcls.shards/1"
-ENCODINGS = ("raw", "png", "jpeg")
-EXTENSIONS = {"raw": "raw", "png": "png", "jpeg": "jpg"}  # encoding -> tar member extension
+# "source": each image keeps its source file's bytes (JPEG, PNG or WebP), so a shard's image
+# members have mixed extensions; the others re-encode every image.
+ENCODINGS = ("raw", "png", "jpeg", "source")
+EXTENSIONS = {"raw": "raw", "png": "png", "jpeg": "jpg", "webp": "webp"}  # encoding -> member extension
+SOURCE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # image members of a "source" shard
+# Only these are ever decoded: PIL opens dozens of formats, some with a history of exploits.
+DECODED_FORMATS = ("JPEG", "PNG", "WEBP")
 # A decoded image above this many pixels is refused from its header, before decoding: a
 # 140 kB PNG can claim 12000x12000 pixels (PIL itself warns at 89M and refuses at 179M).
 MAX_PIXELS = 1 << 26
@@ -46,7 +51,7 @@ def encode_image(array: np.ndarray, encoding: str, quality: int = 90) -> tuple[s
     if encoding == "png":
         image.save(out, format="PNG")
     else:
-        image.save(out, format="JPEG", quality=quality)
+        image.save(out, format=encoding.upper(), quality=quality)
     return EXTENSIONS[encoding], out.getvalue()
 
 
@@ -62,10 +67,10 @@ def decode_image(data: bytes, ext: str, image_meta: dict) -> np.ndarray:
             raise ValueError(f"raw image has {len(data)} bytes, expected {expected} "
                              f"for {height}x{width}x{channels}")
         return np.frombuffer(data, dtype=np.uint8).reshape(height, width, channels)
-    if ext not in ("png", "jpg"):
+    if ext not in SOURCE_EXTENSIONS:
         raise ValueError(f"unknown image extension {ext!r}")
     try:
-        image = Image.open(io.BytesIO(data))  # reads the header only
+        image = Image.open(io.BytesIO(data), formats=DECODED_FORMATS)  # reads the header only
     except Exception as e:  # PIL raises many types for bad data; callers want one
         raise ValueError(f"cannot decode {ext} image: {e}") from None
     with image:
@@ -112,16 +117,30 @@ def decode_label(data: bytes | None, num_classes: int) -> int:
     return label
 
 
+def image_member(sample: dict, encoding: str) -> str:
+    """The extension of a sample's image member; ValueError when it has none (or, for the
+    "source" encoding, more than one image member)."""
+    if encoding != "source":
+        ext = EXTENSIONS[encoding]
+        if ext not in sample:
+            raise ValueError(f"no .{ext} member")
+        return ext
+    found = [ext for ext in SOURCE_EXTENSIONS if ext in sample]
+    if len(found) != 1:
+        members = sorted(set(sample) - {"__key__"})
+        raise ValueError(f"has members {members}, expected one image member "
+                         f"({', '.join(SOURCE_EXTENSIONS)})")
+    return found[0]
+
+
 def decode_sample(sample: dict, manifest: dict) -> tuple[np.ndarray, int]:
-    """(HWC uint8 image, label) of a webdataset-style sample: {"__key__", "cls", "raw"|"png"|"jpg"}.
+    """(HWC uint8 image, label) of a webdataset-style sample: {"__key__", "cls", "raw"|"png"|"jpg"|...}.
 
     ValueError naming the sample's key when it is bad.
     """
     key = sample.get("__key__", "?")
-    ext = EXTENSIONS[manifest["encoding"]]
     try:
-        if ext not in sample:
-            raise ValueError(f"no .{ext} member")
+        ext = image_member(sample, manifest["encoding"])
         image = decode_image(sample[ext], ext, manifest["image"])
         label = decode_label(sample.get("cls"), len(manifest["classes"]))
     except ValueError as e:

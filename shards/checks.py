@@ -8,8 +8,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from shardio.format import EXTENSIONS, FORMAT, check_shard_paths, decode_sample, read_tar
+from shardio.format import EXTENSIONS, FORMAT, check_shard_paths, decode_sample, image_member, read_tar
 from shardio.storage import filesystem, join, read_bytes
+
+from .progress import Progress
 
 
 def load_manifest(dest: str) -> dict:
@@ -26,12 +28,13 @@ def load_manifest(dest: str) -> dict:
     return manifest
 
 
-def verify(dest: str, deep: bool = False, workers: int | None = None) -> list[str]:
+def verify(dest: str, deep: bool = False, workers: int | None = None, progress: bool = False) -> list[str]:
     """Problems found at `dest` (empty when all is well), each naming the shard's full URL.
 
     Checks every shard's size, sha256 and sample count against the manifest, that each sample
     has exactly a .cls and an image member, and that keys are unique. `deep` also decodes
-    every image and label and checks per-class counts.
+    every image and label and checks per-class counts and the manifest's image sizes;
+    `progress` shows how far it is (a bar on a terminal, else log lines).
     """
     dest = str(dest).rstrip("/")
     try:
@@ -41,8 +44,12 @@ def verify(dest: str, deep: bool = False, workers: int | None = None) -> list[st
     filesystem(dest)[0].invalidate_cache()  # DEST may have changed since this process looked
     problems = _manifest_problems(manifest)
     shards = [s for split in manifest["splits"].values() for s in split["shards"]]
-    with ThreadPoolExecutor(workers) as pool:
-        results = list(pool.map(lambda s: _check_shard(dest, s, manifest, deep), shards))
+    results = []
+    with ThreadPoolExecutor(workers) as pool, \
+            Progress(sum(s["count"] for s in shards), "verify", progress and deep) as bar:
+        for shard, result in zip(shards, pool.map(lambda s: _check_shard(dest, s, manifest, deep), shards)):
+            results.append(result)
+            bar.update(shard["count"])
     first_seen: dict[str, str] = {}
     for shard, (shard_problems, keys) in zip(shards, results):
         problems += shard_problems
@@ -77,19 +84,20 @@ def _check_shard(dest: str, shard: dict, manifest: dict, deep: bool) -> tuple[li
     if hashlib.sha256(data).hexdigest() != shard["sha256"]:
         return [f"{url}: sha256 does not match the manifest (corrupt)"], []
 
-    ext = EXTENSIONS[manifest["encoding"]]
     problems, keys = [], []
     counts = np.zeros(len(manifest["classes"]), np.int64)
+    sizes = shard.get("sizes")
     try:
         for sample in read_tar(data):
             keys.append(sample["__key__"])
-            members = sorted(set(sample) - {"__key__"})
-            if members != sorted(["cls", ext]):
-                problems.append(f"{url}: sample {sample['__key__']} has members {members}, "
-                                f"expected cls and {ext}")
+            problem = _members_problem(sample, manifest["encoding"])
+            if problem:
+                problems.append(f"{url}: sample {sample['__key__']} {problem}")
             elif deep:
                 try:
-                    counts[decode_sample(sample, manifest)[1]] += 1
+                    image, label = decode_sample(sample, manifest)
+                    counts[label] += 1
+                    _check_size(image, sizes, len(keys) - 1, sample["__key__"])
                 except ValueError as e:
                     problems.append(f"{url}: {e}")
     except (tarfile.TarError, ValueError) as e:
@@ -102,12 +110,38 @@ def _check_shard(dest: str, shard: dict, manifest: dict, deep: bool) -> tuple[li
     return problems, keys
 
 
+def _members_problem(sample: dict, encoding: str) -> str | None:
+    """Why a sample's members are wrong (a .cls and one image member), or None."""
+    members = sorted(set(sample) - {"__key__"})
+    if encoding != "source":
+        ext = EXTENSIONS[encoding]
+        return None if members == sorted(["cls", ext]) else f"has members {members}, expected cls and {ext}"
+    if "cls" not in sample:
+        return f"has members {members}, expected cls and an image"
+    try:
+        image_member(sample, encoding)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _check_size(image: np.ndarray, sizes: list | None, n: int, key: str) -> None:
+    """ValueError when a decoded image is not the manifest's [width, height] for the shard's
+    n-th sample."""
+    if sizes is None:
+        return
+    size = list(sizes[n]) if n < len(sizes) else None
+    if [image.shape[1], image.shape[0]] != size:
+        raise ValueError(f"sample {key}: image is {image.shape[1]}x{image.shape[0]} (WxH), "
+                         f"the manifest's sizes say {size}")
+
+
 def inspect(dest: str) -> str:
     """A text summary: source, image format, samples and shards per split, class histogram."""
     dest = str(dest).rstrip("/")
     m = load_manifest(dest)
     src, image, splits = m["source"], m["image"], m["splits"]
-    size = ("variable size" if image["height"] is None
+    size = ("variable size" + _size_range(splits) if image["height"] is None
             else f"{image['height']}x{image['width']}")
     quality = f" (quality {m['jpeg_quality']})" if m["encoding"] == "jpeg" else ""
     lines = [
@@ -128,9 +162,23 @@ def inspect(dest: str) -> str:
     rows.append(["total"] + [splits[n]["count"] for n in names]
                 + [sum(splits[n]["count"] for n in names)])
     lines += _table(["class"] + names + ["total"], rows)
+    if m.get("stats"):
+        s = m["stats"]
+        lines += ["", f"pixel mean {s['mean']}, std {s['std']} (of {s['split']}, in [0, 1])"]
+    if m.get("skipped"):
+        lines += [f"skipped {m['skipped']['count']} bad image file(s), e.g. {m['skipped']['files'][0]}"]
     if m.get("warnings"):
         lines += ["", "warnings:"] + [f"  - {w}" for w in m["warnings"]]
     return "\n".join(lines)
+
+
+def _size_range(splits: dict) -> str:
+    """" (WxH 40x40 to 300x300)": the smallest and largest width and height in `sizes`."""
+    sizes = np.array([wh for s in splits.values() for shard in s["shards"] for wh in shard.get("sizes", [])])
+    if not len(sizes):
+        return ""
+    low, high = sizes.min(axis=0), sizes.max(axis=0)
+    return f" (WxH {low[0]}x{low[1]} to {high[0]}x{high[1]})"
 
 
 def _table(header: list, rows: list[list]) -> list[str]:

@@ -1,4 +1,4 @@
-"""Command line: python -m shards build|verify|inspect. Parsing only; the work is in the library."""
+"""Command line: python -m shards build|verify|inspect|index. Parsing only; the work is in the library."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +9,8 @@ import sys
 from shardio.format import ENCODINGS
 
 from .checks import inspect, load_manifest, verify
-from .writer import build, check_fractions, default_workers
+from .index import index
+from .writer import SPLITS, build, check_fractions, default_workers
 
 _UNITS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
 
@@ -53,9 +54,16 @@ def parser() -> argparse.ArgumentParser:
                    help="stratified split fractions (default 0.7,0.2,0.1). A source with its own "
                    "test split keeps it; val is then VAL/(TRAIN+VAL) of the source's train part")
     b.add_argument("--seed", type=int, default=0, help="split and shuffle seed (default 0)")
-    b.add_argument("--encoding", choices=ENCODINGS, default="raw", help="default raw uint8")
-    b.add_argument("--jpeg-quality", type=int, default=90, metavar="Q")
+    b.add_argument("--encoding", choices=ENCODINGS, help="source: keep each JPEG/PNG/WebP file's "
+                   "bytes (the default for a folder of images of different sizes); raw: uint8 pixels "
+                   "(the default otherwise); png, jpeg: re-encode every image")
+    b.add_argument("--jpeg-quality", type=int, default=90, metavar="Q",
+                   help="for --encoding jpeg, and for JPEG/WebP files that --max-side downscales")
     b.add_argument("--resize", type=parse_size, metavar="HxW", help="resize every image")
+    b.add_argument("--max-side", type=int, metavar="N",
+                   help="downscale images whose longer side is above N pixels (once, at build time)")
+    b.add_argument("--skip-bad", action="store_true", help="leave out image files that do not decode "
+                   "(counted in the manifest) instead of failing the build")
     color = b.add_mutually_exclusive_group()
     color.add_argument("--grayscale", dest="channels", action="store_const", const=1)
     color.add_argument("--rgb", dest="channels", action="store_const", const=3,
@@ -71,6 +79,19 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("dest")
     v.add_argument("--deep", action="store_true", help="also decode every sample")
     v.add_argument("--workers", type=int, default=default_workers())
+    v.add_argument("--no-progress", dest="progress", action="store_false")
+
+    x = commands.add_parser("index", help="write manifest.json for existing WebDataset shards",
+                            description="Write URL/manifest.json for the .tar shards under URL that "
+                            "another tool wrote (e.g. webdataset's TarWriter): per sample KEY.cls "
+                            "(decimal label) and one KEY.jpg/.jpeg/.png/.webp image.")
+    x.add_argument("dest", metavar="URL", help="the folder (path or s3://...) that holds the shards")
+    x.add_argument("--split", choices=SPLITS, help="the split of every shard (default: from each "
+                   "file name: train..., val... or valid..., test...)")
+    x.add_argument("--classes", type=lambda s: s.split(","), metavar="A,B,...",
+                   help="class names in label order (default: 0, 1, ...)")
+    x.add_argument("--workers", type=int, default=default_workers())
+    x.add_argument("--no-progress", dest="progress", action="store_false")
 
     i = commands.add_parser("inspect", help="print counts per split and the class histogram")
     i.add_argument("dest")
@@ -110,11 +131,16 @@ def _run(args: argparse.Namespace) -> int:
                          encoding=args.encoding, jpeg_quality=args.jpeg_quality,
                          shard_bytes=args.shard_bytes, shard_samples=args.shard_samples,
                          workers=args.workers, resize=args.resize, channels=args.channels,
-                         progress=args.progress)
+                         max_side=args.max_side, skip_bad=args.skip_bad, progress=args.progress)
         counts = ", ".join(f"{n} {s['count']}" for n, s in manifest["splits"].items())
         print(f"built {args.dest.rstrip('/')}/manifest.json: {counts}")
+    elif args.command == "index":
+        manifest = index(args.dest, split=args.split, classes=args.classes,
+                         workers=args.workers, progress=args.progress)
+        counts = ", ".join(f"{n} {s['count']}" for n, s in manifest["splits"].items())
+        print(f"indexed {args.dest.rstrip('/')}/manifest.json: {counts}")
     elif args.command == "verify":
-        problems = verify(args.dest, deep=args.deep, workers=args.workers)
+        problems = verify(args.dest, deep=args.deep, workers=args.workers, progress=args.progress)
         for problem in problems:
             print(problem)
         if problems:

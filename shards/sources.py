@@ -41,6 +41,8 @@ class Source:
     channels: int                 # 1 when every image is grayscale, else 3
     load: Callable[[int], np.ndarray | Image.Image]
     files: list[str] | None = field(default=None)  # per sample, to name files in errors
+    formats: list[str] | None = field(default=None)  # per file: PIL's format name ("JPEG", ...)
+    bad: dict[int, str] = field(default_factory=dict)  # sample -> why its header is unreadable
 
     def describe(self) -> dict:
         return {"kind": self.kind, "path": self.path, "name": self.name}
@@ -273,22 +275,30 @@ def _folder(root: Path, workers: int) -> Source:
         seen[key] = f
         keys.append(key)
 
-    # Headers only: sizes and modes without decoding, to check shapes before writing.
+    # Headers only: sizes, modes and formats without decoding, to plan the build. Unreadable
+    # headers are collected (the writer reports them with the files that fail to decode).
     with ThreadPoolExecutor(workers) as pool:
         headers = list(pool.map(_image_header, files))
-    sizes = np.array([(h, w) for h, w, _ in headers], np.int64).reshape(-1, 2)
-    channels = 1 if all(mode in GRAY_MODES for _, _, mode in headers) else 3
+    bad = {i: h for i, h in enumerate(headers) if isinstance(h, str)}
+    good = [h for h in headers if not isinstance(h, str)]
+    if not good:
+        raise ValueError(f"{root}: none of its {len(files)} images can be read, e.g. {headers[0]}")
+    headers = [(0, 0, "", "") if isinstance(h, str) else h for h in headers]
+    sizes = np.array([(h, w) for h, w, _, _ in headers], np.int64).reshape(-1, 2)
+    channels = 1 if all(mode in GRAY_MODES for _, _, mode, _ in good) else 3
     return Source("folder", str(root), root.name, classes, keys, np.array(labels, np.int64), None,
-                  sizes, channels, load=lambda i: _open_image(files[i]), files=files)
+                  sizes, channels, load=lambda i: _open_image(files[i]), files=files,
+                  formats=[fmt for _, _, _, fmt in headers], bad=bad)
 
 
-def _image_header(path: str) -> tuple[int, int, str]:
+def _image_header(path: str) -> tuple[int, int, str, str] | str:
+    """(height, width, mode, format) from the file's header, or why it cannot be read."""
     try:
         with Image.open(path) as image:
             check_image_size(image.height, image.width)  # before anything decodes it
-            return image.height, image.width, image.mode
+            return image.height, image.width, image.mode, image.format
     except Exception as e:  # PIL raises many types for bad files
-        raise ValueError(f"cannot read image {path}: {e}") from None
+        return f"cannot read image {path}: {e}"
 
 
 def _open_image(path: str) -> Image.Image:

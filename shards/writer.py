@@ -26,13 +26,14 @@ from typing import Iterator, Sequence
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
-from shardio.format import ENCODINGS, FORMAT, check_key, encode_image, tar_size, write_tar
+from shardio.format import ENCODINGS, FORMAT, check_key, decode_image, encode_image, tar_size, write_tar
 from shardio.storage import filesystem, join, write_bytes_atomic
 
 from . import __version__
+from .progress import Progress
 from .sources import Source, open_source
+from .stats import channel_stats, histogram
 
 log = logging.getLogger("shards")
 
@@ -40,6 +41,10 @@ SPLITS = ("train", "val", "test")
 DEFAULT_SHARD_BYTES = 64 * 10**6
 IMBALANCE = 0.7  # warn when one class is more than this share of a split
 CHUNK = 256      # samples per encoding task: big enough to amortise the task overhead
+KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # stored byte for byte, as KEY.<ext>
+LOSSY = ("jpg", "webp")
+REENCODED_AS = {"JPEG": "jpeg", "PNG": "png", "WEBP": "webp"}  # when downscaled; other formats: png
+SKIPPED_LISTED = 100  # bad files named in the manifest (all are logged)
 
 
 def default_workers() -> int:
@@ -47,19 +52,22 @@ def default_workers() -> int:
 
 
 def build(source: str | os.PathLike, dest: str | os.PathLike, *,
-          split: Sequence[float] = (0.7, 0.2, 0.1), seed: int = 0, encoding: str = "raw",
+          split: Sequence[float] = (0.7, 0.2, 0.1), seed: int = 0, encoding: str | None = None,
           jpeg_quality: int = 90, shard_bytes: int | None = None,
           shard_samples: int | None = None, workers: int | None = None,
           resize: tuple[int, int] | None = None, channels: int | None = None,
-          progress: bool = True) -> dict:
+          max_side: int | None = None, skip_bad: bool = False, progress: bool = True) -> dict:
     """Write `source` as shards under `dest` and return the manifest (also at dest/manifest.json).
 
     Shards are cut at `shard_samples` samples or about `shard_bytes` bytes, whichever comes
     first (default 64 MB). `channels` 1 or 3 forces grayscale or RGB; by default images
-    stay grayscale when all of them are. `resize` is (height, width).
+    stay grayscale when all of them are. `resize` is (height, width); `max_side` downscales
+    the images whose longer side is above it. `encoding` None: "source" (keep each file's
+    bytes) for a folder of images of different sizes, else "raw". Every image file is decoded
+    first; bad ones fail the build, all named in one error, or with `skip_bad` are left out.
     """
     fractions = check_fractions(split)
-    _check_options(encoding, jpeg_quality, shard_bytes, shard_samples, resize, channels)
+    _check_options(encoding, jpeg_quality, shard_bytes, shard_samples, resize, channels, max_side)
     if shard_bytes is None and shard_samples is None:
         shard_bytes = DEFAULT_SHARD_BYTES
     workers = workers or default_workers()
@@ -68,36 +76,45 @@ def build(source: str | os.PathLike, dest: str | os.PathLike, *,
     src = open_source(source, workers)
     for key in src.keys:
         check_key(key)
-    image = _image_meta(src, encoding, resize, channels)
-    size = None if image["height"] is None else (image["height"], image["width"])
+    sizes = stored_sizes(src.sizes, resize, max_side)
+    encoding = encoding or default_encoding(src, sizes, max_side)
+    if encoding == "source" and not src.files:
+        raise ValueError(f"{src.path}: encoding 'source' keeps image files' bytes, but a {src.kind} "
+                         "source has no image files; use raw, png or jpeg")
+    channels = channels or src.channels
+    image = _image_meta(src, encoding, sizes, channels)
+    keep = _keeps_bytes(src, encoding, sizes)
     indices = assign_splits(src.labels, src.is_test, len(src.classes), fractions, seed)
 
-    def encode(chunk: np.ndarray) -> list[tuple[str, int, str, bytes]]:
-        out = []
-        for i in chunk:
-            array = _conform(src.load(i), image["channels"], size)
-            ext, data = encode_image(array, encoding, jpeg_quality)
-            out.append((src.keys[i], int(src.labels[i]), ext, data))
-        return out
-
-    def put(path: str, samples: list) -> tuple[dict, bool]:
-        data = write_tar(samples)
-        digest = hashlib.sha256(data).hexdigest()
-        written = not _same_file(join(dest, path), len(data), digest)
-        if written:
-            write_bytes_atomic(join(dest, path), data)
-        counts = np.bincount([s[1] for s in samples], minlength=len(src.classes))
-        return {"path": path, "count": len(samples), "bytes": len(data), "sha256": digest,
-                "class_counts": counts.tolist()}, written
-
-    filesystem(dest)[0].invalidate_cache()  # another process may have changed DEST
-    splits, written = {}, 0
-    total = sum(len(v) for v in indices.values())
     pool = ThreadPoolExecutor(workers)
     try:
-        with tqdm(total=total, unit="img", desc="shards", disable=not progress) as bar:
+        bad, kept_hist = _check_files(pool, src, indices["train"], keep, channels, 2 * workers, progress)
+        indices = _leave_out(bad, indices, src, skip_bad)
+
+        def encode(chunk: np.ndarray) -> list[tuple]:
+            return [_encode(src, i, encoding, keep[i], channels, sizes[i], jpeg_quality) for i in chunk]
+
+        def put(path: str, samples: list) -> tuple[dict, bool]:
+            data = write_tar(s[:4] for s in samples)
+            digest = hashlib.sha256(data).hexdigest()
+            written = not _same_file(join(dest, path), len(data), digest)
+            if written:
+                write_bytes_atomic(join(dest, path), data)
+            counts = np.bincount([s[1] for s in samples], minlength=len(src.classes))
+            entry = {"path": path, "count": len(samples), "bytes": len(data), "sha256": digest,
+                     "class_counts": counts.tolist()}
+            if image["height"] is None:
+                entry["sizes"] = [list(s[4]) for s in samples]
+            return entry, written
+
+        filesystem(dest)[0].invalidate_cache()  # another process may have changed DEST
+        splits, written, hist = {}, 0, kept_hist
+        total = sum(len(v) for v in indices.values())
+        with Progress(total, "shards", progress) as bar:
             for name in SPLITS:
                 samples = _in_order(pool, encode, indices[name], ahead=2 * workers)
+                if name == "train":
+                    samples = _tally(samples, hist)
                 results = _put_all(pool, put, name, _cut(samples, shard_samples, shard_bytes),
                                    2 * workers, bar)
                 written += sum(w for _, w in results)
@@ -118,8 +135,11 @@ def build(source: str | os.PathLike, dest: str | os.PathLike, *,
         "classes": src.classes,
         "encoding": encoding,
         **({"jpeg_quality": jpeg_quality} if encoding == "jpeg" else {}),
+        **({"max_side": max_side} if max_side else {}),
         "image": image,
+        "stats": channel_stats(hist, "train", len(indices["train"])),
         "splits": splits,
+        **({"skipped": _skipped(src, bad)} if bad else {}),
         "warnings": class_warnings(src.classes, splits),
     }
     for message in manifest["warnings"]:
@@ -132,8 +152,122 @@ def build(source: str | os.PathLike, dest: str | os.PathLike, *,
     return manifest
 
 
-def _check_options(encoding, jpeg_quality, shard_bytes, shard_samples, resize, channels):
-    if encoding not in ENCODINGS:
+def default_encoding(src: Source, sizes: np.ndarray, max_side: int | None) -> str:
+    """"source" for image files of different sizes (or when --max-side is given): their own
+    bytes are the smallest lossless copy; "raw" for fixed-size images and array sources."""
+    good = _good(src)
+    if src.files and (max_side or (sizes[good] != sizes[good[0]]).any()):
+        return "source"
+    return "raw"
+
+
+def stored_sizes(sizes: np.ndarray, resize: tuple[int, int] | None, max_side: int | None) -> np.ndarray:
+    """(N, 2) height, width of each image as written: `resize`, or scaled down so that its
+    longer side is at most `max_side`."""
+    if resize is not None:
+        return np.tile(np.array(resize, np.int64), (len(sizes), 1))
+    if not max_side:
+        return sizes
+    scale = np.minimum(1.0, max_side / np.maximum(sizes.max(axis=1), 1))
+    return np.where(scale[:, None] < 1, np.maximum(1, np.rint(sizes * scale[:, None])), sizes).astype(np.int64)
+
+
+def _good(src: Source) -> np.ndarray:
+    return np.array([i for i in range(len(src.keys)) if i not in src.bad], np.int64)
+
+
+def _keeps_bytes(src: Source, encoding: str, sizes: np.ndarray) -> np.ndarray:
+    """Per sample: stored byte for byte (encoding "source", a JPEG/PNG/WebP file not downscaled)."""
+    if encoding != "source":
+        return np.zeros(len(src.keys), bool)
+    return np.array([fmt in KEPT_FORMATS for fmt in src.formats]) & (sizes == src.sizes).all(axis=1)
+
+
+def _check_files(pool, src: Source, train: np.ndarray, keep: np.ndarray, channels: int,
+                 ahead: int, progress: bool) -> tuple[dict[int, str], np.ndarray]:
+    """Decode every image file once, before anything is written: {sample: why} for the bad
+    ones (unreadable headers included), and the pixel histogram of the train files that are
+    stored byte for byte (the others are counted as they are encoded)."""
+    hist = np.zeros((channels, 256), np.int64)
+    bad = dict(src.bad)
+    if not src.files:
+        return bad, hist
+    in_train = np.zeros(len(src.keys), bool)
+    in_train[train] = True
+    mode = "L" if channels == 1 else "RGB"
+
+    def check(chunk: np.ndarray) -> list[tuple[int, str | None, np.ndarray | None]]:
+        return [(i, *_check_file(src.files[i], mode, in_train[i] and keep[i])) for i in chunk]
+
+    todo = _good(src)
+    with Progress(len(todo), "check", progress) as bar:
+        for i, why, counts in _in_order(pool, check, todo, ahead):
+            if why:
+                bad[int(i)] = why
+            elif counts is not None:
+                hist += counts
+            bar.update(1)
+    return bad, hist
+
+
+def _check_file(path: str, mode: str, count: bool) -> tuple[str | None, np.ndarray | None]:
+    try:
+        with Image.open(path) as image:
+            image.load()  # decodes it all: a truncated or corrupt file fails here
+            return None, histogram(image.convert(mode)) if count else None
+    except Exception as e:  # PIL raises many types for bad files
+        return f"cannot decode image {path}: {' '.join(str(e).split())}", None
+
+
+def _leave_out(bad: dict[int, str], indices: dict[str, np.ndarray], src: Source,
+               skip_bad: bool) -> dict[str, np.ndarray]:
+    """`indices` without the bad samples when `skip_bad`; else one error naming them all."""
+    if not bad:
+        return indices
+    reasons = [bad[i] for i in sorted(bad)]
+    for reason in reasons:
+        log.warning("%s", reason)
+    if not skip_bad:
+        more = f" and {len(reasons) - 10} more (all logged above)" if len(reasons) > 10 else ""
+        raise ValueError(f"{len(reasons)} bad image file(s) in {src.path}: {'; '.join(reasons[:10])}{more}; "
+                         "fix or remove them, or pass --skip-bad to leave them out")
+    log.warning("%s: left out %d bad image file(s) (--skip-bad)", src.path, len(reasons))
+    out = np.array(sorted(bad), np.int64)
+    return {name: idx[~np.isin(idx, out)] for name, idx in indices.items()}
+
+
+def _skipped(src: Source, bad: dict[int, str]) -> dict:
+    return {"count": len(bad),
+            "files": [os.path.relpath(src.files[i], src.path) for i in sorted(bad)[:SKIPPED_LISTED]]}
+
+
+def _encode(src: Source, i: int, encoding: str, keep: bool, channels: int, size: np.ndarray,
+            quality: int) -> tuple[str, int, str, bytes, tuple[int, int], np.ndarray | None]:
+    """(key, label, member extension, bytes, (width, height), pixel histogram or None when
+    the source bytes are kept: _check_files counted those)."""
+    key, label, wh = src.keys[i], int(src.labels[i]), (int(size[1]), int(size[0]))
+    if keep:
+        with open(src.files[i], "rb") as f:
+            return key, label, KEPT_FORMATS[src.formats[i]], f.read(), wh, None
+    array = _conform(src.load(i), channels, (int(size[0]), int(size[1])))
+    if encoding == "source":  # a downscaled or non-JPEG/PNG/WebP file: re-encoded once
+        encoding = REENCODED_AS.get(src.formats[i], "png")
+    ext, data = encode_image(array, encoding, quality)
+    if ext in LOSSY:  # the statistics are of the pixels a reader decodes
+        array = decode_image(data, ext, {"channels": channels})
+    return key, label, ext, data, wh, histogram(array)
+
+
+def _tally(samples: Iterator[tuple], hist: np.ndarray) -> Iterator[tuple]:
+    """The samples, unchanged, adding their pixel histograms to `hist` on the way."""
+    for sample in samples:
+        if sample[5] is not None:
+            hist += sample[5]
+        yield sample
+
+
+def _check_options(encoding, jpeg_quality, shard_bytes, shard_samples, resize, channels, max_side):
+    if encoding is not None and encoding not in ENCODINGS:
         raise ValueError(f"unknown encoding {encoding!r}; expected one of {', '.join(ENCODINGS)}")
     if not 1 <= jpeg_quality <= 100:
         raise ValueError(f"jpeg quality must be in 1..100, got {jpeg_quality}")
@@ -144,15 +278,21 @@ def _check_options(encoding, jpeg_quality, shard_bytes, shard_samples, resize, c
         raise ValueError(f"resize must be (height, width) with positive sizes, got {resize}")
     if channels not in (None, 1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
+    if max_side is not None and max_side < 1:
+        raise ValueError(f"max_side must be positive, got {max_side}")
+    if max_side is not None and resize is not None:
+        raise ValueError("give resize (every image to one size) or max_side (downscale the big ones), not both")
 
 
 _NUMBER_LIST = re.compile(r"\[\s*(-?[\d.]+(?:,\s*-?[\d.]+)*)\s*\]")
+_PAIR_LIST = re.compile(r"\[\s*(\[\d+, \d+\](?:,\s*\[\d+, \d+\])*)\s*\]")
 
 
 def manifest_bytes(manifest: dict) -> bytes:
     text = json.dumps(manifest, indent=2, ensure_ascii=False)
-    # Lists of numbers (class counts) on one line keep the manifest readable.
+    # Lists of numbers (class counts) and of [w, h] pairs on one line keep the manifest readable.
     text = _NUMBER_LIST.sub(lambda m: "[" + ", ".join(re.split(r",\s*", m[1])) + "]", text)
+    text = _PAIR_LIST.sub(lambda m: "[" + ", ".join(re.split(r"(?<=\]),\s*", m[1])) + "]", text)
     return (text + "\n").encode()
 
 
@@ -208,21 +348,20 @@ def class_warnings(classes: list[str], splits: dict) -> list[str]:
     return messages
 
 
-def _image_meta(src: Source, encoding: str, resize, channels) -> dict:
-    if resize is not None:
-        height, width = (int(v) for v in resize)
-    else:
-        height, width = (int(v) for v in src.sizes[0])
-        differ = np.flatnonzero((src.sizes != src.sizes[0]).any(axis=1))
-        if differ.size:
-            if encoding == "raw":
-                i = int(differ[0])
-                raise ValueError(
-                    f"raw encoding needs every image the same size, but {src.origin(i)} is "
-                    f"{src.sizes[i][0]}x{src.sizes[i][1]} and {src.origin(0)} is "
-                    f"{height}x{width}; resize them (--resize HxW) or use --encoding png")
-            height = width = None  # png/jpeg keep each image's own size
-    return {"height": height, "width": width, "channels": channels or src.channels}
+def _image_meta(src: Source, encoding: str, sizes: np.ndarray, channels: int) -> dict:
+    """The manifest's "image": one height and width when every (readable) image has them."""
+    good = _good(src)
+    height, width = (int(v) for v in sizes[good[0]])
+    differ = good[(sizes[good] != sizes[good[0]]).any(axis=1)]
+    if differ.size:
+        if encoding == "raw":
+            i = int(differ[0])
+            raise ValueError(
+                f"raw encoding needs every image the same size, but {src.origin(i)} is "
+                f"{sizes[i][0]}x{sizes[i][1]} and {src.origin(int(good[0]))} is {height}x{width}; "
+                "resize them (--resize HxW), or leave --encoding out to keep each file's bytes")
+        height = width = None  # source/png/jpeg keep each image's own size
+    return {"height": height, "width": width, "channels": channels}
 
 
 def _conform(image: np.ndarray | Image.Image, channels: int, size) -> np.ndarray:
@@ -264,7 +403,7 @@ def _cut(samples: Iterator, max_samples: int | None, max_bytes: int | None) -> I
 
 
 def _put_all(pool: ThreadPoolExecutor, put, split: str, shards: Iterator[list],
-             ahead: int, bar: tqdm) -> list[tuple[dict, bool]]:
+             ahead: int, bar: Progress) -> list[tuple[dict, bool]]:
     """put() every shard of a split on the pool, at most `ahead` in flight; results in order."""
     pending: deque = deque()
     results = []

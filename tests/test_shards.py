@@ -352,7 +352,10 @@ def test_images_of_different_sizes(tmp_path, s3_bucket):
     odd = tmp_path / "mixed" / "b" / "img02.jpg"
     Image.new("RGB", (8, 10)).save(odd)  # 10 high, 8 wide
     with pytest.raises(ValueError, match=r"img02\.jpg is 10x8.*--resize"):
-        shards.build(tmp_path / "mixed", f"{s3_bucket}/mixed", progress=False)
+        shards.build(tmp_path / "mixed", f"{s3_bucket}/mixed", encoding="raw", progress=False)
+    m = shards.build(tmp_path / "mixed", f"{s3_bucket}/mixed", progress=False)
+    assert m["encoding"] == "source" and m["image"]["height"] is None  # the default keeps the files
+    assert shards.verify(f"{s3_bucket}/mixed", deep=True) == []
     m = shards.build(tmp_path / "mixed", f"{s3_bucket}/resized", resize=(4, 5), channels=1,
                      progress=False)
     assert m["image"] == {"height": 4, "width": 5, "channels": 1}

@@ -1,0 +1,192 @@
+"""`index`: DEST/manifest.json for WebDataset shards that another tool wrote (webdataset's
+TarWriter, ...), so that imgcls reads them unchanged (docs/design.md).
+
+Each sample must hold KEY.cls (a decimal label) and one image member KEY.jpg, .jpeg, .png or
+.webp; other members (.json, .txt) are ignored. The manifest's encoding is "source". Every
+image is decoded once, to check it and to count the pixel statistics; any bad sample fails
+the index, all named in one error.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import posixpath
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from PIL import Image
+
+from shardio.format import (DECODED_FORMATS, FORMAT, check_image_size, check_key, decode_label,
+                            image_member, read_tar)
+from shardio.storage import filesystem, join, read_bytes, write_bytes_atomic
+
+from . import __version__
+from .progress import Progress
+from .sources import GRAY_MODES
+from .stats import channel_stats, histogram
+from .writer import SPLITS, class_warnings, default_workers, manifest_bytes
+
+log = logging.getLogger("shards")
+# train-000000.tar, val_3.tar, validation-00.tar, test.tar: the split starts the file name.
+_SPLIT_IN_NAME = re.compile(r"(train|validation|valid|val|test)(?![a-z])", re.IGNORECASE)
+_SPLIT_NAMES = {"train": "train", "validation": "val", "valid": "val", "val": "val", "test": "test"}
+NO_LABEL = 1 << 62  # labels are checked against the class count once all shards are read
+
+
+def index(url: str, split: str | None = None, classes: list[str] | None = None,
+          workers: int | None = None, progress: bool = True) -> dict:
+    """Describe the .tar shards under `url` (any depth) in url/manifest.json; return it.
+
+    A shard's split is `split`, or else the start of its file name (train..., val...,
+    valid..., validation..., test...). `classes` names the labels 0, 1, ...; by default
+    "0", "1", ... up to the largest label.
+    """
+    url = str(url).rstrip("/")
+    fs, root = filesystem(url)
+    fs.invalidate_cache()
+    paths = sorted(posixpath.relpath(p, root) for p in fs.find(root) if p.endswith(".tar"))
+    if not paths:
+        raise FileNotFoundError(f"{url}: no .tar shards under it")
+    splits_of = {path: split or split_of(path, url) for path in paths}
+
+    with ThreadPoolExecutor(workers or default_workers()) as pool, \
+            Progress(len(paths), "index", progress, unit="shards") as bar:
+        shards = []
+        for shard in pool.map(lambda p: describe_shard(url, p, splits_of[p] == "train"), paths):
+            shards.append(shard)
+            bar.update(1)
+    _check_samples(url, shards)
+
+    num_classes = len(classes) if classes else 1 + max(max(s["labels"], default=-1) for s in shards)
+    classes = list(classes) if classes else [str(c) for c in range(num_classes)]
+    _check_labels(url, shards, num_classes)
+    sizes = {tuple(wh) for s in shards for wh in s["sizes"]}
+    channels = 1 if all(s["gray"] for s in shards) else 3
+    fixed = next(iter(sizes)) if len(sizes) == 1 else None
+    width, height = fixed if fixed else (None, None)
+    image = {"height": height, "width": width, "channels": channels}
+
+    splits = {}
+    for name in SPLITS:
+        entries = [_entry(s, num_classes, fixed is None) for s in shards if splits_of[s["path"]] == name]
+        counts = np.sum([e["class_counts"] for e in entries], axis=0, dtype=np.int64) if entries \
+            else np.zeros(num_classes, np.int64)
+        splits[name] = {"count": sum(e["count"] for e in entries), "class_counts": counts.tolist(),
+                        "shards": entries}
+    stats_split = "train" if splits["train"]["count"] else max(splits, key=lambda n: splits[n]["count"])
+    manifest = {
+        "format": FORMAT,
+        "tool_version": __version__,
+        "source": {"kind": "webdataset", "path": url, "name": posixpath.basename(root)},
+        "seed": None,
+        "classes": classes,
+        "encoding": "source",
+        "image": image,
+        "stats": _stats([s for s in shards if splits_of[s["path"]] == stats_split], channels, stats_split),
+        "splits": splits,
+        "warnings": class_warnings(classes, splits),
+    }
+    for message in manifest["warnings"]:
+        log.warning("%s", message)
+    write_bytes_atomic(join(url, "manifest.json"), manifest_bytes(manifest))
+    log.info("%s: indexed %d samples in %d shards", url, sum(s["count"] for s in splits.values()), len(paths))
+    return manifest
+
+
+def split_of(path: str, url: str) -> str:
+    match = _SPLIT_IN_NAME.match(posixpath.basename(path))
+    if not match:
+        raise ValueError(f"{join(url, path)}: cannot tell its split from the file name "
+                         "(train..., val..., test...); pass --split")
+    return _SPLIT_NAMES[match[1].lower()]
+
+
+def describe_shard(url: str, path: str, count_pixels: bool) -> dict:
+    """A shard's bytes, sha256, keys, labels and [width, height] per sample; its bad samples;
+    with `count_pixels`, the pixel histograms of its gray ("L") and colour ("RGB") images."""
+    shard_url = join(url, path)
+    data = read_bytes(shard_url)
+    keys, labels, sizes, bad = [], [], [], []
+    gray, hist_l, hist_rgb = True, np.zeros((1, 256), np.int64), np.zeros((3, 256), np.int64)
+    try:
+        samples = list(read_tar(data))
+    except ValueError as e:
+        raise ValueError(f"{shard_url}: not a readable tar: {e}") from None
+    for sample in samples:
+        key = sample["__key__"]
+        try:
+            check_key(key)
+            ext = image_member(sample, "source")
+            label = decode_label(sample.get("cls"), NO_LABEL)
+            width, height, mode, counts = _decode(sample[ext], count_pixels)
+        except ValueError as e:
+            bad.append(f"{shard_url}: sample {key}: {e}")
+            continue
+        keys.append(key)
+        labels.append(label)
+        sizes.append([width, height])
+        gray = gray and mode in GRAY_MODES
+        if counts is not None:
+            if counts.shape[0] == 1:
+                hist_l += counts
+            else:
+                hist_rgb += counts
+    return {"path": path, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "keys": keys,
+            "labels": labels, "sizes": sizes, "bad": bad, "gray": gray, "hist_l": hist_l, "hist_rgb": hist_rgb}
+
+
+def _decode(data: bytes, count_pixels: bool) -> tuple[int, int, str, np.ndarray | None]:
+    """(width, height, mode, histogram or None) of an encoded image, decoded in full."""
+    try:
+        with Image.open(io.BytesIO(data), formats=DECODED_FORMATS) as image:
+            check_image_size(image.height, image.width)
+            image.load()
+            counts = None
+            if count_pixels:
+                counts = histogram(image.convert("L" if image.mode in GRAY_MODES else "RGB"))
+            return image.width, image.height, image.mode, counts
+    except ValueError:
+        raise
+    except Exception as e:  # PIL raises many types for bad data
+        raise ValueError(f"cannot decode image: {' '.join(str(e).split())}") from None
+
+
+def _check_samples(url: str, shards: list[dict]) -> None:
+    """One error naming every bad sample and every key that is in two shards."""
+    problems = [b for s in shards for b in s["bad"]]
+    first: dict[str, str] = {}
+    for shard in shards:
+        for key in shard["keys"]:
+            if key in first:
+                problems.append(f"{join(url, shard['path'])}: sample key {key} is also in {first[key]}")
+            first.setdefault(key, join(url, shard["path"]))
+    if problems:
+        for problem in problems:
+            log.warning("%s", problem)
+        more = f" and {len(problems) - 10} more (all logged above)" if len(problems) > 10 else ""
+        raise ValueError(f"{len(problems)} bad sample(s) under {url}: {'; '.join(problems[:10])}{more}")
+
+
+def _check_labels(url: str, shards: list[dict], num_classes: int) -> None:
+    for shard in shards:
+        for key, label in zip(shard["keys"], shard["labels"]):
+            if label >= num_classes:
+                raise ValueError(f"{join(url, shard['path'])}: sample {key}: label {label} is outside "
+                                 f"the {num_classes} classes given")
+
+
+def _entry(shard: dict, num_classes: int, with_sizes: bool) -> dict:
+    entry = {"path": shard["path"], "count": len(shard["keys"]), "bytes": shard["bytes"],
+             "sha256": shard["sha256"], "class_counts": np.bincount(shard["labels"], minlength=num_classes).tolist()}
+    if with_sizes:
+        entry["sizes"] = shard["sizes"]
+    return entry
+
+
+def _stats(shards: list[dict], channels: int, split: str) -> dict:
+    """Gray images count in every colour channel (their RGB conversion repeats the gray value)."""
+    hist_l = sum((s["hist_l"] for s in shards), np.zeros((1, 256), np.int64))
+    hist = hist_l if channels == 1 else sum((s["hist_rgb"] for s in shards), np.zeros((3, 256), np.int64)) + hist_l
+    return channel_stats(hist, split, sum(len(s["keys"]) for s in shards))
