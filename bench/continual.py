@@ -84,7 +84,7 @@ def accuracies(ckpt: str, data: str, classes: list[int]) -> tuple[float, float]:
     """(10-way accuracy, accuracy with the argmax over `classes` only) on the test split."""
     state = checkpoint.load(ckpt)
     manifest = read_manifest(data)
-    model, _ = model_from_checkpoint(state, len(manifest["classes"]), 1, use_ema=False)
+    model, _ = model_from_checkpoint(state, manifest, use_ema=False)
     data_cfg = from_dict(state["config"]).data
     data_cfg.url, data_cfg.num_workers = data, 0
     reader = ShardReader(data_cfg, "test", train=False, manifest=manifest)

@@ -67,6 +67,16 @@ def normalization(cfg: DataConfig, manifest: dict) -> tuple[list[float], list[fl
     return list(mean), list(std)
 
 
+def input_size(cfg: DataConfig, manifest: dict) -> int:
+    """The side of the model's square input: data.image_size, else the dataset's fixed size."""
+    image = manifest["image"]
+    if cfg.image_size:
+        return cfg.image_size
+    if image.get("height") and image.get("width"):
+        return max(image["height"], image["width"])
+    raise DataError(f"{cfg.url}: the images vary in size: set data.image_size (e.g. data.image_size=224)")
+
+
 def interleave(counts: list[int]) -> list[tuple[int, int]]:
     """Round-robin over workers with `counts` batches, skipping exhausted ones:
     the order in which DataLoader returns an IterableDataset's batches. [(worker, local index)]"""

@@ -40,7 +40,7 @@ def evaluate(model, reader: ShardReader, device, autocast, num_classes: int, *, 
     distributed.all_reduce(totals)
     distributed.all_reduce(confusion.matrix)
     count = max(1.0, totals[2].item())
-    return {"loss": totals[0].item() / count, "acc": confusion.accuracy, "top5": totals[1].item() / count,
+    return {"loss": totals[0].item() / count, "acc": confusion.accuracy, "balanced_acc": confusion.balanced_accuracy, "top5": totals[1].item() / count,
             "macro_f1": confusion.macro_f1, "count": int(totals[2].item()), "confusion": confusion}
 
 
@@ -60,15 +60,17 @@ def tta_logits(model, images: torch.Tensor, *, flip: bool = False, shift: bool =
     return logits
 
 
-def model_from_checkpoint(state: dict, num_classes: int, in_channels: int, use_ema: bool = True):
-    """(model in eval mode, "ema" | "model"): the checkpoint's architecture with its weights,
-    the EMA ones when present and wanted."""
+def model_from_checkpoint(state: dict, manifest: dict, use_ema: bool = True):
+    """(model in eval mode, "ema" | "model"): the checkpoint's architecture, for the classes and
+    images of `manifest`, with its weights, the EMA ones when present and wanted."""
     from imgcls.config import from_dict
+    from imgcls.data import input_size
     from imgcls.models import build_model
 
     cfg = from_dict(state["config"])
     cfg.model.pretrained = ""  # every weight is in the checkpoint; the original file need not exist here
-    model = build_model(cfg.model, num_classes, in_channels)
+    model = build_model(cfg.model, len(manifest["classes"]), manifest["image"]["channels"],
+                        input_size(cfg.data, manifest))
     if cfg.prune.sparsity > 0:  # the state holds weight_orig/weight_mask: load into a masked model
         from imgcls.pruning import apply_pruning, make_permanent
         apply_pruning(model, cfg.prune)
@@ -102,7 +104,7 @@ def evaluate_checkpoint(checkpoint_url: str, split: str = "test", data_url: str 
         cfg.data.url = data_url
     manifest = read_manifest(cfg.data.url)
     classes = manifest["classes"]
-    model, weights = model_from_checkpoint(state, len(classes), manifest["image"]["channels"], use_ema)
+    model, weights = model_from_checkpoint(state, manifest, use_ema)
     model = model.to(dist.device)
     reader = ShardReader(cfg.data, split, rank=dist.rank, world_size=dist.world_size, train=False, manifest=manifest)
     precision = resolve_precision(cfg.train.precision, dist.device)

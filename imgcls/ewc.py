@@ -132,7 +132,7 @@ def previous_model(ewc_cfg):
     data_cfg = replace(previous_cfg.data, url=ewc_cfg.data_url or previous_cfg.data.url, num_workers=0,
                        eval_batch_size=ewc_cfg.batch_size)
     manifest = read_manifest(data_cfg.url)
-    model, _ = model_from_checkpoint(state, len(manifest["classes"]), manifest["image"]["channels"], use_ema=False)
+    model, _ = model_from_checkpoint(state, manifest, use_ema=False)
     return model, data_cfg, manifest
 
 

@@ -146,7 +146,7 @@ def load_checkpoint_model(checkpoint_url: str, data_url: str = "",
         raise
     data_url = data_url or state["config"]["data"]["url"]
     manifest = read_manifest(data_url)
-    model, kind = model_from_checkpoint(state, len(manifest["classes"]), manifest["image"]["channels"], use_ema)
+    model, kind = model_from_checkpoint(state, manifest, use_ema)
     model = model.float()
     return model, checkpoint_meta(state, manifest, kind, checkpoint_url, data_url)
 

@@ -12,13 +12,30 @@ import torch
 import torch.nn.functional as F
 
 
-def classification_loss(logits, labels, *, label_smoothing: float = 0.0, focal_gamma: float = 0.0):
-    """Mean cross-entropy, or focal loss (Lin et al. 2017) when focal_gamma > 0."""
-    if focal_gamma <= 0:
+def classification_loss(logits, labels, *, label_smoothing: float = 0.0, focal_gamma: float = 0.0,
+                        class_weights: torch.Tensor | None = None):
+    """Mean cross-entropy, or focal loss (Lin et al. 2017) when focal_gamma > 0; each sample's
+    term scaled by its class's weight when `class_weights` is given."""
+    if focal_gamma <= 0 and class_weights is None:
         return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
-    ce = F.cross_entropy(logits, labels, label_smoothing=label_smoothing, reduction="none")
-    p_true = torch.exp(-F.cross_entropy(logits, labels, reduction="none"))
-    return ((1 - p_true) ** focal_gamma * ce).mean()
+    loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing, reduction="none")
+    if focal_gamma > 0:
+        p_true = torch.exp(-F.cross_entropy(logits, labels, reduction="none"))
+        loss = (1 - p_true) ** focal_gamma * loss
+    if class_weights is not None:
+        # a plain mean, not torch's sum(w*l)/sum(w): the step stays the mean over the
+        # effective batch however it is split into ranks and micro-batches
+        loss = loss * class_weights[labels]
+    return loss.mean()
+
+
+def balanced_class_weights(class_counts: list[int]) -> torch.Tensor:
+    """Inverse-frequency weights n / (k * n_c) over the k classes with samples, as
+    scikit-learn's "balanced": a sample's expected weight is 1, so the loss keeps its scale.
+    A class with no samples gets 0."""
+    counts = torch.tensor(class_counts, dtype=torch.float32)
+    present = counts > 0
+    return torch.where(present, counts.sum() / (present.sum() * counts.clamp(min=1)), torch.zeros(()))
 
 
 def mix_batch(images, labels, *, seed: int, epoch: int, position: int, mixup_alpha: float, cutmix_alpha: float):

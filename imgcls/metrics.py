@@ -67,6 +67,14 @@ class ConfusionMatrix:
         return float(tp.sum() / support.sum()) if support.sum() > 0 else 0.0
 
     @property
+    def balanced_accuracy(self) -> float:
+        """Mean recall over the classes that occur among the labels (sklearn's
+        balanced_accuracy_score): each class counts the same, however rare."""
+        _, support, _ = self._counts()
+        labelled = support > 0
+        return float(self.recall[labelled].mean()) if labelled.any() else 0.0
+
+    @property
     def precision(self) -> torch.Tensor:
         tp, _, predicted = self._counts()
         return _ratio(tp, predicted)
@@ -131,9 +139,11 @@ class ConfusionMatrix:
         text += "\n"
         text += ("{:>{width}s} " + " {:>9}" * 2 + " {:>9.{digits}f} {:>9}\n").format(
             "accuracy", "", "", self.accuracy, n, width=width, digits=digits)
+
         text += row.format("macro avg", *macro, n, width=width, digits=digits)
         text += row.format("weighted avg", *weighted, n, width=width, digits=digits)
 
+        text += f"\nbalanced accuracy (mean recall over the labelled classes): {self.balanced_accuracy:.{digits}f}\n"
         undefined = self._undefined(names)
         if undefined["precision"]:
             text += ("\nprecision set to 0 for classes never predicted: "
@@ -154,6 +164,7 @@ class ConfusionMatrix:
         return {
             "num_samples": self.total,
             "accuracy": self.accuracy,
+            "balanced_accuracy": self.balanced_accuracy,
             "macro_f1": self.macro_f1,
             "weighted_f1": self.weighted_f1,
             "classes": names,

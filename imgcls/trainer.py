@@ -28,11 +28,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from imgcls import distributed
 from imgcls.checkpoint import Checkpointer, RNGState
-from imgcls.config import Config, redacted, save_config, to_dict
-from imgcls.data import DataError, ShardReader, first_images, read_manifest
+from imgcls.config import Config, ConfigError, redacted, save_config, to_dict
+from imgcls.data import DataError, ShardReader, first_images, input_size, read_manifest
 from imgcls.evaluation import evaluate, model_from_checkpoint
 from imgcls.jsonl import parse_jsonl
-from imgcls.losses import classification_loss, distillation_loss, mix_batch
+from imgcls.losses import balanced_class_weights, classification_loss, distillation_loss, mix_batch
 from imgcls.models import apply_unfreeze_schedule, build_model
 from imgcls.precision import autocast, precision_name, resolve_precision
 from imgcls.progress import ProgressReport
@@ -171,15 +171,16 @@ class Objective:
     a weight penalty (EWC). The penalty is added to every micro-batch's loss, which
     forward_backward divides by their number: once per optimizer step, on every rank alike."""
 
-    def __init__(self, train_cfg=None, distill_cfg=None, teacher: torch.nn.Module | None = None, penalty=None):
+    def __init__(self, train_cfg=None, distill_cfg=None, teacher: torch.nn.Module | None = None, penalty=None,
+                 class_weights: torch.Tensor | None = None):
         self.label_smoothing = train_cfg.label_smoothing if train_cfg else 0.0
         self.focal_gamma = train_cfg.focal_gamma if train_cfg else 0.0
-        self.distill, self.teacher, self.penalty = distill_cfg, teacher, penalty
+        self.distill, self.teacher, self.penalty, self.class_weights = distill_cfg, teacher, penalty, class_weights
 
     def __call__(self, logits, images, labels, mix: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
         def loss_for(targets):
             return classification_loss(logits, targets, label_smoothing=self.label_smoothing,
-                                       focal_gamma=self.focal_gamma)
+                                       focal_gamma=self.focal_gamma, class_weights=self.class_weights)
         loss = loss_for(labels)
         if mix is not None:
             labels_b, lam = mix
@@ -303,8 +304,9 @@ class Trainer:
             "data": self.reader, "progress": self.progress, "tracker": self.tracker, "rng": RNGState(dist.rank),
             **({"ema": self.ema} if self.ema is not None else {}),
             **({"ewc": self.ewc} if self.ewc is not None else {})}
-        self.objective = Objective(cfg.train, cfg.distill, self._teacher(channels),
-                                   penalty=self.ewc.penalty if self.ewc is not None else None)
+        self.objective = Objective(cfg.train, cfg.distill, self._teacher(),
+                                   penalty=self.ewc.penalty if self.ewc is not None else None,
+                                   class_weights=self._class_weights())
         self.compiled = torch.compile(self.model) if cfg.train.compile else self.model
         self.report: ProgressReport | None = None
         self.window = self._new_window()
@@ -322,7 +324,7 @@ class Trainer:
 
     def _build_model(self, channels: int) -> torch.nn.Module:
         cfg = self.cfg
-        model = build_model(cfg.model, len(self.classes), channels).to(self.device)
+        model = build_model(cfg.model, len(self.classes), channels, input_size(cfg.data, self.manifest)).to(self.device)
         if not self.checkpointer.resuming and cfg.model.whiten_images and hasattr(model, "init_whitening"):
             model.init_whitening(first_images(cfg.data, "train", cfg.model.whiten_images, self.manifest).to(self.device))
         if cfg.prune.sparsity > 0:  # before loading a checkpoint, whose state has the masks
@@ -330,12 +332,23 @@ class Trainer:
             apply_pruning(model, cfg.prune)
         return model
 
-    def _teacher(self, channels: int) -> torch.nn.Module | None:
+    def _class_weights(self) -> torch.Tensor | None:
+        """train.class_weights=balanced: inverse-frequency weights from the manifest's counts."""
+        kind = self.cfg.train.class_weights
+        if kind not in ("", "balanced"):
+            raise ConfigError(f"train.class_weights={kind!r}: expected balanced or empty")
+        if not kind:
+            return None
+        weights = balanced_class_weights(self.manifest["splits"]["train"]["class_counts"])
+        log.info("class weights (balanced): %s", " ".join(f"{w:.3g}" for w in weights.tolist()))
+        return weights.to(self.device)
+
+    def _teacher(self) -> torch.nn.Module | None:
         if not self.cfg.distill.teacher:
             return None
         from imgcls.checkpoint import load
 
-        teacher, _ = model_from_checkpoint(load(self.cfg.distill.teacher), len(self.classes), channels)
+        teacher, _ = model_from_checkpoint(load(self.cfg.distill.teacher), self.manifest)
         return teacher.to(self.device).requires_grad_(False)
 
     def _ewc(self):

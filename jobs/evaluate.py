@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = evaluate_checkpoint(args.checkpoint, args.split, args.data, not args.no_ema, args.out)
     if is_main:
         print(result["report"])
-        summary = {k: result[k] for k in ("split", "weights", "views", "count", "acc", "top5", "macro_f1",
+        summary = {k: result[k] for k in ("split", "weights", "views", "count", "acc", "balanced_acc", "top5", "macro_f1",
                                             "mean_average_precision", "loss", "out_dir")}
         print(json.dumps(summary))
     return result

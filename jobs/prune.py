@@ -93,9 +93,8 @@ def main(argv: list[str] | None = None) -> dict:
     source = checkpoint.load(args.checkpoint)
     cfg = fine_tune_config(args, source["config"])
     manifest = read_manifest(cfg.data.url)
-    classes, channels = len(manifest["classes"]), manifest["image"]["channels"]
 
-    original, _ = model_from_checkpoint(source, classes, channels, use_ema=False)  # where fine-tuning starts
+    original, _ = model_from_checkpoint(source, manifest, use_ema=False)  # where fine-tuning starts
     if from_dict(source["config"]).prune.sparsity > 0:
         # pruning a pruned run again: load_pretrained reads plain `weight` tensors, not
         # weight_orig/weight_mask, so start from its weights with the zeros baked in
@@ -109,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     result = train(cfg)
     final, final_url = checkpoint.load_latest(cfg.run.dir)
-    tuned, weights = model_from_checkpoint(final, classes, channels)  # masks made permanent
+    tuned, weights = model_from_checkpoint(final, manifest)  # masks made permanent
     after = accuracy(tuned, cfg, args.split, manifest)
     sparsity = sparsity_report(tuned, cfg.prune.method)
     buffer = io.BytesIO()

@@ -97,6 +97,7 @@ SMALL = [
     "train.accum_steps=2", "train.log_every=2", "train.ckpt_every=5", "train.keep_last=2",
     "track.wandb=disabled", "track.progress=false", "schedule.warmup_epochs=0.2",
     "data.mean=[0.5]", "data.std=[0.25]", "run.deterministic=true", "train.ema_decay=0.9",
+    "model.channels_last=true", "train.label_smoothing=0.1", "train.eval_flip=true", "train.eval_shift=true",
 ]
 
 

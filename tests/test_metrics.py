@@ -38,6 +38,8 @@ def test_hand_computed_metrics(cm):
     # macro over the classes present in labels or predictions (a, b, c), as sklearn
     assert cm.macro_f1 == pytest.approx((1 / 2 + 4 / 5 + 0) / 3)
     assert cm.weighted_f1 == pytest.approx((2 * 1 / 2 + 2 * 4 / 5 + 1 * 0) / 5)
+    # mean recall over the classes with labels (a, b, c; d has none), as sklearn's balanced_accuracy_score
+    assert cm.balanced_accuracy == pytest.approx((1 / 2 + 1 + 0) / 3)
 
 
 def test_logits_equal_predictions_and_batches_accumulate():
@@ -89,6 +91,7 @@ def test_report_layout_and_notes(cm):
     assert "weighted avg       0.47      0.60      0.52         5" in lines
     assert "precision set to 0 for classes never predicted: c, d" in report
     assert "recall set to 0 for classes with no samples: d" in report
+    assert "balanced accuracy (mean recall over the labelled classes): 0.50" in report
     assert "nan" not in report.lower()
 
 
@@ -103,7 +106,7 @@ def test_report_without_undefined_classes_has_no_notes():
 def test_to_json(cm):
     data = json.loads(json.dumps(cm.to_json(NAMES)))
     assert data["accuracy"] == pytest.approx(0.6)
-    assert data["num_samples"] == 5
+    assert data["num_samples"] == 5 and data["balanced_accuracy"] == pytest.approx(0.5)
     assert data["per_class"]["b"] == {"precision": pytest.approx(2 / 3), "recall": 1.0,
                                       "f1": pytest.approx(0.8), "support": 2, "predicted": 3}
     assert data["per_class"]["d"]["f1"] == 0.0

@@ -311,3 +311,41 @@ def test_fast_cnn_block_widths():
     assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
     with pytest.raises(ValueError, match="block_multipliers"):
         build("fast_cnn", block_multipliers=[1, 0])
+
+
+def test_balanced_class_weights_make_every_class_weigh_the_same():
+    from imgcls.losses import balanced_class_weights, classification_loss
+
+    weights = balanced_class_weights([90, 10, 0])
+    assert weights.tolist() == pytest.approx([100 / (2 * 90), 100 / (2 * 10), 0.0])
+    # a batch of 9 samples of class 0 and 1 of class 1: both classes contribute equally
+    logits, labels = torch.randn(10, 3), torch.tensor([0] * 9 + [1])
+    per_sample = F.cross_entropy(logits, labels, reduction="none")
+    weighted = classification_loss(logits, labels, class_weights=balanced_class_weights([9, 1, 0]))
+    assert weighted.item() == pytest.approx(((per_sample[:9] * 10 / 18).sum() + per_sample[9] * 10 / 2).item() / 10)
+
+
+@pytest.mark.parametrize("size, small", [(28, True), (64, True), (224, False)])
+def test_small_stem_auto_follows_the_input_size(size, small):
+    from imgcls.config import ModelConfig
+
+    model = build_model(ModelConfig(name="resnet18", small_stem="auto"), 10, 3, input_size=size)
+    assert (model.conv1.stride == (1, 1)) == small and isinstance(model.maxpool, nn.Identity) == small
+
+
+def test_timm_models_by_name_with_weights_from_a_local_file(tmp_path):
+    import timm
+
+    from imgcls.config import ModelConfig
+
+    source = timm.create_model("resnet10t", num_classes=1000)
+    torch.save(source.state_dict(), tmp_path / "resnet10t.pth")
+    from safetensors.torch import save_file
+    save_file(source.state_dict(), str(tmp_path / "resnet10t.safetensors"))
+    for weights in ("resnet10t.pth", "resnet10t.safetensors"):
+        model = build_model(ModelConfig(name="timm/resnet10t", pretrained=str(tmp_path / weights)), 7, 3)
+        assert model.get_classifier().out_features == 7
+        assert torch.equal(model.conv1[0].weight, source.conv1[0].weight)  # the stem came from the file
+        assert model(torch.randn(2, 3, 64, 64)).shape == (2, 7)
+    with pytest.raises(ValueError, match="unknown timm model 'resnet10'; did you mean timm/resnet10t"):
+        build_model(ModelConfig(name="timm/resnet10"), 7, 3)

@@ -143,7 +143,7 @@ def test_evaluate_job_writes_the_report(uninterrupted):
                           "--split", "test"], cwd=REPO, capture_output=True, text=True, timeout=120, check=True)
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert summary["count"] == 200 and summary["weights"] == "ema" and summary["acc"] > 0.6
-    assert summary["views"] == "image+mirror+shifted"  # the default recipe's test-time augmentation
+    assert summary["views"] == "image+mirror+shifted"  # the run's test-time augmentation
     assert "precision" in out.stdout and "macro avg" in out.stdout
     eval_dir = Path(run_dir, "eval", "test")
     metrics = json.loads((eval_dir / "metrics.json").read_text())
@@ -183,8 +183,9 @@ def test_early_stopping_on_a_plateau(dataset, tmp_path):
     assert result["status"] == "early_stopped" and result["epoch"] == 2
 
 
-def test_mixup_cutmix_focal_resume_exactly(dataset, tmp_path):
-    mixed = [*SMALL, "train.mixup_alpha=0.4", "train.cutmix_alpha=1.0", "train.focal_gamma=2.0"]
+def test_mixup_cutmix_focal_class_weights_resume_exactly(dataset, tmp_path):
+    mixed = [*SMALL, "train.mixup_alpha=0.4", "train.cutmix_alpha=1.0", "train.focal_gamma=2.0",
+             "train.class_weights=balanced"]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     torchrun([f"data.url={dataset}", f"run.dir={straight}", *mixed])
     torchrun([f"data.url={dataset}", f"run.dir={stopped}", *mixed, "train.max_steps=9"])
@@ -226,7 +227,7 @@ def test_test_time_augmentation_averages_the_logits_of_the_views(uninterrupted):
     state = checkpoint.load(f"{run_dir}/checkpoints/best.pt")
     cfg = from_dict(state["config"])
     manifest = read_manifest(cfg.data.url)
-    model, _ = model_from_checkpoint(state, 4, 1)
+    model, _ = model_from_checkpoint(state, manifest)
     cfg.data.num_workers = 0
     reader = ShardReader(cfg.data, "test", train=False, manifest=manifest)
     batches = list(reader.loader())
