@@ -92,3 +92,9 @@ def test_the_defaults_are_neutral():
     assert cfg.data.url == "" and cfg.data.mean == [] and cfg.data.std == []
     assert cfg.model.whiten_images == 0 and cfg.train.ema_decay == 0
     assert not cfg.train.eval_flip and not cfg.train.eval_shift
+
+
+def test_the_photos_recipe_loads_and_shares_nothing_with_fashion_mnist():
+    photos, fashion = load_config("configs/photos.yaml"), load_config("configs/fashion_mnist.yaml")
+    assert photos.data.image_size == 224 and photos.model.pretrained == "imagenet"
+    assert photos.data.mean != fashion.data.mean and photos.model.whiten_images == 0
