@@ -71,7 +71,7 @@ def test_every_collective_goes_through_imgcls_distributed():
     """Only distributed.py touches torch.distributed: with one helper for every collective, a
     CPU tensor goes to gloo and a CUDA tensor to NCCL through the same call."""
     offenders = []
-    for path in sorted((REPO / "imgcls").glob("*.py")) + sorted((REPO / "jobs").glob("*.py")):
+    for path in sorted((REPO / "imgcls").rglob("*.py")) + sorted((REPO / "jobs").glob("*.py")):
         if path.name == "distributed.py":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
