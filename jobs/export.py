@@ -1,4 +1,4 @@
-"""Export a checkpoint for deployment: `python jobs/export.py CHECKPOINT --format onnx|torchscript|tflite [--out PATH]`.
+"""Export a checkpoint for deployment: `python jobs/export.py CHECKPOINT --format onnx|torchscript|tflite [--output PATH]`.
 
 The code is imgcls/commands/export.py (also installed as `imgcls-export`); this file keeps
 `python jobs/export.py` working."""

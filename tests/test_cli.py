@@ -53,3 +53,19 @@ def test_a_shards_folder_in_the_working_directory_does_not_shadow_the_cli(tmp_pa
     out = subprocess.run([sys.executable, "-m", "shards", "--help"], cwd=tmp_path, capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0 and "build" in out.stdout, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name", ["evaluate", "export", "quantize", "predict"])
+def test_the_output_option_is_called_output_everywhere(name):
+    from tests.conftest import job as run_in_process
+
+    stdout, _, code = run_in_process(name, "--help")
+    assert code in (0, None) and "--output OUTPUT" in stdout  # torch's @record turns exit 0 into None
+    assert "--out " not in stdout and "--out\n" not in stdout
+
+
+def test_the_old_output_name_still_works():
+    from tests.conftest import job as run_in_process
+
+    _, stderr, code = run_in_process("export", "/nonexistent/best.pt", "--out", "/tmp/x.onnx")
+    assert code == 2 and stderr.strip() == "error: /nonexistent/best.pt: no such file or directory"

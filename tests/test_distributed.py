@@ -90,7 +90,7 @@ def test_gpu_check_runs_its_checks_on_cpu(tmp_path):
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--device", "cpu", "--out",
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--device", "cpu", "--output",
                           str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600)
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     checks = {row["check"]: row for row in report["checks"]}

@@ -256,7 +256,7 @@ def test_evaluate_reports_average_precision_alone_and_on_two_ranks(bands_checkpo
     from tests.conftest import REPO, build_bands_dataset, free_port, job
 
     noisy = build_bands_dataset(tmp_path / "noisy", label_noise=0.3)
-    stdout, _, result = job("evaluate", bands_checkpoint, "--data", noisy, "--out", str(tmp_path / "one"))
+    stdout, _, result = job("evaluate", bands_checkpoint, "--data", noisy, "--output", str(tmp_path / "one"))
     saved = json.loads((tmp_path / "one" / "metrics.json").read_text())
     assert list(saved["average_precision"]) == ["0", "1", "2", "3"]
     assert "avg prec" in stdout and f"{saved['mean_average_precision']:.4f}" in stdout
@@ -273,7 +273,7 @@ def test_evaluate_reports_average_precision_alone_and_on_two_ranks(bands_checkpo
 
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
                           f"--master-port={free_port()}", "--master-addr=127.0.0.1", str(REPO / "jobs" / "evaluate.py"),
-                          bands_checkpoint, "--data", noisy, "--out", str(tmp_path / "two")],
+                          bands_checkpoint, "--data", noisy, "--out", str(tmp_path / "two")],  # the old name still works
                          cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert two.returncode == 0, two.stderr[-3000:]
     assert json.loads((tmp_path / "two" / "metrics.json").read_text())["average_precision"] == saved["average_precision"]

@@ -7,6 +7,7 @@ any module does.
 """
 from __future__ import annotations
 
+import argparse
 import importlib
 
 
@@ -18,6 +19,12 @@ def _console_script(name: str):
         return result if isinstance(result, int) else 0
     run.__name__ = run.__qualname__ = name
     return run
+
+
+def add_output_argument(parser, help: str, default: str = "") -> None:
+    """--output, the one name every tool uses; --out, its old name, still works (unlisted)."""
+    parser.add_argument("--output", default=default, help=help)
+    parser.add_argument("--out", dest="output", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 # The console scripts of setup.cfg, one per jobs/NAME.py.

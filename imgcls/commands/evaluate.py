@@ -11,6 +11,7 @@ import argparse
 import json
 
 from imgcls.cli import entry_point
+from imgcls.commands import add_output_argument
 from imgcls.evaluation import evaluate_checkpoint
 from imgcls.tracking import configure_logging
 
@@ -22,10 +23,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--split", default="test", help="split of the manifest (default: %(default)s)")
     parser.add_argument("--data", default="", help="shard dataset URL (default: the checkpoint's data.url)")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights even when EMA weights exist")
-    parser.add_argument("--out", default="", help="output dir (default: RUN_DIR/eval/SPLIT)")
+    add_output_argument(parser, "output dir (default: RUN_DIR/eval/SPLIT)")
     args = parser.parse_args(argv)
     is_main = configure_logging()
-    result = evaluate_checkpoint(args.checkpoint, args.split, args.data, not args.no_ema, args.out)
+    result = evaluate_checkpoint(args.checkpoint, args.split, args.data, not args.no_ema, args.output)
     if is_main:
         print(result["report"])
         summary = {k: result[k] for k in ("split", "weights", "views", "count", "acc", "top5", "macro_f1",

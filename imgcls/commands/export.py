@@ -1,4 +1,4 @@
-"""Export a checkpoint for deployment: `python jobs/export.py CHECKPOINT --format onnx|torchscript|tflite [--out PATH]`.
+"""Export a checkpoint for deployment: `python jobs/export.py CHECKPOINT --format onnx|torchscript|tflite [--output PATH]`.
 
 Exports the EMA weights when the checkpoint has them, in fp32; ONNX gets a dynamic batch axis,
 TFLite (litert-torch; `pip install -e .[tflite]`) a batch of 1. The class names, input shape and
@@ -19,6 +19,7 @@ import json
 import sys
 
 from imgcls.cli import entry_point
+from imgcls.commands import add_output_argument
 from imgcls.export import FORMATS, export_checkpoint
 from imgcls.tracking import configure_logging
 
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a checkpoint file or URL (RUN_DIR/checkpoints/*.pt)")
     parser.add_argument("--format", choices=FORMATS, default="onnx", help="default: %(default)s")
-    parser.add_argument("--out", default="", help="output file (default: beside the checkpoint)")
+    add_output_argument(parser, "output file (default: beside the checkpoint)")
     parser.add_argument("--data", default="", help="shard dataset URL (default: the checkpoint's data.url)")
     parser.add_argument("--split", default="test", help="split checked against (default: %(default)s)")
     parser.add_argument("--check-samples", type=int, default=1000,
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime/LiteRT threads; 0: its default")
     args = parser.parse_args(argv)
     configure_logging()
-    result = export_checkpoint(args.checkpoint, args.format, args.out, args.data, args.split, args.check_samples,
+    result = export_checkpoint(args.checkpoint, args.format, args.output, args.data, args.split, args.check_samples,
                                args.threads)
     result.pop("meta")
     print(f"exported {result['weights']} weights to {result['path']} ({result['bytes'] / 1e6:.2f} MB), "

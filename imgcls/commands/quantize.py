@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from imgcls.cli import entry_point
+from imgcls.commands import add_output_argument
 from imgcls.export import accuracy, export_checkpoint, export_tflite, quantize_int8, quantize_tflite_int8, read_samples
 from imgcls.inference import Predictor, compare_latency, load_checkpoint_model, read_meta
 from imgcls.tracking import configure_logging
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration draw (default: %(default)s)")
     parser.add_argument("--data", default="", help="shard dataset URL (default: the model's data_url)")
     parser.add_argument("--test-samples", type=int, default=0, help="test samples for accuracy; 0: all")
-    parser.add_argument("--out", default="", help="INT8 ONNX file (default: MODEL.int8.onnx)")
+    add_output_argument(parser, "INT8 ONNX file (default: MODEL.int8.onnx)")
     parser.add_argument("--report", default="", help="JSON report (default: INT8 file with .quantize.json)")
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime threads; 0: its default")
     parser.add_argument("--reps", type=int, default=20, help="latency repetitions (default: %(default)s)")
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
         fp32 = Path(exported["path"])
         print(f"exported {fp32}: max |logit difference| {exported['max_abs_diff']:.3g} vs PyTorch")
     meta = read_meta(fp32)
-    int8 = Path(args.out or fp32.with_suffix(".int8.onnx"))
+    int8 = Path(args.output or fp32.with_suffix(".int8.onnx"))
     calibration, _ = read_samples(meta, "train", args.calibration_samples, args.data, seed=args.seed)
     quantize_int8(fp32, int8, calibration, meta)
 
