@@ -69,3 +69,22 @@ def test_the_old_output_name_still_works():
 
     _, stderr, code = run_in_process("export", "/nonexistent/best.pt", "--out", "/tmp/x.onnx")
     assert code == 2 and stderr.strip() == "error: /nonexistent/best.pt: no such file or directory"
+
+
+@pytest.mark.parametrize("text, minutes", [
+    ("90", 90), ("5:30", 6), ("0:30", 1), ("02:00:00", 120), ("1-0", 1440), ("1-2:30", 1590), ("2-00:00:01", 2881),
+])
+def test_slurm_time_takes_what_sbatch_takes(text, minutes):
+    from imgcls.commands.slurm_args import parse_slurm_time
+
+    assert parse_slurm_time(text) == minutes  # seconds round up to a minute, as SLURM's do
+
+
+@pytest.mark.parametrize("text", ["1h", "", "-5", "1-2-3", "1:2:3:4", "0", "0-0:00", "1-", "a-1", "1:x"])
+def test_a_bad_slurm_time_is_one_line(text):
+    from tests.conftest import job as run_in_process
+
+    for name in ("submit", "sweep"):
+        _, stderr, code = run_in_process(name, "--time", text, "--cluster", "debug")
+        assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
+        assert stderr.startswith("error: argument --time: ") and "D-HH:MM:SS" in stderr, stderr

@@ -7,18 +7,17 @@ under torchrun (each rank evaluates its own shards).
 """
 from __future__ import annotations
 
-import argparse
 import json
 
 from imgcls.cli import entry_point
-from imgcls.commands import add_output_argument
+from imgcls.commands import ArgumentParser, add_output_argument
 from imgcls.evaluation import evaluate_checkpoint
 from imgcls.tracking import configure_logging
 
 
 @entry_point
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(__doc__)
     parser.add_argument("checkpoint", help="a checkpoint file or URL (RUN_DIR/checkpoints/*.pt)")
     parser.add_argument("--split", default="test", help="split of the manifest (default: %(default)s)")
     parser.add_argument("--data", default="", help="shard dataset URL (default: the checkpoint's data.url)")

@@ -14,19 +14,18 @@ trusted source (see imgcls/inference.py).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
 from imgcls.cli import entry_point
-from imgcls.commands import add_output_argument
+from imgcls.commands import ArgumentParser, add_output_argument
 from imgcls.export import FORMATS, export_checkpoint
 from imgcls.tracking import configure_logging
 
 
 @entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(__doc__)
     parser.add_argument("checkpoint", help="a checkpoint file or URL (RUN_DIR/checkpoints/*.pt)")
     parser.add_argument("--format", choices=FORMATS, default="onnx", help="default: %(default)s")
     add_output_argument(parser, "output file (default: beside the checkpoint)")

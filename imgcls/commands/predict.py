@@ -15,7 +15,6 @@ output) and the rest go on; the exit code is 1 only when no image could be read.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import glob
 import json
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from imgcls.cli import entry_point
+from imgcls.commands import ArgumentParser
 from imgcls.inference import MODEL_FORMATS, load_image, open_model, softmax, top_classes
 
 
@@ -85,7 +85,7 @@ def write_output(path: str, results: list[dict], model_path: str, top_k: int) ->
 
 @entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(__doc__)
     parser.add_argument("model", help="checkpoint (.pt), ONNX (.onnx), TorchScript (.torchscript.pt) or TFLite "
                                       "(.tflite) export; exports only from a trusted source")
     parser.add_argument("images", nargs="+", help="image files, folders or globs")

@@ -23,7 +23,6 @@ printed and written to RUN_DIR/prune_report.json.
 """
 from __future__ import annotations
 
-import argparse
 import gzip
 import io
 import json
@@ -34,6 +33,7 @@ import torch
 
 from imgcls import checkpoint, storage
 from imgcls.cli import entry_point
+from imgcls.commands import ArgumentParser
 from imgcls.config import Config, apply_override, from_dict, to_dict
 from imgcls.data import ShardReader, read_manifest
 from imgcls.evaluation import evaluate, model_from_checkpoint, run_dir_of
@@ -44,7 +44,7 @@ from imgcls.trainer import train
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(__doc__)
     p.add_argument("checkpoint", help="a checkpoint file or URL (RUN_DIR/checkpoints/*.pt)")
     p.add_argument("--sparsity", type=float, default=0.5, help="fraction of weights (or channels) to zero")
     p.add_argument("--method", choices=METHODS, default="unstructured")

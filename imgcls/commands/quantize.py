@@ -15,7 +15,6 @@ graphs have a batch of 1, so their batch-64 latency is 64 calls.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from imgcls.cli import entry_point
-from imgcls.commands import add_output_argument
+from imgcls.commands import ArgumentParser, add_output_argument
 from imgcls.export import accuracy, export_checkpoint, export_tflite, quantize_int8, quantize_tflite_int8, read_samples
 from imgcls.inference import Predictor, compare_latency, load_checkpoint_model, read_meta
 from imgcls.tracking import configure_logging
@@ -43,7 +42,7 @@ def tflite_models(meta: dict, fp32_onnx: Path, calibration: np.ndarray, data_url
 
 @entry_point
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(__doc__)
     parser.add_argument("model", help="a checkpoint (.pt, file or URL) or an fp32 ONNX export")
     parser.add_argument("--calibration-samples", type=int, default=512, help="default: %(default)s")
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration draw (default: %(default)s)")

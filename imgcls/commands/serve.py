@@ -17,16 +17,16 @@ with the reason; the server goes on. See imgcls/serving.py for the design.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 from imgcls.cli import entry_point
+from imgcls.commands import ArgumentParser
 from imgcls.inference import MODEL_FORMATS, open_model
 
 
 @entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(__doc__)
     parser.add_argument("model", help="checkpoint (.pt), ONNX, TorchScript or TFLite export (trusted source only)")
     parser.add_argument("--host", default="127.0.0.1", help="default: %(default)s (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=8000, help="default: %(default)s")

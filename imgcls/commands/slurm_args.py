@@ -1,7 +1,33 @@
 """The SLURM options shared by jobs/submit.py and jobs/sweep.py (per job, or per trial)."""
 from __future__ import annotations
 
+import argparse
+import math
+import re
+
 from imgcls.cluster import SlurmOptions
+
+TIME_FORMS = "MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"  # what sbatch --time takes
+
+
+def parse_slurm_time(text: str) -> int:
+    """A time limit in one of sbatch's forms, in whole minutes (seconds round up, as SLURM's do)."""
+    days, dash, clock = text.strip().rpartition("-")
+    fields = clock.split(":")
+    if not all(re.fullmatch("[0-9]+", f) for f in fields + ([days] if dash else [])) or len(fields) > 3:
+        raise argparse.ArgumentTypeError(f"not a SLURM time: {text!r} (use {TIME_FORMS})")
+    numbers = [int(f) for f in fields]
+    if dash:  # D-HH, D-HH:MM, D-HH:MM:SS
+        hours, minutes, seconds = numbers + [0] * (3 - len(numbers))
+        hours += 24 * int(days)
+    elif len(numbers) == 3:  # HH:MM:SS
+        hours, minutes, seconds = numbers
+    else:  # MM, MM:SS
+        hours, (minutes, seconds) = 0, numbers + [0] * (2 - len(numbers))
+    total = (hours * 60 + minutes) * 60 + seconds
+    if total == 0:
+        raise argparse.ArgumentTypeError(f"the time limit {text!r} is zero (use {TIME_FORMS})")
+    return math.ceil(total / 60)
 
 
 def add_slurm_arguments(p, job_name: str = "imgcls") -> None:
@@ -11,7 +37,8 @@ def add_slurm_arguments(p, job_name: str = "imgcls") -> None:
     p.add_argument("--tasks-per-node", type=int, default=1, help="CPU tasks per node when --gpus-per-node is 0")
     p.add_argument("--cpus-per-task", type=int, default=1)
     p.add_argument("--mem-gb", type=float, default=0)
-    p.add_argument("--time", type=int, default=60, help="time limit in minutes")
+    p.add_argument("--time", type=parse_slurm_time, default="60", metavar="TIME",
+                   help="time limit as sbatch takes it: MM, HH:MM:SS, D-HH:MM, ... (minutes: 60)")
     p.add_argument("--partition", default="")
     p.add_argument("--account", default="")
     p.add_argument("--qos", default="")

@@ -6,7 +6,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 
 from imgcls import checkpoint
 from imgcls.cli import entry_point
+from imgcls.commands import ArgumentParser
 from imgcls.jsonl import read_jsonl
 
 
@@ -63,7 +63,7 @@ def describe(run_dir: Path, info: dict, index: int) -> dict:
 
 @entry_point
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(__doc__)
     parser.add_argument("command", nargs="?", default="list", choices=("list", "tail", "cancel"))
     parser.add_argument("run_dir", nargs="?", help="for tail and cancel")
     parser.add_argument("--root", default="runs", help="where to look for runs (list)")

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from imgcls.cli import entry_point
+from imgcls.commands import ArgumentParser
 from imgcls.cluster import submit
 from imgcls.config import load_config
 from imgcls.tracking import configure_logging, wandb_mode
@@ -32,7 +33,7 @@ def given_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(__doc__)
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     add_slurm_arguments(p)

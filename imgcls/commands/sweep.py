@@ -27,7 +27,6 @@ the sweep dir is on NFS, pass a server database, e.g. --storage postgresql://hos
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -40,6 +39,7 @@ from optuna.trial import TrialState
 
 from imgcls import hpo
 from imgcls.cli import entry_point
+from imgcls.commands import ArgumentParser
 from imgcls.cluster import SUBMITIT_INPUTS, _run_task, make_executor, make_private, snapshot_code
 from imgcls.config import absolute_paths, from_dict, load_config, redact_text, save_config, to_dict
 from imgcls.tracking import configure_logging
@@ -49,7 +49,7 @@ log = logging.getLogger("sweep")
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(__doc__)
     p.add_argument("--config", default="configs/sweep_example.yaml")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every trial")
     p.add_argument("--n-trials", type=int, default=12, help="finished (COMPLETE or PRUNED) trials to reach")

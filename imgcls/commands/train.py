@@ -6,12 +6,12 @@ Re-running with the same run.dir resumes from its newest good checkpoint.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 from imgcls.cli import entry_point
+from imgcls.commands import ArgumentParser
 from imgcls.config import config_yaml, load_config
 from imgcls.tracking import configure_logging
 from imgcls.trainer import train
@@ -21,7 +21,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "fashion_mnis
 
 @entry_point
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(__doc__)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
