@@ -59,7 +59,7 @@ def test_installed_scripts_run_from_a_folder_with_jobs_and_shards_in_it(tmp_path
 
 def test_a_command_returning_its_results_exits_0(tmp_path):
     """imgcls-train's main returns a dict: the script must not turn it into exit code 1."""
-    out = subprocess.run([sys.executable, "-c", "import sys; from imgcls.commands import train; sys.exit(train())",
+    out = subprocess.run([sys.executable, "-c", "import sys; from imgcls.commands.scripts import train; sys.exit(train())",
                           "--print-config", "train.epochs=2"], cwd=tmp_path, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0 and "epochs: 2" in out.stdout, out.stderr[-2000:]
