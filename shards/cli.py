@@ -53,26 +53,26 @@ def parser() -> argparse.ArgumentParser:
                    "test split keeps it; val is then VAL/(TRAIN+VAL) of the source's train part")
     b.add_argument("--seed", type=int, default=0, help="split and shuffle seed (default 0)")
     b.add_argument("--encoding", choices=ENCODINGS, default="raw", help="default raw uint8")
-    b.add_argument("--jpeg-quality", type=int, default=90, metavar="Q")
+    b.add_argument("--jpeg-quality", type=int, default=90, metavar="Q", help="with --encoding jpeg (default 90)")
     b.add_argument("--resize", type=parse_size, metavar="HxW", help="resize every image")
     color = b.add_mutually_exclusive_group()
-    color.add_argument("--grayscale", dest="channels", action="store_const", const=1)
+    color.add_argument("--grayscale", dest="channels", action="store_const", const=1, help="store 1 channel")
     color.add_argument("--rgb", dest="channels", action="store_const", const=3,
-                       help="default: grayscale when every image is, else RGB")
+                       help="store 3 channels (default: grayscale when every image is, else RGB)")
     b.add_argument("--shard-bytes", type=parse_bytes, metavar="SIZE",
                    help="target shard size, e.g. 64MB (the default when --shard-samples is unset)")
     b.add_argument("--shard-samples", type=int, metavar="N", help="samples per shard")
     b.add_argument("--workers", type=int, default=default_workers(),
                    help="parallel encoders/uploaders (default min(4, cpus))")
-    b.add_argument("--no-progress", dest="progress", action="store_false")
+    b.add_argument("--no-progress", dest="progress", action="store_false", help="no progress report")
 
     v = commands.add_parser("verify", help="recheck shards against the manifest")
-    v.add_argument("dest")
+    v.add_argument("dest", help="the dataset: a path or URL holding manifest.json")
     v.add_argument("--deep", action="store_true", help="also decode every sample")
-    v.add_argument("--workers", type=int, default=default_workers())
+    v.add_argument("--workers", type=int, default=default_workers(), help="parallel readers (default min(4, cpus))")
 
     i = commands.add_parser("inspect", help="print counts per split and the class histogram")
-    i.add_argument("dest")
+    i.add_argument("dest", help="the dataset: a path or URL holding manifest.json")
     return p
 
 

@@ -88,3 +88,37 @@ def test_a_bad_slurm_time_is_one_line(text):
         _, stderr, code = run_in_process(name, "--time", text, "--cluster", "debug")
         assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
         assert stderr.startswith("error: argument --time: ") and "D-HH:MM:SS" in stderr, stderr
+
+
+def all_parsers():
+    """(name, parser) for every tool in jobs/ and every shards subcommand."""
+    import argparse
+    import importlib
+
+    import shards.cli
+
+    found = [(name, importlib.import_module(f"imgcls.commands.{name}").build_parser()) for name in JOBS]
+    found.append(("shards", shards.cli.parser()))
+    for name, parser in list(found):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                found += [(f"{name} {sub}", p) for sub, p in action.choices.items()]
+    return found
+
+
+def test_every_option_has_help_that_shows_its_default():
+    import argparse
+
+    missing = []
+    for name, parser in all_parsers():
+        parser.format_help()  # every %(default)s and %(choices)s must expand
+        for action in parser._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)) or action.help == argparse.SUPPRESS:
+                continue
+            flag = action.nargs == 0  # store_true/false/const: present or not
+            valued = action.default not in (None, [], argparse.SUPPRESS) and not flag
+            if not action.help:
+                missing.append(f"{name} {action.dest}: no help")
+            elif valued and "default" not in action.help:
+                missing.append(f"{name} {action.dest}: default {action.default!r} not shown")
+    assert missing == []

@@ -15,14 +15,19 @@ from imgcls.evaluation import evaluate_checkpoint
 from imgcls.tracking import configure_logging
 
 
-@entry_point
-def main(argv: list[str] | None = None) -> dict:
+def build_parser() -> ArgumentParser:
     parser = ArgumentParser(__doc__)
     parser.add_argument("checkpoint", help="a checkpoint file or URL (RUN_DIR/checkpoints/*.pt)")
     parser.add_argument("--split", default="test", help="split of the manifest (default: %(default)s)")
     parser.add_argument("--data", default="", help="shard dataset URL (default: the checkpoint's data.url)")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights even when EMA weights exist")
     add_output_argument(parser, "output dir (default: RUN_DIR/eval/SPLIT)")
+    return parser
+
+
+@entry_point
+def main(argv: list[str] | None = None) -> dict:
+    parser = build_parser()
     args = parser.parse_args(argv)
     is_main = configure_logging()
     result = evaluate_checkpoint(args.checkpoint, args.split, args.data, not args.no_ema, args.output)

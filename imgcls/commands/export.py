@@ -23,8 +23,7 @@ from imgcls.export import FORMATS, export_checkpoint
 from imgcls.tracking import configure_logging
 
 
-@entry_point
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> ArgumentParser:
     parser = ArgumentParser(__doc__)
     parser.add_argument("checkpoint", help="a checkpoint file or URL (RUN_DIR/checkpoints/*.pt)")
     parser.add_argument("--format", choices=FORMATS, default="onnx", help="default: %(default)s")
@@ -36,6 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--atol", type=float, default=1e-3,
                         help="max abs logit difference allowed (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime/LiteRT threads; 0: its default")
+    return parser
+
+
+@entry_point
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging()
     result = export_checkpoint(args.checkpoint, args.format, args.output, args.data, args.split, args.check_samples,

@@ -83,20 +83,25 @@ def write_output(path: str, results: list[dict], model_path: str, top_k: int) ->
         raise ValueError(f"--output {path}: use a .json or .csv file name")
 
 
-@entry_point
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> ArgumentParser:
     parser = ArgumentParser(__doc__)
     parser.add_argument("model", help="checkpoint (.pt), ONNX (.onnx), TorchScript (.torchscript.pt) or TFLite "
                                       "(.tflite) export; exports only from a trusted source")
     parser.add_argument("images", nargs="+", help="image files, folders or globs")
     parser.add_argument("--top-k", type=int, default=3, help="default: %(default)s")
     parser.add_argument("--batch-size", type=int, default=64, help="default: %(default)s")
-    parser.add_argument("--output", default="", help="write the predictions to a .json or .csv file")
+    parser.add_argument("--output", default="", help="write the predictions to a .json or .csv file (default: print them only)")
     parser.add_argument("--data", default="", help="checkpoints only: shard dataset URL for the class names "
                                                    "(default: the checkpoint's data.url)")
     parser.add_argument("--threads", type=int, default=0, help="torch/onnxruntime/LiteRT threads; 0: their default")
     parser.add_argument("--format", choices=MODEL_FORMATS, default="",
                         help="the model's format (default: from its name; torchscript runs the file's code)")
+    return parser
+
+
+@entry_point
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.output and not args.output.endswith((".json", ".csv")):
         parser.error("--output must end in .json or .csv")

@@ -43,16 +43,20 @@ from imgcls.tracking import configure_logging
 from imgcls.trainer import train
 
 
-def parse_args(argv):
+def build_parser() -> ArgumentParser:
     p = ArgumentParser(__doc__)
     p.add_argument("checkpoint", help="a checkpoint file or URL (RUN_DIR/checkpoints/*.pt)")
-    p.add_argument("--sparsity", type=float, default=0.5, help="fraction of weights (or channels) to zero")
-    p.add_argument("--method", choices=METHODS, default="unstructured")
-    p.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs")
+    p.add_argument("--sparsity", type=float, default=0.5, help="fraction of weights (or channels) to zero (default: %(default)s)")
+    p.add_argument("--method", choices=METHODS, default="unstructured", help="default: %(default)s")
+    p.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs (default: %(default)s)")
     p.add_argument("--run-dir", default="", help="default: RUN_DIR-pruned-METHOD-PERCENT")
     p.add_argument("--split", default="test", help="split the accuracies are measured on (default: %(default)s)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="applied last, e.g. optim.lr=0.02")
-    return p.parse_intermixed_args(argv)  # positionals before and after options
+    return p
+
+
+def parse_args(argv):
+    return build_parser().parse_intermixed_args(argv)  # positionals before and after options
 
 
 def fine_tune_config(args, source: dict):

@@ -40,19 +40,24 @@ def tflite_models(meta: dict, fp32_onnx: Path, calibration: np.ndarray, data_url
     return dict(zip(TFLITE_ROWS, (fp32, int8)))
 
 
-@entry_point
-def main(argv: list[str] | None = None) -> dict:
+def build_parser() -> ArgumentParser:
     parser = ArgumentParser(__doc__)
     parser.add_argument("model", help="a checkpoint (.pt, file or URL) or an fp32 ONNX export")
     parser.add_argument("--calibration-samples", type=int, default=512, help="default: %(default)s")
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration draw (default: %(default)s)")
     parser.add_argument("--data", default="", help="shard dataset URL (default: the model's data_url)")
-    parser.add_argument("--test-samples", type=int, default=0, help="test samples for accuracy; 0: all")
+    parser.add_argument("--test-samples", type=int, default=0, help="test samples for accuracy; 0: all (default: %(default)s)")
     add_output_argument(parser, "INT8 ONNX file (default: MODEL.int8.onnx)")
     parser.add_argument("--report", default="", help="JSON report (default: INT8 file with .quantize.json)")
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime threads; 0: its default")
     parser.add_argument("--reps", type=int, default=20, help="latency repetitions (default: %(default)s)")
     parser.add_argument("--tflite", action="store_true", help="also TFLite fp32 and INT8 (litert-torch)")
+    return parser
+
+
+@entry_point
+def main(argv: list[str] | None = None) -> dict:
+    parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging()
 

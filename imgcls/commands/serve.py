@@ -24,8 +24,7 @@ from imgcls.commands import ArgumentParser
 from imgcls.inference import MODEL_FORMATS, open_model
 
 
-@entry_point
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> ArgumentParser:
     parser = ArgumentParser(__doc__)
     parser.add_argument("model", help="checkpoint (.pt), ONNX, TorchScript or TFLite export (trusted source only)")
     parser.add_argument("--host", default="127.0.0.1", help="default: %(default)s (0.0.0.0: every interface)")
@@ -36,8 +35,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=3, help="classes per answer unless ?top_k= (default: %(default)s)")
     parser.add_argument("--max-body-mb", type=float, default=10.0, help="largest request body (default: %(default)s)")
     parser.add_argument("--format", choices=MODEL_FORMATS, default="", help="the model's format (default: from its name)")
-    parser.add_argument("--data", default="", help="checkpoints only: shard dataset URL for the class names")
+    parser.add_argument("--data", default="", help="checkpoints only: shard dataset URL for the class names "
+                                                   "(default: the checkpoint's data.url)")
     parser.add_argument("--threads", type=int, default=0, help="torch/onnxruntime/LiteRT threads; 0: their default")
+    return parser
+
+
+@entry_point
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.max_batch < 1 or args.max_wait_ms < 0 or args.top_k < 1:
         parser.error("--max-batch and --top-k must be >= 1, --max-wait-ms >= 0")

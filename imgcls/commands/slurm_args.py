@@ -31,24 +31,26 @@ def parse_slurm_time(text: str) -> int:
 
 
 def add_slurm_arguments(p, job_name: str = "imgcls") -> None:
-    p.add_argument("--cluster", choices=("slurm", "local", "debug"), default="slurm")
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=0, help="one task per GPU (0: CPU tasks)")
-    p.add_argument("--tasks-per-node", type=int, default=1, help="CPU tasks per node when --gpus-per-node is 0")
-    p.add_argument("--cpus-per-task", type=int, default=1)
-    p.add_argument("--mem-gb", type=float, default=0)
+    p.add_argument("--cluster", choices=("slurm", "local", "debug"), default="slurm",
+                   help="slurm; local: submitit's local processes; debug: in this process (default: %(default)s)")
+    p.add_argument("--nodes", type=int, default=1, help="default: %(default)s")
+    p.add_argument("--gpus-per-node", type=int, default=0, help="one task per GPU; 0: CPU tasks (default: %(default)s)")
+    p.add_argument("--tasks-per-node", type=int, default=1, help="CPU tasks per node when --gpus-per-node is 0 (default: %(default)s)")
+    p.add_argument("--cpus-per-task", type=int, default=1, help="default: %(default)s")
+    p.add_argument("--mem-gb", type=float, default=0,
+                   help="memory per node in GB; 0: the partition's default (default: %(default)s)")
     p.add_argument("--time", type=parse_slurm_time, default="60", metavar="TIME",
-                   help="time limit as sbatch takes it: MM, HH:MM:SS, D-HH:MM, ... (minutes: 60)")
-    p.add_argument("--partition", default="")
-    p.add_argument("--account", default="")
-    p.add_argument("--qos", default="")
-    p.add_argument("--constraint", default="")
-    p.add_argument("--exclude", default="")
-    p.add_argument("--job-name", default=job_name)
+                   help=f"time limit as sbatch takes it: {TIME_FORMS} (default: %(default)s minutes)")
+    p.add_argument("--partition", default="", help="default: the cluster's default partition")
+    p.add_argument("--account", default="", help="default: your default account")
+    p.add_argument("--qos", default="", help="quality of service (default: the account's)")
+    p.add_argument("--constraint", default="", help="node features, as sbatch --constraint (default: none)")
+    p.add_argument("--exclude", default="", help="nodes not to use, as sbatch --exclude (default: none)")
+    p.add_argument("--job-name", default=job_name, help="default: %(default)s")
     p.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE", help="extra sbatch option")
     p.add_argument("--setup", action="append", default=[], metavar="LINE",
                    help="shell line run before the tasks, e.g. 'module load cuda' (repeatable)")
-    p.add_argument("--signal-margin", type=int, default=120, help="seconds of USR2 warning before the time limit")
+    p.add_argument("--signal-margin", type=int, default=120, help="seconds of USR2 warning before the time limit (default: %(default)s)")
 
 
 # SlurmOptions field -> the argparse dest it comes from

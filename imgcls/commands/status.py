@@ -61,14 +61,20 @@ def describe(run_dir: Path, info: dict, index: int) -> dict:
     }
 
 
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(__doc__)
+    parser.add_argument("command", nargs="?", default="list", choices=("list", "tail", "cancel"),
+                        help="list the runs, tail a run's log, or cancel its job (default: %(default)s)")
+    parser.add_argument("run_dir", nargs="?", help="for tail and cancel")
+    parser.add_argument("--root", default="runs", help="where to look for submitted runs (list; default: %(default)s)")
+    parser.add_argument("-n", type=int, default=40, help="lines for tail (default: %(default)s)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return parser
+
+
 @entry_point
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = ArgumentParser(__doc__)
-    parser.add_argument("command", nargs="?", default="list", choices=("list", "tail", "cancel"))
-    parser.add_argument("run_dir", nargs="?", help="for tail and cancel")
-    parser.add_argument("--root", default="runs", help="where to look for runs (list)")
-    parser.add_argument("-n", type=int, default=40, help="lines for tail")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     if args.command == "list":

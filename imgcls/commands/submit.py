@@ -32,17 +32,23 @@ def given_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
     return {action.dest for action in parser._actions if names & set(action.option_strings)}
 
 
-def parse_args(argv):
+def build_parser() -> ArgumentParser:
     p = ArgumentParser(__doc__)
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, before or after the options, e.g. train.epochs=3")
     add_slurm_arguments(p)
     p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
                    help="grid over values (repeatable): one job array, one run dir per task")
     p.add_argument("--resume", default="", metavar="RUN_DIR",
                    help="resubmit a run with its saved config, code and SLURM options; SLURM options given "
-                        "here replace the saved ones (e.g. --nodes 2: the run resumes elastically)")
+                        "here replace the saved ones (e.g. --nodes 2: the run resumes elastically); default: a new run")
     p.add_argument("--wait", action="store_true", help="wait for the job(s) and print the results")
+    return p
+
+
+def parse_args(argv):
+    p = build_parser()
     args = p.parse_intermixed_args(argv)
     args.given = given_options(p, sys.argv[1:] if argv is None else argv)
     return args

@@ -48,12 +48,12 @@ from imgcls.commands.slurm_args import add_slurm_arguments, slurm_options
 log = logging.getLogger("sweep")
 
 
-def parse_args(argv):
+def build_parser() -> ArgumentParser:
     p = ArgumentParser(__doc__)
-    p.add_argument("--config", default="configs/sweep_example.yaml")
+    p.add_argument("--config", default="configs/sweep_example.yaml", help="YAML config (default: %(default)s)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every trial")
-    p.add_argument("--n-trials", type=int, default=12, help="finished (COMPLETE or PRUNED) trials to reach")
-    p.add_argument("--parallel", type=int, default=4, help="trials running at once")
+    p.add_argument("--n-trials", type=int, default=12, help="finished (COMPLETE or PRUNED) trials to reach (default: %(default)s)")
+    p.add_argument("--parallel", type=int, default=4, help="trials running at once (default: %(default)s)")
     p.add_argument("--sweep-dir", default="", help="default: the config's run.dir")
     p.add_argument("--storage", default="", help="optuna storage URL (default: sqlite:///SWEEP_DIR/study.db)")
     p.add_argument("--study-name", default="", help="default: the sweep dir's name")
@@ -63,9 +63,13 @@ def parse_args(argv):
     p.add_argument("--pruner-warmup-epochs", type=int, default=1,
                    help="no pruning before this epoch (default: %(default)s: from the first epoch's end)")
     p.add_argument("--max-failures", type=int, default=0, help="stop after this many failed trials (default: --n-trials)")
-    p.add_argument("--poll", type=float, default=2.0, help="seconds between checks of the running jobs")
+    p.add_argument("--poll", type=float, default=2.0, help="seconds between checks of the running jobs (default: %(default)s)")
     add_slurm_arguments(p, job_name="imgcls-sweep")  # per trial, as in jobs/submit.py
-    return p.parse_intermixed_args(argv)  # positionals before and after options
+    return p
+
+
+def parse_args(argv):
+    return build_parser().parse_intermixed_args(argv)  # positionals before and after options
 
 
 class Sweep:

@@ -19,13 +19,18 @@ from imgcls.trainer import train
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "fashion_mnist.yaml"
 
 
-@entry_point
-def main(argv: list[str] | None = None) -> dict:
+def build_parser() -> ArgumentParser:
     parser = ArgumentParser(__doc__)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides, before or after the options, e.g. train.epochs=3")
+    return parser
+
+
+@entry_point
+def main(argv: list[str] | None = None) -> dict:
+    parser = build_parser()
     args = parser.parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
