@@ -24,10 +24,11 @@ from imgcls.data import DataError
 from imgcls.distributed import DeviceError, env_ranks
 from imgcls.inference import UntrustedFormatError
 from imgcls.lease import LeaseHeld
+from imgcls.models import UnknownModel
 from imgcls.storage import StorageUnavailable
 
 USER_ERRORS = (ConfigError, DataError, DeviceError, LeaseHeld, StorageUnavailable, UntrustedFormatError,
-               FileNotFoundError)
+               UnknownModel, FileNotFoundError)
 
 
 def message(error: Exception) -> str:

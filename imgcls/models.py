@@ -273,6 +273,10 @@ def efficientnet_lite0_weights() -> str:
 # Building
 
 
+class UnknownModel(ValueError):
+    """model.name names no model: a user's mistake (one line from the jobs, with a did-you-mean)."""
+
+
 OWN_MODELS = ("simple_cnn", "fast_cnn", "tutorial_cnn", "resnet18", "resnet34", "efficientnet_lite0")
 
 
@@ -346,7 +350,7 @@ def _create(cfg, num_classes: int, in_channels: int) -> nn.Module:
     known = list(dict.fromkeys([*OWN_MODELS, *torchvision_models()]))
     close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
     hint = f"did you mean {', '.join(close)}? " if close else ""
-    raise ValueError(f"unknown model {name!r}; {hint}Known: {', '.join(OWN_MODELS)} and "
+    raise UnknownModel(f"model.name: unknown model {name!r}; {hint}Known: {', '.join(OWN_MODELS)} and "
                      f"torchvision.models.list_models(module=torchvision.models)")
 
 

@@ -122,3 +122,15 @@ def test_every_option_has_help_that_shows_its_default():
             elif valued and "default" not in action.help:
                 missing.append(f"{name} {action.dest}: default {action.default!r} not shown")
     assert missing == []
+
+
+def test_an_unknown_model_is_one_line_with_a_did_you_mean(bands_dataset, tmp_path):
+    from tests.conftest import torchrun
+
+    out = torchrun(["--config", "", f"data.url={bands_dataset}", "model.name=resnt18", f"run.dir={tmp_path / 'run'}",
+                    "track.wandb=disabled", "data.num_workers=0"], nproc=2, check=False)
+    assert out.returncode != 0 and "imgcls/models.py" not in out.stderr, out.stderr[-3000:]  # torchrun's own follows
+    lines = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, out.stderr  # rank 0 only
+    assert lines[0].startswith("error: model.name: unknown model 'resnt18'; did you mean resnet18, ")
+    assert "traceback : error: model.name: unknown model" in out.stderr  # torchrun's summary names it
