@@ -306,6 +306,7 @@ class Trainer:
                                    penalty=self.ewc.penalty if self.ewc is not None else None)
         self.compiled = torch.compile(self.model) if cfg.train.compile else self.model
         self.report: ProgressReport | None = None
+        self.plots = None  # rank 0's EpochPlots
         self.window = self._new_window()
         self.first_bad_step = torch.full((), NO_STEP, dtype=torch.float64, device=device)
 
@@ -386,6 +387,10 @@ class Trainer:
         if dist.is_main and cfg.track.progress:
             self.report = ProgressReport(sum(self.steps_per_epoch), self.progress.step, cfg.train.epochs,
                                          cfg.track.progress_every_s)
+        if dist.is_main:
+            from imgcls.plots import EpochPlots  # matplotlib on rank 0 only
+
+            self.plots = EpochPlots(cfg.run.dir, self.classes, self.tracker.log_image)
         status, reason, self.unplotted, self.last_plot = "done", "", None, time.monotonic()
         while self.reader.epoch < cfg.train.epochs:
             reason = self.train_epoch()
@@ -397,7 +402,9 @@ class Trainer:
             if status != "done":
                 break
         if self.unplotted is not None:
-            _write_epoch_plots(cfg.run.dir, self.tracker, self.unplotted, self.classes, self.progress.step)
+            self.plots.submit(self.tracker.records, self.unplotted.matrix, self.progress.step)
+        if self.plots is not None:
+            self.plots.close()  # the last epoch's plots are complete when train() returns
         if self.report is not None:
             self.report.close()
         self.tracker.finish()
@@ -563,7 +570,7 @@ class Trainer:
                      metrics["count"])
             self.unplotted = confusion
             if time.monotonic() - self.last_plot >= self.cfg.track.plots_every_s:
-                _write_epoch_plots(self.cfg.run.dir, self.tracker, confusion, self.classes, self.progress.step)
+                self.plots.submit(self.tracker.records, confusion.matrix, self.progress.step)
                 self.unplotted, self.last_plot = None, time.monotonic()
         return record
 
@@ -573,12 +580,3 @@ class Trainer:
             raise NonFiniteLoss(f"non-finite weights at step {self.progress.step}: checkpoint not written")
         self.checkpointer.save(self.progress.step, best=best)
 
-
-def _write_epoch_plots(run_dir, tracker, confusion, class_names, step) -> None:
-    """Training curves and the val confusion matrix as PNGs in the run dir (any URL)."""
-    from imgcls.plots import plot_confusion_matrix, plot_training_curves
-
-    plot_training_curves(tracker.records, storage.join(run_dir, "training_curves.png"))
-    confusion_png = storage.join(run_dir, "confusion_val.png")
-    plot_confusion_matrix(confusion.matrix.cpu().numpy(), class_names, confusion_png)
-    tracker.log_image(step, "val/confusion_matrix", confusion_png)
