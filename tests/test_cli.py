@@ -134,3 +134,41 @@ def test_an_unknown_model_is_one_line_with_a_did_you_mean(bands_dataset, tmp_pat
     assert len(lines) == 1, out.stderr  # rank 0 only
     assert lines[0].startswith("error: model.name: unknown model 'resnt18'; did you mean resnet18, ")
     assert "traceback : error: model.name: unknown model" in out.stderr  # torchrun's summary names it
+
+
+def test_object_store_mistakes_are_one_line_with_a_hint(tmp_path):
+    """s3:// with no credentials fails at once; with credentials but a closed endpoint, or no
+    endpoint at all (AWS's own, unreachable here), it fails after the storage retry budget
+    (60 s), not later. Each is one line naming the URL, with what to set. The three run at once."""
+    import os
+    import time
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    base.update(AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
+                AWS_EC2_METADATA_DISABLED="true", OMP_NUM_THREADS="1")
+    keys = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+    checkpoint = "s3://no-such-bucket/run/checkpoints/best.pt"
+    cases = {
+        "no credentials": (["evaluate", checkpoint], base,
+                           f"error: {checkpoint}.sha256: no credentials for the object store: set AWS_ACCESS_KEY_ID "
+                           "and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"),
+        "closed endpoint": (["train", "--config", "", "data.url=s3://no-such-bucket/data", f"run.dir={tmp_path / 'run'}",
+                             "track.wandb=disabled"], {**base, **keys, "AWS_ENDPOINT_URL": "http://127.0.0.1:1"},
+                            "error: s3://no-such-bucket/data/manifest.json: storage unreachable for "),
+        "no endpoint": (["evaluate", checkpoint], {**base, **keys},
+                        f"error: {checkpoint}.sha256: storage unreachable for "),
+    }
+    hints = {"closed endpoint": "is the store running there? Check AWS_ENDPOINT_URL",
+             "no endpoint": "that is AWS's own endpoint: for another S3 store (MinIO, Ceph, ...) set AWS_ENDPOINT_URL"}
+    start = time.monotonic()
+    procs = {name: subprocess.Popen([sys.executable, str(REPO / "jobs" / f"{args[0]}.py"), *args[1:]], cwd=tmp_path,
+                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, (args, env, _) in cases.items()}
+    for name, proc in procs.items():
+        _, stderr = proc.communicate(timeout=150)
+        errors = [line for line in stderr.splitlines() if not line.startswith(tuple("0123456789"))]  # not log lines
+        assert proc.returncode == 2 and len(errors) == 1, (name, stderr[-3000:])
+        assert errors[0].startswith(cases[name][2]) and hints.get(name, "") in errors[0], (name, errors[0])
+        if name == "no credentials":
+            assert time.monotonic() - start < 30, "no credentials must fail at once, not after retries"
+    assert time.monotonic() - start < 120  # the retry budget, then the end: no hang
