@@ -48,7 +48,7 @@ def test_installed_scripts_run_from_a_folder_with_jobs_and_shards_in_it(tmp_path
     (work / "jobs" / "train.py").write_text("raise SystemExit('the user file ran')\n")
     env = {**os.environ, "PYTHONPATH": str(target)}  # the installed copy only, not the checkout
     for script, expected in (("imgcls-train", "--print-config"), ("imgcls-shards", "build"),
-                             ("imgcls-status", "--json")):
+                             ("imgcls-status", "--runs")):
         out = subprocess.run([str(target / "bin" / script), "--help"], cwd=work, env=env, capture_output=True,
                              text=True, timeout=120)
         assert out.returncode == 0 and out.stdout.startswith("usage:") and expected in out.stdout, out.stderr[-2000:]
