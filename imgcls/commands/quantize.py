@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
         models.update({name: Predictor.from_tflite(paths[name], meta, args.threads) for name in TFLITE_ROWS})
     batches = [images[np.arange(b) % len(images)] for b in (1, 64)]  # real images; repeated if the split is tiny
     latency = compare_latency(models, batches, args.reps)
-    rows = {name: {"path": str(path), "bytes": path.stat().st_size, "accuracy": accuracy(models[name], images, labels),
+    rows = {name: {"path": str(path), "bytes": path.stat().st_size, "accuracy": accuracy(models[name], images, labels, name=name),
                    **{f"batch{b}": latency[name, b] for b in (1, 64)}}
             for name, path in paths.items()}
     result = {"calibration_samples": len(calibration), "test_samples": len(images), "threads": args.threads,
