@@ -37,7 +37,9 @@ def parse_split(text: str) -> tuple[float, float, float]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m shards",
+    # `python -m shards` says so; the console script imgcls-shards keeps its own name
+    prog = "python -m shards" if sys.argv[0].endswith("__main__.py") else None
+    p = argparse.ArgumentParser(prog=prog,
                                 description="Image datasets -> WebDataset shards + manifest.json")
     commands = p.add_subparsers(dest="command", required=True)
 

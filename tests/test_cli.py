@@ -52,7 +52,8 @@ def test_a_shards_folder_in_the_working_directory_does_not_shadow_the_cli(tmp_pa
     (tmp_path / "shards" / "train").mkdir(parents=True)  # a user's output folder, the natural name
     out = subprocess.run([sys.executable, "-m", "shards", "--help"], cwd=tmp_path, capture_output=True, text=True,
                          timeout=60)
-    assert out.returncode == 0 and "build" in out.stdout, out.stderr[-2000:]
+    assert out.returncode == 0 and "build" in out.stdout and out.stdout.startswith("usage: python -m shards "), \
+        out.stderr[-2000:]
 
 
 @pytest.mark.parametrize("name", ["evaluate", "export", "quantize", "predict"])

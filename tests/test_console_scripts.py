@@ -51,7 +51,8 @@ def test_installed_scripts_run_from_a_folder_with_jobs_and_shards_in_it(tmp_path
                              ("imgcls-status", "--runs")):
         out = subprocess.run([str(target / "bin" / script), "--help"], cwd=work, env=env, capture_output=True,
                              text=True, timeout=120)
-        assert out.returncode == 0 and out.stdout.startswith("usage:") and expected in out.stdout, out.stderr[-2000:]
+        assert out.returncode == 0 and out.stdout.startswith(f"usage: {script} ") and expected in out.stdout, \
+            out.stderr[-2000:]
     imported = subprocess.run([sys.executable, "-c", "import imgcls.commands.train as t; print(t.__file__)"],
                               cwd=work, env=env, capture_output=True, text=True, timeout=120)
     assert imported.stdout.startswith(str(target)), imported.stderr[-2000:]
