@@ -384,13 +384,13 @@ class Trainer:
             save_config(cfg, storage.join(cfg.run.dir, "config.yaml"))
             log.info(self.describe())
         self.tracker.start(to_dict(cfg))
-        if dist.is_main and cfg.track.progress:
-            self.report = ProgressReport(sum(self.steps_per_epoch), self.progress.step, cfg.train.epochs,
-                                         cfg.track.progress_every_s)
         if dist.is_main:
             from imgcls.plots import EpochPlots  # matplotlib on rank 0 only
 
             self.plots = EpochPlots(cfg.run.dir, self.classes, self.tracker.log_image)
+        if dist.is_main and cfg.track.progress:  # last: its clock starts now
+            self.report = ProgressReport(sum(self.steps_per_epoch), self.progress.step, cfg.train.epochs,
+                                         cfg.track.progress_every_s)
         status, reason, self.unplotted, self.last_plot = "done", "", None, time.monotonic()
         while self.reader.epoch < cfg.train.epochs:
             reason = self.train_epoch()
