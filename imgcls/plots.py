@@ -7,9 +7,7 @@ be any URL imgcls.storage understands, and are written atomically.
 from __future__ import annotations
 
 import io
-import json
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -150,41 +148,3 @@ def plot_training_curves(source: str | Path | Iterable[dict], path: str | Path) 
         ax.grid(alpha=0.3)
     _save(fig, path)
 
-
-class EpochPlots:
-    """Rank 0's training curves and val confusion matrix (PNG, and the full matrix as
-    confusion_val.json) in the run dir, drawn in a worker thread so that no rank waits on
-    matplotlib. A request still waiting is replaced by a newer one; close() waits for the last.
-
-    `log_image(step, name, url)` (the tracker's) runs in the caller's thread only, at the next
-    request or at close, so wandb is never called from two threads; a drawing's error is
-    raised there too."""
-
-    def __init__(self, run_dir: str, class_names: Sequence[str], log_image: Callable[[int, str, str], None]):
-        self.run_dir, self.class_names, self.log_image = run_dir, list(class_names), log_image
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="imgcls-plots")
-        self._futures: list[Future] = []
-
-    def submit(self, records: Iterable[dict], matrix, step: int) -> None:
-        self._log_drawn(wait=False)
-        if self._futures and self._futures[-1].cancel():  # not started: superseded
-            self._futures.pop()
-        matrix = (matrix.detach().cpu().numpy() if isinstance(matrix, torch.Tensor) else np.asarray(matrix)).copy()
-        self._futures.append(self._pool.submit(self._draw, list(records), matrix, step))
-
-    def close(self) -> None:
-        self._log_drawn(wait=True)
-        self._pool.shutdown()
-
-    def _draw(self, records: list[dict], matrix: np.ndarray, step: int) -> tuple[int, str]:
-        plot_training_curves(records, storage.join(self.run_dir, "training_curves.png"))
-        full = {"classes": self.class_names, "matrix": matrix.tolist()}
-        storage.write_bytes_atomic(storage.join(self.run_dir, "confusion_val.json"), json.dumps(full).encode())
-        png = storage.join(self.run_dir, "confusion_val.png")
-        plot_confusion_matrix(matrix, self.class_names, png)
-        return step, png
-
-    def _log_drawn(self, wait: bool) -> None:
-        while self._futures and (wait or self._futures[0].done()):
-            step, png = self._futures.pop(0).result()
-            self.log_image(step, "val/confusion_matrix", png)

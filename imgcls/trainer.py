@@ -21,6 +21,8 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -385,10 +387,8 @@ class Trainer:
             log.info(self.describe())
         self.tracker.start(to_dict(cfg))
         if dist.is_main:
-            from imgcls.plots import EpochPlots  # matplotlib on rank 0 only
-
             self.plots = EpochPlots(cfg.run.dir, self.classes, self.tracker.log_image)
-        if dist.is_main and cfg.track.progress:  # last: its clock starts now
+        if dist.is_main and cfg.track.progress:
             self.report = ProgressReport(sum(self.steps_per_epoch), self.progress.step, cfg.train.epochs,
                                          cfg.track.progress_every_s)
         status, reason, self.unplotted, self.last_plot = "done", "", None, time.monotonic()
@@ -580,3 +580,43 @@ class Trainer:
             raise NonFiniteLoss(f"non-finite weights at step {self.progress.step}: checkpoint not written")
         self.checkpointer.save(self.progress.step, best=best)
 
+
+class EpochPlots:
+    """Rank 0's training curves and val confusion matrix (PNG, and the full matrix as
+    confusion_val.json) in the run dir, drawn in a worker thread so that no rank waits on
+    matplotlib. A request still waiting is replaced by a newer one; close() waits for the last.
+
+    `log_image(step, name, url)` (the tracker's) runs in the caller's thread only, at the next
+    request or at close, so wandb is never called from two threads; a drawing's error is
+    raised there too."""
+
+    def __init__(self, run_dir: str, class_names: Sequence[str], log_image: Callable[[int, str, str], None]):
+        self.run_dir, self.class_names, self.log_image = run_dir, list(class_names), log_image
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="imgcls-plots")
+        self._futures: list[Future] = []
+
+    def submit(self, records: Iterable[dict], matrix: torch.Tensor, step: int) -> None:
+        self._log_drawn(wait=False)
+        if self._futures and self._futures[-1].cancel():  # not started: superseded
+            self._futures.pop()
+        matrix = matrix.detach().cpu().numpy().copy()
+        self._futures.append(self._pool.submit(self._draw, list(records), matrix, step))
+
+    def close(self) -> None:
+        self._log_drawn(wait=True)
+        self._pool.shutdown()
+
+    def _draw(self, records: list[dict], matrix, step: int) -> tuple[int, str]:
+        from imgcls.plots import plot_confusion_matrix, plot_training_curves  # matplotlib: here, off the loop
+
+        plot_training_curves(records, storage.join(self.run_dir, "training_curves.png"))
+        full = {"classes": self.class_names, "matrix": matrix.tolist()}
+        storage.write_bytes_atomic(storage.join(self.run_dir, "confusion_val.json"), json.dumps(full).encode())
+        png = storage.join(self.run_dir, "confusion_val.png")
+        plot_confusion_matrix(matrix, self.class_names, png)
+        return step, png
+
+    def _log_drawn(self, wait: bool) -> None:
+        while self._futures and (wait or self._futures[0].done()):
+            step, png = self._futures.pop(0).result()
+            self.log_image(step, "val/confusion_matrix", png)

@@ -2,8 +2,6 @@
 
 The code is imgcls/commands/evaluate.py (also installed as `imgcls-evaluate`); this file keeps
 `python jobs/evaluate.py` working."""
-import sys
-
 from imgcls.commands.evaluate import main
 
 if __name__ == "__main__":
