@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from imgcls import checkpoint  # noqa: E402
+from imgcls.commands import add_output_argument  # noqa: E402
 from imgcls.config import from_dict  # noqa: E402
 from imgcls.data import ShardReader, read_manifest  # noqa: E402
 from imgcls.evaluation import model_from_checkpoint  # noqa: E402
@@ -107,7 +108,7 @@ def mean_std(values: list[float]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/bench_continual")
+    add_output_argument(p, "folder of the runs", default="runs/bench_continual")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--importance", type=float, nargs="+", default=[1e3, 1e4, 1e5, 1e6], help="EWC lambdas to try")
     p.add_argument("--fisher-samples", type=int, default=1000)
@@ -121,7 +122,7 @@ def main() -> None:
     p.add_argument("--nproc", type=int, default=1)
     p.add_argument("overrides", nargs="*", help="more config overrides for every run")
     args = p.parse_args()
-    out = Path(args.out).absolute()
+    out = Path(args.output).absolute()
     data = {name: build_task(name, out / "data" / name, args.per_class) for name in TASKS}
     methods = [("plain fine-tuning", None)] + [(f"EWC λ={lam:g}", lam) for lam in args.importance]
     rows: dict[str, list[tuple]] = {"A only (before B)": []} | {name: [] for name, _ in methods}

@@ -15,6 +15,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from imgcls.commands import add_output_argument  # noqa: E402
 
 
 def run(cmd: list[str]) -> str:
@@ -33,7 +36,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", default="runs/fashion_mnist/checkpoints/best.pt")
     p.add_argument("--config", default="configs/fashion_mnist.yaml")
-    p.add_argument("--out", default="runs/bench_distillation")
+    add_output_argument(p, "folder of the runs", default="runs/bench_distillation")
     p.add_argument("--temperature", type=float, default=4.0)
     p.add_argument("--alpha", type=float, default=0.7)
     p.add_argument("student", nargs="*", default=["model.name=tutorial_cnn", "train.epochs=3"],
@@ -45,7 +48,7 @@ def main() -> None:
     for name, extra in (("student alone", []),
                         ("student + teacher", [f"distill.teacher={args.teacher}", f"distill.temperature={args.temperature}",
                                                f"distill.alpha={args.alpha}"])):
-        run_dir = f"{args.out}/{name.replace(' ', '_').replace('+', 'with')}"
+        run_dir = f"{args.output}/{name.replace(' ', '_').replace('+', 'with')}"
         run([*torchrun, f"run.dir={run_dir}", *extra])
         rows.append((name, f"{run_dir}/checkpoints/best.pt", test_accuracy(f"{run_dir}/checkpoints/best.pt")))
     print(f"student: {' '.join(args.student)}; T={args.temperature}, alpha={args.alpha}\n")

@@ -44,6 +44,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from imgcls.commands import add_output_argument  # noqa: E402
+
 TARGET_RATIO = 0.95
 # Per device: the dataset and the runs (small enough for the test suite on CPU).
 SIZES = {
@@ -273,7 +275,7 @@ def environment(device: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    p.add_argument("--out", default="", help="where the logs and gpu_check.json go (default: a temp dir)")
+    add_output_argument(p, "where the logs and gpu_check.json go (default: a temp dir)")
     p.add_argument("--only", default="train,resume,speed,deploy", help="comma-separated checks to run")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
@@ -291,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda, but CUDA is not usable here (use --device cpu)", file=sys.stderr)
         return 2
-    out = Path(args.out or tempfile.mkdtemp(prefix="gpu-check-"))
+    out = Path(args.output or tempfile.mkdtemp(prefix="gpu-check-"))
     out.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="gpu-check-data-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
     only = set(args.only.split(","))

@@ -10,6 +10,7 @@ from imgcls import checkpoint, distributed
 from imgcls.data import ShardReader, read_manifest
 from imgcls.metrics import ConfusionMatrix, PrecisionRecallCurves
 from imgcls.precision import autocast, resolve_precision
+from imgcls.progress import TaskProgress
 from shardio import storage
 
 
@@ -109,9 +110,18 @@ def evaluate_checkpoint(checkpoint_url: str, split: str = "test", data_url: str 
     reader = ShardReader(cfg.data, split, rank=dist.rank, world_size=dist.world_size, train=False, manifest=manifest)
     precision = resolve_precision(cfg.train.precision, dist.device)
     curves = PrecisionRecallCurves(len(classes), device=dist.device)
+    mine = sum(s["count"] for s in reader.shards[dist.rank::dist.world_size])  # rank 0's share is shown
+    progress = TaskProgress(f"evaluate {split}", mine, every_s=cfg.track.progress_every_s) if dist.is_main else None
+
+    def on_batch(logits, labels):
+        curves.update(logits.float().softmax(1), labels)
+        if progress is not None:
+            progress.update(len(labels))
+
     metrics = evaluate(model, reader, dist.device, autocast(dist.device, precision), len(classes),
-                       flip=cfg.train.eval_flip, shift=cfg.train.eval_shift,
-                       on_batch=lambda logits, labels: curves.update(logits.float().softmax(1), labels))
+                       flip=cfg.train.eval_flip, shift=cfg.train.eval_shift, on_batch=on_batch)
+    if progress is not None:
+        progress.close()
     distributed.all_reduce(curves.counts)
     confusion = metrics.pop("confusion")
     report = confusion.classification_report(classes) + "\n" + curves.report(classes)

@@ -27,6 +27,7 @@ import torch
 
 from imgcls.inference import (META_KEY, TORCHSCRIPT_SUFFIX, Predictor, load_checkpoint_model, load_torchscript,
                               quiet_torchscript, tflite_with_metadata, write_sidecar)
+from imgcls.progress import TaskProgress
 
 FORMATS = ("onnx", "torchscript", "tflite")
 SUFFIXES = {"onnx": ".onnx", "torchscript": TORCHSCRIPT_SUFFIX, "tflite": ".tflite"}
@@ -163,9 +164,10 @@ def quantize_tflite_int8(model: torch.nn.Module, meta: dict, calibration: np.nda
     with _quiet_conversion():
         prepared = prepare_pt2e(torch.export.export(litert_compatible(model).eval(), (example,)).module(), quantizer)
         move_exported_model_to_eval(prepared)
-        with torch.no_grad():
+        with torch.no_grad(), TaskProgress("TFLite calibration", len(calibration)) as progress:
             for image in calibration:  # batch 1, the shape the graph was exported with
                 prepared(torch.from_numpy(image[None]))
+                progress.update(1)
         quantized = move_exported_model_to_eval(convert_pt2e(prepared, fold_quantize=False))
     flatbuffer = _litert_convert(quantized, example, quant_config=QuantConfig(pt2e_quantizer=quantizer))
     meta = {**meta, "quantization": {"kind": "static int8", "format": "TFLite (litert-torch PT2E)",
@@ -185,12 +187,14 @@ def read_samples(meta: dict, split: str, limit: int = 0, data_url: str = "",
                      mean=meta["mean"], std=meta["std"], augment=AugmentConfig(enabled=False))
     reader = ShardReader(cfg, split, train=seed is not None, seed=seed or 0)
     images, labels, count = [], [], 0
-    for batch in reader:
-        images.append(reader.transform(batch).numpy())
-        labels.append(batch["label"].numpy())
-        count += len(batch["label"])
-        if limit and count >= limit:
-            break
+    with TaskProgress(f"read {split} samples", min(limit or reader.split_count(), reader.split_count())) as progress:
+        for batch in reader:
+            images.append(reader.transform(batch).numpy())
+            labels.append(batch["label"].numpy())
+            count += len(batch["label"])
+            progress.update(len(batch["label"]))
+            if limit and count >= limit:
+                break
     if not count:
         raise DataError(f"{cfg.url}: no samples read from split {split!r}")
     return np.concatenate(images)[:limit or None], np.concatenate(labels)[:limit or None]
@@ -199,16 +203,22 @@ def read_samples(meta: dict, split: str, limit: int = 0, data_url: str = "",
 def compare(reference: Predictor, candidate: Predictor, images: np.ndarray, batch_size: int = 256) -> dict:
     """Max absolute logit difference and top-1 agreement of two models on the same images."""
     diff, agree = 0.0, 0
-    for i in range(0, len(images), batch_size):
-        a, b = reference(images[i:i + batch_size]), candidate(images[i:i + batch_size])
-        diff = max(diff, float(np.abs(a - b).max()))
-        agree += int((a.argmax(1) == b.argmax(1)).sum())
+    with TaskProgress(f"check {candidate.kind} against {reference.kind}", len(images)) as progress:
+        for i in range(0, len(images), batch_size):
+            a, b = reference(images[i:i + batch_size]), candidate(images[i:i + batch_size])
+            diff = max(diff, float(np.abs(a - b).max()))
+            agree += int((a.argmax(1) == b.argmax(1)).sum())
+            progress.update(len(a))
     return {"samples": len(images), "max_abs_diff": diff, "top1_agreement": agree / len(images)}
 
 
-def accuracy(predictor: Predictor, images: np.ndarray, labels: np.ndarray, batch_size: int = 256) -> float:
-    correct = sum(int((predictor(images[i:i + batch_size]).argmax(1) == labels[i:i + batch_size]).sum())
-                  for i in range(0, len(images), batch_size))
+def accuracy(predictor: Predictor, images: np.ndarray, labels: np.ndarray, batch_size: int = 256,
+             name: str = "") -> float:
+    correct = 0
+    with TaskProgress(f"{name or predictor.kind} accuracy", len(images)) as progress:
+        for i in range(0, len(images), batch_size):
+            correct += int((predictor(images[i:i + batch_size]).argmax(1) == labels[i:i + batch_size]).sum())
+            progress.update(len(images[i:i + batch_size]))
     return correct / len(images)
 
 
@@ -244,22 +254,27 @@ def quantize_int8(fp32_path: str | Path, int8_path: str | Path, calibration: np.
     class Calibration(CalibrationDataReader):
         """One feed per batch of 64, then None."""
 
-        def __init__(self):
+        def __init__(self, progress: TaskProgress):
             self.feeds = iter([{meta["input"]: calibration[i:i + 64]} for i in range(0, len(calibration), 64)])
+            self.progress = progress
 
         def get_next(self):
-            return next(self.feeds, None)
+            feed = next(self.feeds, None)
+            if feed is not None:
+                self.progress.update(len(feed[meta["input"]]))  # counted as handed out; each is run before the next
+            return feed
 
     int8_path = Path(int8_path)
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         # shape inference and graph optimisation first, as onnxruntime recommends
         quant_pre_process(str(fp32_path), str(prepared))
-        quantize_static(str(prepared), str(int8_path), Calibration(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        # a BatchNormalization left unfolded (fast_cnn: conv, maxpool, BN) has 1-D
-                        # per-channel scales: axis 0, not the default 1 (which falls back to per-tensor)
-                        extra_options={"QDQOpTypePerChannelSupportToAxis": {"BatchNormalization": 0}})
+        with TaskProgress("ONNX calibration", len(calibration)) as progress:
+            quantize_static(str(prepared), str(int8_path), Calibration(progress), quant_format=QuantFormat.QDQ,
+                            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            # a BatchNormalization left unfolded (fast_cnn: conv, maxpool, BN) has 1-D
+                            # per-channel scales: axis 0, not the default 1 (which falls back to per-tensor)
+                            extra_options={"QDQOpTypePerChannelSupportToAxis": {"BatchNormalization": 0}})
     meta = {**meta, "quantization": {"kind": "static int8", "format": "QDQ", "per_channel": True,
                                      "calibration_samples": len(calibration), "from": str(fp32_path)}}
     _set_onnx_metadata(int8_path, meta)

@@ -72,6 +72,12 @@ def describe(record: dict) -> str:
     return f"job {record['job_id']} on {record['host']} (pid {record['pid']}), renewed {age:.0f} s ago"
 
 
+def is_live(record: dict, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
+    """Whether a lease record's holder may still be running: renewed within `timeout_s`, and
+    not a process known to be gone on this host."""
+    return time.time() - record["renewed"] <= timeout_s and not _dead_here(record)
+
+
 class Lease:
     def __init__(self, run_dir: str, job_id: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
                  heartbeat_s: float | None = None):

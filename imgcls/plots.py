@@ -26,38 +26,58 @@ def _save(fig: Figure, path: str | Path) -> None:
     storage.write_bytes_atomic(str(path), buf.getvalue())
 
 
-def plot_confusion_matrix(matrix, class_names: Sequence[str], path: str | Path,
-                          normalize: bool = True, title: str = "Confusion matrix") -> None:
+def most_confused(matrix: np.ndarray, k: int) -> np.ndarray:
+    """The k classes with the most errors, as a true or as a predicted class (off-diagonal
+    mass of their row plus their column), in class order."""
+    errors = matrix.sum(0) + matrix.sum(1) - 2 * np.diag(matrix)
+    return np.sort(np.argsort(-errors, kind="stable")[:k])
+
+
+def plot_confusion_matrix(matrix, class_names: Sequence[str], path: str | Path, normalize: bool = True,
+                          title: str = "Confusion matrix", max_classes: int = 50) -> list[str]:
     """Heat map of `matrix` (rows: true class, columns: predicted), a tensor, array or
     ConfusionMatrix. normalize=True divides each row by its support, so the diagonal shows
-    per-class recall; rows without samples stay 0."""
+    per-class recall; rows without samples stay 0. Beyond `max_classes` classes only the
+    `max_classes` most-confused are drawn (rows still normalised by their full support), and
+    the title says so: a 1000-class picture would be neither readable nor cheap. Keep the full
+    matrix as JSON beside it. Returns the classes drawn."""
     m = getattr(matrix, "matrix", matrix)
     m = (m.detach().cpu().numpy() if isinstance(m, torch.Tensor) else np.asarray(m))
     m = m.astype(np.float64)
     n = len(class_names)
     if m.shape != (n, n):
         raise ValueError(f"matrix of shape {m.shape} for {n} class names")
+    drawn = most_confused(m, max_classes) if n > max_classes else np.arange(n)
     if normalize:
         support = m.sum(1, keepdims=True)
         m = np.divide(m, support, out=np.zeros_like(m), where=support > 0)
+    m = m[np.ix_(drawn, drawn)]
+    names = [str(class_names[c]) for c in drawn]
+    k = len(drawn)
 
-    size = 3 + 0.6 * n
+    size = 3 + 0.6 * min(k, 30) + 0.3 * max(k - 30, 0)  # 50 classes: 27 inches, 2.7k pixels
     fig = Figure(figsize=(size + 1.5, size))
     ax = fig.add_subplot()
     vmax = 1.0 if normalize else max(m.max(), 1.0)
-    image = ax.imshow(m, cmap="Blues", vmin=0, vmax=vmax)
+    # cells as quads: imshow resamples to the output pixels in float64 (200 MB at 50 classes)
+    image = ax.pcolormesh(m, cmap="Blues", vmin=0, vmax=vmax)
+    ax.set_aspect("equal")
+    ax.invert_yaxis()  # true class 0 on top, as a matrix reads
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-    ax.set(xticks=range(n), yticks=range(n), xlabel="predicted", ylabel="true",
-           title=title + (" (row-normalised)" if normalize else ""))
-    ax.set_xticklabels(class_names, rotation=45, ha="right", rotation_mode="anchor")
-    ax.set_yticklabels(class_names)
-    if n <= 30:  # beyond that the numbers are unreadable anyway
-        for t in range(n):
-            for p in range(n):
+    subset = f": the {k} most-confused of {n} classes" if k < n else ""
+    ticks = np.arange(k) + 0.5  # cell centres
+    ax.set(xticks=ticks, yticks=ticks, xlabel="predicted", ylabel="true",
+           title=title + (" (row-normalised)" if normalize else "") + subset)
+    ax.set_xticklabels(names, rotation=45, ha="right", rotation_mode="anchor")
+    ax.set_yticklabels(names)
+    if k <= 30:  # beyond that the numbers are unreadable anyway
+        for t in range(k):
+            for p in range(k):
                 text = f"{m[t, p]:.2f}" if normalize else f"{int(m[t, p])}"
-                ax.text(p, t, text, ha="center", va="center", fontsize=8,
+                ax.text(p + 0.5, t + 0.5, text, ha="center", va="center", fontsize=8,
                         color="white" if m[t, p] > vmax / 2 else "black")
     _save(fig, path)
+    return names
 
 
 def plot_pr_curves(curves, class_names: Sequence[str], path: str | Path, max_classes: int = 20,
@@ -127,3 +147,4 @@ def plot_training_curves(source: str | Path | Iterable[dict], path: str | Path) 
         ax.set(title=title, xlabel="step", ylabel=ylabel)
         ax.grid(alpha=0.3)
     _save(fig, path)
+

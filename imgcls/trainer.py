@@ -21,6 +21,8 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -309,6 +311,7 @@ class Trainer:
                                    class_weights=self._class_weights())
         self.compiled = torch.compile(self.model) if cfg.train.compile else self.model
         self.report: ProgressReport | None = None
+        self.plots = None  # rank 0's EpochPlots
         self.window = self._new_window()
         self.first_bad_step = torch.full((), NO_STEP, dtype=torch.float64, device=device)
 
@@ -397,6 +400,8 @@ class Trainer:
             save_config(cfg, storage.join(cfg.run.dir, "config.yaml"))
             log.info(self.describe())
         self.tracker.start(to_dict(cfg))
+        if dist.is_main:
+            self.plots = EpochPlots(cfg.run.dir, self.classes, self.tracker.log_image)
         if dist.is_main and cfg.track.progress:
             self.report = ProgressReport(sum(self.steps_per_epoch), self.progress.step, cfg.train.epochs,
                                          cfg.track.progress_every_s)
@@ -411,7 +416,9 @@ class Trainer:
             if status != "done":
                 break
         if self.unplotted is not None:
-            _write_epoch_plots(cfg.run.dir, self.tracker, self.unplotted, self.classes, self.progress.step)
+            self.plots.submit(self.tracker.records, self.unplotted.matrix, self.progress.step)
+        if self.plots is not None:
+            self.plots.close()  # the last epoch's plots are complete when train() returns
         if self.report is not None:
             self.report.close()
         self.tracker.finish()
@@ -577,7 +584,7 @@ class Trainer:
                      metrics["count"])
             self.unplotted = confusion
             if time.monotonic() - self.last_plot >= self.cfg.track.plots_every_s:
-                _write_epoch_plots(self.cfg.run.dir, self.tracker, confusion, self.classes, self.progress.step)
+                self.plots.submit(self.tracker.records, confusion.matrix, self.progress.step)
                 self.unplotted, self.last_plot = None, time.monotonic()
         return record
 
@@ -588,11 +595,42 @@ class Trainer:
         self.checkpointer.save(self.progress.step, best=best)
 
 
-def _write_epoch_plots(run_dir, tracker, confusion, class_names, step) -> None:
-    """Training curves and the val confusion matrix as PNGs in the run dir (any URL)."""
-    from imgcls.plots import plot_confusion_matrix, plot_training_curves
+class EpochPlots:
+    """Rank 0's training curves and val confusion matrix (PNG, and the full matrix as
+    confusion_val.json) in the run dir, drawn in a worker thread so that no rank waits on
+    matplotlib. A request still waiting is replaced by a newer one; close() waits for the last.
 
-    plot_training_curves(tracker.records, storage.join(run_dir, "training_curves.png"))
-    confusion_png = storage.join(run_dir, "confusion_val.png")
-    plot_confusion_matrix(confusion.matrix.cpu().numpy(), class_names, confusion_png)
-    tracker.log_image(step, "val/confusion_matrix", confusion_png)
+    `log_image(step, name, url)` (the tracker's) runs in the caller's thread only, at the next
+    request or at close, so wandb is never called from two threads; a drawing's error is
+    raised there too."""
+
+    def __init__(self, run_dir: str, class_names: Sequence[str], log_image: Callable[[int, str, str], None]):
+        self.run_dir, self.class_names, self.log_image = run_dir, list(class_names), log_image
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="imgcls-plots")
+        self._futures: list[Future] = []
+
+    def submit(self, records: Iterable[dict], matrix: torch.Tensor, step: int) -> None:
+        self._log_drawn(wait=False)
+        if self._futures and self._futures[-1].cancel():  # not started: superseded
+            self._futures.pop()
+        matrix = matrix.detach().cpu().numpy().copy()
+        self._futures.append(self._pool.submit(self._draw, list(records), matrix, step))
+
+    def close(self) -> None:
+        self._log_drawn(wait=True)
+        self._pool.shutdown()
+
+    def _draw(self, records: list[dict], matrix, step: int) -> tuple[int, str]:
+        from imgcls.plots import plot_confusion_matrix, plot_training_curves  # matplotlib: here, off the loop
+
+        plot_training_curves(records, storage.join(self.run_dir, "training_curves.png"))
+        full = {"classes": self.class_names, "matrix": matrix.tolist()}
+        storage.write_bytes_atomic(storage.join(self.run_dir, "confusion_val.json"), json.dumps(full).encode())
+        png = storage.join(self.run_dir, "confusion_val.png")
+        plot_confusion_matrix(matrix, self.class_names, png)
+        return step, png
+
+    def _log_drawn(self, wait: bool) -> None:
+        while self._futures and (wait or self._futures[0].done()):
+            step, png = self._futures.pop(0).result()
+            self.log_image(step, "val/confusion_matrix", png)

@@ -39,7 +39,9 @@ def parse_split(text: str) -> tuple[float, float, float]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m shards",
+    # `python -m shards` says so; the console script imgcls-shards keeps its own name
+    prog = "python -m shards" if sys.argv[0].endswith("__main__.py") else None
+    p = argparse.ArgumentParser(prog=prog,
                                 description="Image datasets -> WebDataset shards + manifest.json")
     commands = p.add_subparsers(dest="command", required=True)
 
@@ -58,28 +60,28 @@ def parser() -> argparse.ArgumentParser:
                    "bytes (the default for a folder of images of different sizes); raw: uint8 pixels "
                    "(the default otherwise); png, jpeg: re-encode every image")
     b.add_argument("--jpeg-quality", type=int, default=90, metavar="Q",
-                   help="for --encoding jpeg, and for JPEG/WebP files that --max-side downscales")
+                   help="for --encoding jpeg, and for JPEG/WebP files that --max-side downscales (default 90)")
     b.add_argument("--resize", type=parse_size, metavar="HxW", help="resize every image")
     b.add_argument("--max-side", type=int, metavar="N",
                    help="downscale images whose longer side is above N pixels (once, at build time)")
     b.add_argument("--skip-bad", action="store_true", help="leave out image files that do not decode "
                    "(counted in the manifest) instead of failing the build")
     color = b.add_mutually_exclusive_group()
-    color.add_argument("--grayscale", dest="channels", action="store_const", const=1)
+    color.add_argument("--grayscale", dest="channels", action="store_const", const=1, help="store 1 channel")
     color.add_argument("--rgb", dest="channels", action="store_const", const=3,
-                       help="default: grayscale when every image is, else RGB")
+                       help="store 3 channels (default: grayscale when every image is, else RGB)")
     b.add_argument("--shard-bytes", type=parse_bytes, metavar="SIZE",
                    help="target shard size, e.g. 64MB (the default when --shard-samples is unset)")
     b.add_argument("--shard-samples", type=int, metavar="N", help="samples per shard")
     b.add_argument("--workers", type=int, default=default_workers(),
                    help="parallel encoders/uploaders (default min(4, cpus))")
-    b.add_argument("--no-progress", dest="progress", action="store_false")
+    b.add_argument("--no-progress", dest="progress", action="store_false", help="no progress report")
 
     v = commands.add_parser("verify", help="recheck shards against the manifest")
-    v.add_argument("dest")
+    v.add_argument("dest", help="the dataset: a path or URL holding manifest.json")
     v.add_argument("--deep", action="store_true", help="also decode every sample")
-    v.add_argument("--workers", type=int, default=default_workers())
-    v.add_argument("--no-progress", dest="progress", action="store_false")
+    v.add_argument("--workers", type=int, default=default_workers(), help="parallel readers (default min(4, cpus))")
+    v.add_argument("--no-progress", dest="progress", action="store_false", help="no progress report")
 
     x = commands.add_parser("index", help="write manifest.json for existing WebDataset shards",
                             description="Write URL/manifest.json for the .tar shards under URL that "
@@ -90,11 +92,11 @@ def parser() -> argparse.ArgumentParser:
                    "file name: train..., val... or valid..., test...)")
     x.add_argument("--classes", type=lambda s: s.split(","), metavar="A,B,...",
                    help="class names in label order (default: 0, 1, ...)")
-    x.add_argument("--workers", type=int, default=default_workers())
-    x.add_argument("--no-progress", dest="progress", action="store_false")
+    x.add_argument("--workers", type=int, default=default_workers(), help="parallel readers (default min(4, cpus))")
+    x.add_argument("--no-progress", dest="progress", action="store_false", help="no progress report")
 
     i = commands.add_parser("inspect", help="print counts per split and the class histogram")
-    i.add_argument("dest")
+    i.add_argument("dest", help="the dataset: a path or URL holding manifest.json")
     return p
 
 

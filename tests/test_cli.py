@@ -52,4 +52,124 @@ def test_a_shards_folder_in_the_working_directory_does_not_shadow_the_cli(tmp_pa
     (tmp_path / "shards" / "train").mkdir(parents=True)  # a user's output folder, the natural name
     out = subprocess.run([sys.executable, "-m", "shards", "--help"], cwd=tmp_path, capture_output=True, text=True,
                          timeout=60)
-    assert out.returncode == 0 and "build" in out.stdout, out.stderr[-2000:]
+    assert out.returncode == 0 and "build" in out.stdout and out.stdout.startswith("usage: python -m shards "), \
+        out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name", ["evaluate", "export", "quantize", "predict"])
+def test_the_output_option_is_called_output_everywhere(name):
+    from tests.conftest import job as run_in_process
+
+    stdout, _, code = run_in_process(name, "--help")
+    assert code in (0, None) and "--output OUTPUT" in stdout  # torch's @record turns exit 0 into None
+    assert "--out " not in stdout and "--out\n" not in stdout
+
+
+def test_the_old_output_name_still_works():
+    from tests.conftest import job as run_in_process
+
+    _, stderr, code = run_in_process("export", "/nonexistent/best.pt", "--out", "/tmp/x.onnx")
+    assert code == 2 and stderr.strip() == "error: /nonexistent/best.pt: no such file or directory"
+
+
+@pytest.mark.parametrize("text, minutes", [
+    ("90", 90), ("5:30", 6), ("0:30", 1), ("02:00:00", 120), ("1-0", 1440), ("1-2:30", 1590), ("2-00:00:01", 2881),
+])
+def test_slurm_time_takes_what_sbatch_takes(text, minutes):
+    from imgcls.commands.slurm_args import parse_slurm_time
+
+    assert parse_slurm_time(text) == minutes  # seconds round up to a minute, as SLURM's do
+
+
+@pytest.mark.parametrize("text", ["1h", "", "-5", "1-2-3", "1:2:3:4", "0", "0-0:00", "1-", "a-1", "1:x"])
+def test_a_bad_slurm_time_is_one_line(text):
+    from tests.conftest import job as run_in_process
+
+    for name in ("submit", "sweep"):
+        _, stderr, code = run_in_process(name, "--time", text, "--cluster", "debug")
+        assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
+        assert stderr.startswith("error: argument --time: ") and "D-HH:MM:SS" in stderr, stderr
+
+
+def all_parsers():
+    """(name, parser) for every tool in jobs/ and every shards subcommand."""
+    import argparse
+    import importlib
+
+    import shards.cli
+
+    found = [(name, importlib.import_module(f"imgcls.commands.{name}").build_parser()) for name in JOBS]
+    found.append(("shards", shards.cli.parser()))
+    for name, parser in list(found):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                found += [(f"{name} {sub}", p) for sub, p in action.choices.items()]
+    return found
+
+
+def test_every_option_has_help_that_shows_its_default():
+    import argparse
+
+    missing = []
+    for name, parser in all_parsers():
+        parser.format_help()  # every %(default)s and %(choices)s must expand
+        for action in parser._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)) or action.help == argparse.SUPPRESS:
+                continue
+            flag = action.nargs == 0  # store_true/false/const: present or not
+            valued = action.default not in (None, [], argparse.SUPPRESS) and not flag
+            if not action.help:
+                missing.append(f"{name} {action.dest}: no help")
+            elif valued and "default" not in action.help:
+                missing.append(f"{name} {action.dest}: default {action.default!r} not shown")
+    assert missing == []
+
+
+def test_an_unknown_model_is_one_line_with_a_did_you_mean(bands_dataset, tmp_path):
+    from tests.conftest import torchrun
+
+    out = torchrun(["--config", "", f"data.url={bands_dataset}", "model.name=resnt18", f"run.dir={tmp_path / 'run'}",
+                    "track.wandb=disabled", "data.num_workers=0"], nproc=2, check=False)
+    assert out.returncode != 0 and "imgcls/models.py" not in out.stderr, out.stderr[-3000:]  # torchrun's own follows
+    lines = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, out.stderr  # rank 0 only
+    assert lines[0].startswith("error: model.name: unknown model 'resnt18'; did you mean resnet18, ")
+    assert "traceback : error: model.name: unknown model" in out.stderr  # torchrun's summary names it
+
+
+def test_object_store_mistakes_are_one_line_with_a_hint(tmp_path):
+    """s3:// with no credentials fails at once; with credentials but a closed endpoint, or no
+    endpoint at all (AWS's own, unreachable here), it fails after the storage retry budget
+    (60 s), not later. Each is one line naming the URL, with what to set. The three run at once."""
+    import os
+    import time
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    base.update(AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
+                AWS_EC2_METADATA_DISABLED="true", OMP_NUM_THREADS="1")
+    keys = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+    checkpoint = "s3://no-such-bucket/run/checkpoints/best.pt"
+    cases = {
+        "no credentials": (["evaluate", checkpoint], base,
+                           f"error: {checkpoint}.sha256: no credentials for the object store: set AWS_ACCESS_KEY_ID "
+                           "and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"),
+        "closed endpoint": (["train", "--config", "", "data.url=s3://no-such-bucket/data", f"run.dir={tmp_path / 'run'}",
+                             "track.wandb=disabled"], {**base, **keys, "AWS_ENDPOINT_URL": "http://127.0.0.1:1"},
+                            "error: s3://no-such-bucket/data/manifest.json: storage unreachable for "),
+        "no endpoint": (["evaluate", checkpoint], {**base, **keys},
+                        f"error: {checkpoint}.sha256: storage unreachable for "),
+    }
+    hints = {"closed endpoint": "is the store running there? Check AWS_ENDPOINT_URL",
+             "no endpoint": "that is AWS's own endpoint: for another S3 store (MinIO, Ceph, ...) set AWS_ENDPOINT_URL"}
+    start = time.monotonic()
+    procs = {name: subprocess.Popen([sys.executable, str(REPO / "jobs" / f"{args[0]}.py"), *args[1:]], cwd=tmp_path,
+                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, (args, env, _) in cases.items()}
+    for name, proc in procs.items():
+        _, stderr = proc.communicate(timeout=150)
+        errors = [line for line in stderr.splitlines() if not line.startswith(tuple("0123456789"))]  # not log lines
+        assert proc.returncode == 2 and len(errors) == 1, (name, stderr[-3000:])
+        assert errors[0].startswith(cases[name][2]) and hints.get(name, "") in errors[0], (name, errors[0])
+        if name == "no credentials":
+            assert time.monotonic() - start < 30, "no credentials must fail at once, not after retries"
+    assert time.monotonic() - start < 120  # the retry budget, then the end: no hang

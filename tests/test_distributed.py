@@ -71,7 +71,7 @@ def test_every_collective_goes_through_imgcls_distributed():
     """Only distributed.py touches torch.distributed: with one helper for every collective, a
     CPU tensor goes to gloo and a CUDA tensor to NCCL through the same call."""
     offenders = []
-    for path in sorted((REPO / "imgcls").glob("*.py")) + sorted((REPO / "jobs").glob("*.py")):
+    for path in sorted((REPO / "imgcls").rglob("*.py")) + sorted((REPO / "jobs").glob("*.py")):
         if path.name == "distributed.py":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
@@ -90,7 +90,7 @@ def test_gpu_check_runs_its_checks_on_cpu(tmp_path):
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--device", "cpu", "--out",
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--device", "cpu", "--output",
                           str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600)
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     checks = {row["check"]: row for row in report["checks"]}

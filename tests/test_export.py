@@ -121,7 +121,7 @@ def test_tflite_export_matches_pytorch_in_the_litert_interpreter_with_metadata(t
 
 def test_export_fails_beyond_atol(trained, tmp_path):
     stdout, stderr, code = job("export", trained, "--format", "tflite", "--check-samples", "20", "--atol", "1e-12",
-                               "--out", str(tmp_path / "strict.tflite"))
+                               "--output", str(tmp_path / "strict.tflite"))
     assert code == 1 and last_json(stdout)["max_abs_diff"] > 1e-12
     assert "differs from the PyTorch model by more than --atol 1e-12" in stderr
 

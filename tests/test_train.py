@@ -58,6 +58,8 @@ def test_uninterrupted_run_learns_and_writes_its_run_dir(uninterrupted):
     assert len(state["rng"]) == 2  # both ranks' RNG states
     for name in ("config.yaml", "training_curves.png", "confusion_val.png"):
         assert Path(run_dir, name).stat().st_size > 0
+    confusion = json.loads(Path(run_dir, "confusion_val.json").read_text())  # the last epoch's, drawn in the background
+    assert len(confusion["matrix"]) == 4 and sum(map(sum, confusion["matrix"])) == val[-1]["val/count"]
     assert Path(run_dir, "checkpoints", "best.pt").exists()
 
 

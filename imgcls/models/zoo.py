@@ -89,6 +89,10 @@ def efficientnet_lite0_weights() -> str:
 # Building
 
 
+class UnknownModel(ValueError):
+    """model.name names no model: a user's mistake (one line from the jobs, with a did-you-mean)."""
+
+
 OWN_MODELS = ("simple_cnn", "fast_cnn", "tutorial_cnn", "resnet18", "resnet34", "efficientnet_lite0")
 
 
@@ -177,7 +181,7 @@ def _create(cfg, num_classes: int, in_channels: int) -> nn.Module:
     known = list(dict.fromkeys([*OWN_MODELS, *torchvision_models()]))
     close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
     hint = f"did you mean {', '.join(close)}? " if close else ""
-    raise ValueError(f"unknown model {name!r}; {hint}Known: {', '.join(OWN_MODELS)}, "
+    raise UnknownModel(f"model.name: unknown model {name!r}; {hint}Known: {', '.join(OWN_MODELS)}, "
                      f"torchvision.models.list_models(module=torchvision.models) and timm/<name>")
 
 
@@ -193,7 +197,7 @@ def _timm_model(name: str, num_classes: int, in_channels: int, dropout: float) -
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
         hint = f"; did you mean {', '.join(TIMM_PREFIX + c for c in close)}?" if close else " (timm.list_models())"
-        raise ValueError(f"unknown timm model {name!r}{hint}")
+        raise UnknownModel(f"model.name: unknown timm model {name!r}{hint}")
     options = {"drop_rate": dropout} if dropout > 0 else {}
     return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels, **options)
 
