@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from imgcls import checkpoint  # noqa: E402
-from imgcls.commands import add_output_argument  # noqa: E402
+from jobs import add_output_argument  # noqa: E402
 from imgcls.config import from_dict  # noqa: E402
 from imgcls.data import ShardReader, read_manifest  # noqa: E402
 from imgcls.evaluation import model_from_checkpoint  # noqa: E402

@@ -17,7 +17,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from imgcls.commands import add_output_argument  # noqa: E402
+from jobs import add_output_argument  # noqa: E402
 
 
 def run(cmd: list[str]) -> str:

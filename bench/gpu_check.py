@@ -44,7 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from imgcls.commands import add_output_argument  # noqa: E402
+from jobs import add_output_argument  # noqa: E402
 
 TARGET_RATIO = 0.95
 # Per device: the dataset and the runs (small enough for the test suite on CPU).

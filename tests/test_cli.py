@@ -76,7 +76,7 @@ def test_the_old_output_name_still_works():
     ("90", 90), ("5:30", 6), ("0:30", 1), ("02:00:00", 120), ("1-0", 1440), ("1-2:30", 1590), ("2-00:00:01", 2881),
 ])
 def test_slurm_time_takes_what_sbatch_takes(text, minutes):
-    from imgcls.commands.slurm_args import parse_slurm_time
+    from jobs.slurm_args import parse_slurm_time
 
     assert parse_slurm_time(text) == minutes  # seconds round up to a minute, as SLURM's do
 
@@ -98,7 +98,7 @@ def all_parsers():
 
     import shards.cli
 
-    found = [(name, importlib.import_module(f"imgcls.commands.{name}").build_parser()) for name in JOBS]
+    found = [(name, importlib.import_module(f"jobs.{name}").build_parser()) for name in JOBS]
     found.append(("shards", shards.cli.parser()))
     for name, parser in list(found):
         for action in parser._actions:

@@ -1,9 +1,8 @@
-"""The command-line tools: each module's `main(argv=None)` is one console script
-(`imgcls-train`, see imgcls/commands/scripts.py) and one `jobs/NAME.py` file.
-
-They live in the package, under a name of its own, so that a folder called `jobs/` in the
-user's working directory cannot shadow them, and so they import each other (slurm_args) as
-any module does.
+"""The command-line tools, thin entry points over the imgcls library (which parses no command
+lines): each module's `main(argv=None)` runs as `python jobs/NAME.py` and as the console
+script `imgcls-NAME` (jobs/scripts.py). They import each other (slurm_args) as a package.
+Console scripts start with their bin folder, not the working directory, on sys.path, so a
+user's own `jobs/` folder cannot shadow this package.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""The console scripts of setup.cfg: `imgcls-NAME` runs imgcls.commands.NAME.main().
+"""The console scripts of setup.cfg: `imgcls-NAME` runs jobs.NAME.main().
 
-They live in a module of their own: a function `train` in imgcls/commands/__init__.py would be
-replaced by the submodule imgcls.commands.train as soon as that is imported.
+They live in a module of their own: a function `train` in jobs/__init__.py would be
+replaced by the submodule jobs.train as soon as that is imported.
 """
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import importlib
 
 
 def _console_script(name: str):
-    """`imgcls-NAME`: runs imgcls.commands.NAME.main(). Some mains return their results (a
+    """`imgcls-NAME`: runs jobs.NAME.main(). Some mains return their results (a
     dict) for tests and callers; as an exit code that would print the dict and exit 1."""
     def run() -> int:
-        result = importlib.import_module(f"imgcls.commands.{name}").main()
+        result = importlib.import_module(f"jobs.{name}").main()
         return result if isinstance(result, int) else 0
     run.__name__ = run.__qualname__ = name
     return run
