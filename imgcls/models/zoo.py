@@ -193,7 +193,7 @@ def _timm_model(name: str, num_classes: int, in_channels: int, dropout: float) -
     try:
         import timm
     except ImportError as e:
-        raise ImportError("timm/ models need the timm package (pip install 'imgcls[timm]')") from e
+        raise ImportError("timm/ models need the timm package (pip install 'imgcls[pretrained]')") from e
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
         hint = f"; did you mean {', '.join(TIMM_PREFIX + c for c in close)}?" if close else " (timm.list_models())"
