@@ -189,6 +189,33 @@ def torchrun(args: list[str], nproc: int = 2, env: dict | None = None, check: bo
     return result
 
 
+# A tiny run on variable-size RGB photos (build_photo_folder), read at 32 px.
+PHOTO_RUN = [
+    "model.name=simple_cnn", "model.width=8", "data.image_size=32", "data.batch_size=8",
+    "data.eval_batch_size=32", "data.num_workers=1", "optim.lr=0.05", "optim.base_batch=32",
+    "train.epochs=2", "train.log_every=2", "train.ckpt_every=3", "train.keep_last=2",
+    "track.wandb=disabled", "track.progress=false", "run.deterministic=true", "train.ema_decay=0.9",
+    "data.augment.crop=resized", "data.augment.brightness=0.2", "data.augment.saturation=0.2",
+]
+
+
+def final_state(run_dir) -> dict:
+    """The newest good checkpoint of a run dir."""
+    from imgcls import checkpoint
+
+    state, _ = checkpoint.load_latest(str(run_dir))
+    assert state is not None, f"no checkpoint in {run_dir}"
+    return state
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    import torch
+
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs"
+
+
 # ---- a trained model for the export, predict and serve tests ---------------------------------
 SMALL_BANDS_RUN = [
     "model.name=simple_cnn", "model.width=16", "data.batch_size=32", "data.eval_batch_size=200",

@@ -11,7 +11,7 @@ from imgcls.augment import sample_uniforms
 from imgcls.data import ShardReader
 from imgcls.distributed import DistInfo
 from imgcls.ewc import FISHER_DRAW, fisher_sums, previous_model
-from tests.conftest import SMALL, build_bands_dataset, torchrun
+from tests.conftest import SMALL, build_bands_dataset, final_state, torchrun
 
 FISHER_SAMPLES = 250  # spans three 100-sample shards: the ranks hold unequal shares
 
@@ -38,11 +38,6 @@ def task_b(tasks, previous, run_dir, *extra, check=True):
 
 def ewc_args(previous, importance):
     return [f"ewc.previous={previous}", f"ewc.importance={importance}", f"ewc.fisher_samples={FISHER_SAMPLES}"]
-
-
-def final_state(run_dir) -> dict:
-    state, _ = checkpoint.load_latest(str(run_dir))
-    return state
 
 
 @pytest.fixture(scope="module")

@@ -13,24 +13,12 @@ import pytest
 import torch
 
 from imgcls import checkpoint
-from tests.conftest import REPO, SMALL, build_bands_dataset, torchrun
+from tests.conftest import REPO, SMALL, assert_same_weights, build_bands_dataset, final_state, torchrun
 from tests.wandb_records import logged_steps, run_id
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     return build_bands_dataset(tmp_path_factory.mktemp("data"))
-
-
-def final_state(run_dir: str) -> dict:
-    state, _ = checkpoint.load_latest(run_dir)
-    assert state is not None, f"no checkpoint in {run_dir}"
-    return state
-
-
-def assert_same_weights(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), f"{name} differs"
 
 
 @pytest.fixture(scope="module")
