@@ -28,11 +28,19 @@ def test_every_job_has_help(name):
     ("train", ["train.epochs=many"], "error: train.epochs: expected int, got 'many'"),
     ("evaluate", ["/nonexistent/best.pt"], "error: /nonexistent/best.pt: no such file or directory"),
     ("export", ["/nonexistent/best.pt"], "error: /nonexistent/best.pt: no such file or directory"),
+    ("train", ["data.url=/nonexistent/ds"], "error: no shard manifest at /nonexistent/ds/manifest.json"),
+    ("train", [], "error: data.url is empty: set data.url=PATH_OR_URL"),
 ])
 def test_a_users_mistake_is_one_line(name, args, line):
     out = job(name, *args)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
     assert out.stderr.strip().splitlines()[-1].startswith(line), out.stderr
+
+
+def test_a_split_that_does_not_exist_is_one_line(bands_checkpoint):
+    out = job("evaluate", bands_checkpoint, "--split", "tset")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert "split 'tset' not in manifest (has ['test', 'train', 'val'])" in out.stderr.strip().splitlines()[-1]
 
 
 def test_print_config_round_trips_and_overrides_go_anywhere(tmp_path):
@@ -130,7 +138,7 @@ def test_an_unknown_model_is_one_line_with_a_did_you_mean(bands_dataset, tmp_pat
 
     out = torchrun(["--config", "", f"data.url={bands_dataset}", "model.name=resnt18", f"run.dir={tmp_path / 'run'}",
                     "track.wandb=disabled", "data.num_workers=0"], nproc=2, check=False)
-    assert out.returncode != 0 and "imgcls/models.py" not in out.stderr, out.stderr[-3000:]  # torchrun's own follows
+    assert out.returncode != 0 and "imgcls/models/" not in out.stderr, out.stderr[-3000:]  # torchrun's own follows
     lines = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1, out.stderr  # rank 0 only
     assert lines[0].startswith("error: model.name: unknown model 'resnt18'; did you mean resnet18, ")
