@@ -25,6 +25,7 @@ from imgcls.distributed import DeviceError, env_ranks
 from imgcls.inference import UntrustedFormatError
 from imgcls.lease import LeaseHeld
 from imgcls.models import UnknownModel
+from shardio import storage
 from shardio.errors import is_storage_error, storage_message
 
 USER_ERRORS = (ConfigError, DataError, DeviceError, LeaseHeld, UntrustedFormatError, UnknownModel)
@@ -44,6 +45,7 @@ def entry_point(main):
     @record
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
+        storage.RETRY_SETTING = "run.storage_retry_s / data.read_retry_s"  # named in outage warnings
         try:
             return main(*args, **kwargs)
         except Exception as e:

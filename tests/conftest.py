@@ -380,6 +380,7 @@ def s3_outage(s3_endpoint, monkeypatch):
     proxy = OutageProxy(int(s3_endpoint.rsplit(":", 1)[1]))
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
     monkeypatch.setattr(storage, "_cache", {})  # filesystems made from now on use the proxy
+    monkeypatch.setattr(storage, "_outages", {})  # no outage of an earlier test is still open
     yield proxy
     proxy.close()
 

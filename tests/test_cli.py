@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, without_aws
+from tests.conftest import REPO, read_line, without_aws
 
 JOBS = ["train", "submit", "evaluate", "export", "quantize", "predict", "prune", "sweep", "status", "serve"]
 
@@ -188,7 +188,8 @@ def test_the_shards_cli_gives_the_same_object_store_hints(tmp_path):
         "build, no credentials": (["build", "tiny.npz", url, "--no-progress"], base, no_credentials),
         "verify, no credentials": (["verify", url, "--no-progress"], base, no_credentials),
         "inspect, no credentials": (["inspect", url], base, no_credentials),
-        "build, closed endpoint": (["build", "tiny.npz", url, "--no-progress"], {**base, **keys, "AWS_ENDPOINT_URL": "http://127.0.0.1:1"},
+        "build, closed endpoint": (["build", "tiny.npz", url, "--no-progress"],
+                                   {**base, **keys, "AWS_ENDPOINT_URL": "http://127.0.0.1:1"},
                                    f"error: {url}: Could not connect to the endpoint URL: \"http://127.0.0.1:1/"),
     }
     procs = {name: subprocess.Popen([sys.executable, "-m", "shards", *args],
@@ -202,3 +203,24 @@ def test_the_shards_cli_gives_the_same_object_store_hints(tmp_path):
         if "closed endpoint" in name:
             assert stderr.rstrip().endswith("; is the store running there? Check AWS_ENDPOINT_URL "
                                             "(or the endpoint in fsspec config)"), stderr
+
+
+def test_unreachable_storage_says_so_at_once_instead_of_looking_like_a_hang(tmp_path):
+    """verify retries the manifest read for 60 s; the first failed attempt already says what
+    is wrong and for how long it will retry."""
+    import time
+
+    env = {**without_aws(tmp_path), "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_ENDPOINT_URL": "http://127.0.0.1:1", "PYTHONPATH": str(REPO)}
+    start = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "shards", "verify", "s3://no-such-bucket/data"], cwd=tmp_path,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = read_line(proc, timeout=30, stream=proc.stderr)
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert time.monotonic() - start < 30
+    assert line.startswith("WARNING: s3://no-such-bucket/data/manifest.json: storage unreachable "
+                           "(EndpointConnectionError: Could not connect to the endpoint URL: ") and \
+        line.endswith("; retrying for up to 60 s (the storage retry budget)"), line
