@@ -25,56 +25,27 @@ from imgcls.distributed import DeviceError, env_ranks
 from imgcls.inference import UntrustedFormatError
 from imgcls.lease import LeaseHeld
 from imgcls.models import UnknownModel
-from shardio.storage import StorageUnavailable
+from shardio import storage
+from shardio.errors import is_storage_error, storage_message
 
-USER_ERRORS = (ConfigError, DataError, DeviceError, LeaseHeld, StorageUnavailable, UntrustedFormatError,
-               UnknownModel, FileNotFoundError)
+USER_ERRORS = (ConfigError, DataError, DeviceError, LeaseHeld, UntrustedFormatError, UnknownModel)
 
 
 def is_user_error(error: BaseException) -> bool:
-    return isinstance(error, USER_ERRORS) or _missing_credentials(error)
+    return isinstance(error, USER_ERRORS) or is_storage_error(error)
 
 
 def message(error: Exception) -> str:
-    if isinstance(error, FileNotFoundError) and error.filename:
-        return f"{error.filename}: no such file or directory"
-    if _missing_credentials(error):
-        return (f"{_url_in_traceback(error)}: no credentials for the object store: set AWS_ACCESS_KEY_ID and "
-                f"AWS_SECRET_ACCESS_KEY, or AWS_PROFILE (or fsspec config)")
-    text = " ".join(str(error).split())
-    if isinstance(error, StorageUnavailable) and text.startswith("s3://"):
-        if "amazonaws.com" in text:
-            text += ("; that is AWS's own endpoint: for another S3 store (MinIO, Ceph, ...) set AWS_ENDPOINT_URL "
-                     "(or the endpoint in fsspec config)")
-        else:
-            text += "; is the store running there? Check AWS_ENDPOINT_URL (or the endpoint in fsspec config)"
-    return text
-
-
-def _missing_credentials(error: BaseException) -> bool:
-    """botocore found no (or half the) credentials. botocore is imported only by s3fs: if it
-    is not loaded, the error cannot be one of its own."""
-    exceptions = sys.modules.get("botocore.exceptions")
-    return exceptions is not None and isinstance(error, (exceptions.NoCredentialsError,
-                                                         exceptions.PartialCredentialsError))
-
-
-def _url_in_traceback(error: BaseException) -> str:
-    """The innermost `url` being read or written when `error` was raised: botocore's
-    credential errors do not name it, and shardio.storage's functions all take one."""
-    url, tb = "object store", error.__traceback__
-    while tb is not None:
-        value = tb.tb_frame.f_locals.get("url")
-        if isinstance(value, str) and "://" in value:
-            url = value
-        tb = tb.tb_next
-    return url
+    if is_storage_error(error):
+        return storage_message(error)
+    return " ".join(str(error).split())
 
 
 def entry_point(main):
     @record
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
+        storage.RETRY_SETTING = "run.storage_retry_s / data.read_retry_s"  # named in outage warnings
         try:
             return main(*args, **kwargs)
         except Exception as e:

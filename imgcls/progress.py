@@ -23,11 +23,12 @@ def format_duration(seconds: float) -> str:
 
 
 class ProgressReport:
-    """update(step) after every optimizer step; metrics(loss, images_per_s) at each log."""
+    """update(step) after every optimizer step; metrics(loss, images_per_s) at each log.
+    Off a terminal, no line is written before the first metrics: it would say `loss nan`."""
 
     def __init__(self, total: int, initial: int, epochs: int, every_s: float = 30.0, terminal: bool | None = None):
         self.total, self.step, self.epochs, self.every_s = total, initial, epochs, every_s
-        self.epoch, self.loss, self.images_per_s = 0, float("nan"), 0.0
+        self.epoch, self.loss, self.images_per_s = 0, None, 0.0
         self.start_step, self.start_time = initial, time.monotonic()
         self.last_line = self.start_time
         self.bar = None
@@ -46,7 +47,7 @@ class ProgressReport:
             self.bar.update(step - self.step)
         self.step = step
         now = time.monotonic()
-        if self.bar is None and now - self.last_line >= self.every_s:
+        if self.bar is None and self.loss is not None and now - self.last_line >= self.every_s:
             self.last_line = now
             log.info(self.line(now))
 

@@ -14,6 +14,10 @@ Faults, and what this module promises about them:
   write_bytes_atomic; `retrying` for anything else), then raise `StorageUnavailable` naming
   the URL. Missing files, denied access and bad requests are
   raised at once: retrying cannot fix them.
+- an outage is logged as it happens, so that waiting does not look like a hang: one warning at
+  its first failed attempt (the URL, the error, how long retries go on and the setting that
+  says so, `RETRY_SETTING`), one line when storage answers again, per process, however many
+  calls meet it.
 - `write_bytes_atomic`: readers see the old file or the new one, never half of one. Locally
   the temporary file and its directory are fsynced before and after the rename, so a crash of
   the machine cannot leave a renamed but empty file. On object stores one PUT (or one
@@ -28,6 +32,7 @@ import logging
 import os
 import posixpath
 import re
+import threading
 import time
 
 import fsspec
@@ -39,6 +44,8 @@ DEFAULT_RETRY_S = 60.0  # long enough for an endpoint restart or a network blip
 TEMP_FILE = re.compile(r"\.tmp-\d+$")
 _TRANSIENT_CODES = {"RequestTimeout", "SlowDown", "ServiceUnavailable", "InternalError", "Throttling"}
 _cache: dict[tuple[int, str], fsspec.AbstractFileSystem] = {}
+# What sets the retry budget, in the outage warning; a tool with its own option names sets it.
+RETRY_SETTING = "the storage retry budget"
 
 
 class StorageUnavailable(OSError):
@@ -47,8 +54,7 @@ class StorageUnavailable(OSError):
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path) for `url`; the filesystem is private to this process."""
-    protocol, _ = fsspec.core.split_protocol(url)
-    protocol = protocol or "file"
+    protocol = _protocol(url)
     key = (os.getpid(), protocol)
     fs = _cache.get(key)
     if fs is None:
@@ -56,6 +62,10 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
         fs = fsspec.filesystem(protocol, skip_instance_cache=True)
         _cache[key] = fs
     return fs, fs._strip_protocol(url)
+
+
+def _protocol(url: str) -> str:
+    return fsspec.core.split_protocol(url)[0] or "file"
 
 
 def is_local(url: str) -> bool:
@@ -101,21 +111,43 @@ def retrying(fn, url: str, budget_s: float = DEFAULT_RETRY_S):
     seconds (botocore retries a refused connection on its own before it gives up).
     """
     start = time.monotonic()
-
-    def warn(attempt: tenacity.RetryCallState) -> None:
-        log.warning("%s: %s; retrying (%.0f of %.0f s)", url, attempt.outcome.exception(),
-                    time.monotonic() - start, budget_s)
-
     retryer = tenacity.Retrying(retry=tenacity.retry_if_exception(is_transient),
                                 stop=tenacity.stop_after_delay(budget_s),
                                 wait=tenacity.wait_exponential(multiplier=0.5, max=8),
-                                before_sleep=warn)
+                                before_sleep=lambda attempt: _outage_began(url, attempt, budget_s))
     try:
-        return retryer(fn)
+        result = retryer(fn)
     except tenacity.RetryError as e:
         last = e.last_attempt.exception()
         raise StorageUnavailable(f"{url}: storage unreachable for {time.monotonic() - start:.0f} s "
                                  f"(retry budget {budget_s:g} s): {type(last).__name__}: {last}") from last
+    _outage_ended(url)
+    return result
+
+
+# An outage as the log shows it: when it began, per protocol (one endpoint per process).
+_outages: dict[str, float] = {}
+_outages_lock = threading.Lock()
+
+
+def _outage_began(url: str, attempt: tenacity.RetryCallState, budget_s: float) -> None:
+    with _outages_lock:
+        if _protocol(url) in _outages:
+            return  # already said: one warning per outage, not per retry or per caller
+        _outages[_protocol(url)] = attempt.start_time  # its call's start: botocore retried first
+    error = attempt.outcome.exception()
+    text = " ".join(str(error).split())
+    log.warning("%s: storage unreachable (%s: %s); retrying for up to %g s (%s)",
+                url, type(error).__name__, text, budget_s, RETRY_SETTING)
+
+
+def _outage_ended(url: str) -> None:
+    if not _outages:  # the usual case, without taking the lock
+        return
+    with _outages_lock:
+        began = _outages.pop(_protocol(url), None)
+    if began is not None:  # a warning too: every rank that warned says it is over
+        log.warning("%s: storage reachable again after %.1f s", url, time.monotonic() - began)
 
 
 # ---- reads and writes ------------------------------------------------------------------

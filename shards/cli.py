@@ -6,6 +6,7 @@ import logging
 import re
 import sys
 
+from shardio.errors import is_storage_error, storage_message
 from shardio.format import ENCODINGS
 
 from .checks import inspect, load_manifest, verify
@@ -104,27 +105,28 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-    log = logging.getLogger("shards")
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
+    logs = [logging.getLogger(name) for name in ("shards", "shardio")]  # shardio: storage retries
+    for log in logs:
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
     try:
         return _run(args)
-    except (OSError, ValueError) as e:
+    except Exception as e:
+        if not (is_storage_error(e) or isinstance(e, (OSError, ValueError))):
+            raise  # a bug: its traceback
         print(f"error: {error_line(e, args.dest)}", file=sys.stderr)
         return 2
     finally:
-        log.removeHandler(handler)  # main() may run more than once in a process (tests)
+        for log in logs:
+            log.removeHandler(handler)  # main() may run more than once in a process (tests)
 
 
 def error_line(error: Exception, dest: str) -> str:
-    """One line naming what failed: an object store's error (s3fs: "Forbidden") names no
-    URL, so DEST is added, and a refusal says which credentials to check."""
-    text = str(error) or type(error).__name__
-    if isinstance(error, OSError) and not error.filename and dest not in text:
-        text = f"{dest}: {text}"
-    if isinstance(error, PermissionError) and "://" in dest:
-        text += " (check the credentials for it: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE)"
-    return " ".join(text.split())
+    """One line naming what failed. An object store's error (s3fs: "Forbidden") names no URL,
+    so the URL being read or written, else DEST, is added, with the setting to check."""
+    if is_storage_error(error) or isinstance(error, OSError):
+        return storage_message(error, dest)
+    return " ".join(str(error).split())
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -90,6 +90,17 @@ def s3_bucket(s3_endpoint):
     return f"s3://{name}"
 
 
+def without_aws(tmp_path: Path) -> dict:
+    """This process's env with no S3 credentials, profile or endpoint to find: no AWS_*
+    variables; HOME and the AWS config files point at empty places; no EC2 metadata lookup."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    (tmp_path / "home").mkdir(exist_ok=True)
+    env.update(HOME=str(tmp_path / "home"), AWS_CONFIG_FILE=str(tmp_path / "none"),
+               AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_EC2_METADATA_DISABLED="true",
+               OMP_NUM_THREADS="1")
+    return env
+
+
 # A tiny, deterministic, 2-epoch run on the bands dataset (CPU, seconds).
 SMALL = [
     "model.name=simple_cnn", "model.width=8", "data.batch_size=16", "data.eval_batch_size=64",
@@ -396,6 +407,7 @@ def s3_outage(s3_endpoint, monkeypatch):
     proxy = OutageProxy(int(s3_endpoint.rsplit(":", 1)[1]))
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
     monkeypatch.setattr(storage, "_cache", {})  # filesystems made from now on use the proxy
+    monkeypatch.setattr(storage, "_outages", {})  # no outage of an earlier test is still open
     yield proxy
     proxy.close()
 

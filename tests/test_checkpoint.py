@@ -128,9 +128,11 @@ def test_a_run_resumes_at_its_step_after_an_s3_outage_at_start(tmp_path, s3_buck
     log = []
     while not any("retrying" in line for line in log):  # ... and stays down until the job has met it
         log.append(read_line(job, timeout=120, stream=job.stderr))
+    assert "retrying for up to 60 s (run.storage_retry_s / data.read_retry_s)" in log[-1]  # the knob to turn
     s3_outage.up()
     rest = job.communicate(timeout=300)[1]
     assert job.returncode == 0, rest[-3000:]
+    assert rest.count("storage unreachable") == 0 and rest.count("storage reachable again after") == 1, rest[-3000:]
     assert "resumed from" in rest and "step-00000005.pt at step 5" in rest
     assert checkpoint.load_latest(run_dir)[0]["progress"]["step"] == 7
 
@@ -150,6 +152,29 @@ def test_read_bytes_in_a_20s_outage_fails_naming_the_url_after_its_budget(s3_buc
     with pytest.raises(storage.StorageUnavailable, match=f"{url}: storage unreachable"):
         storage.read_bytes(url, retry_s=3)
     assert time.monotonic() - start < 18  # the budget, not the outage, decided
+
+
+def test_an_outage_is_one_warning_at_once_and_one_line_when_it_ends(s3_bucket, s3_outage, caplog):
+    """Waiting out an outage must not look like a hang: the first failed attempt warns at once
+    (the URL, the error, how long retries go on), other retries and callers stay quiet, and the
+    recovery says how long it took. Three readers meet the same outage."""
+    import re
+    from concurrent.futures import ThreadPoolExecutor
+
+    url = f"{s3_bucket}/data/train-000003.tar"
+    storage.write_bytes_atomic(url, b"shard bytes")
+    caplog.set_level(logging.INFO, logger="shardio.storage")
+    s3_outage.outage(15.0)
+    start = time.time()
+    with ThreadPoolExecutor(3) as pool:
+        assert list(pool.map(lambda _: storage.read_bytes(url, retry_s=60), range(3))) == [b"shard bytes"] * 3
+    lines = [(r.created - start, r.getMessage()) for r in caplog.records]
+    assert len(lines) == 2, lines
+    (warned_at, warning), (_, recovered) = lines
+    assert re.fullmatch(rf"{url}: storage unreachable \(\w+: .+\); retrying for up to 60 s \(.+\)", warning), warning
+    assert warned_at < 10, "the first failed attempt warns, not the last"  # botocore retries on its own first
+    outage = float(re.fullmatch(rf"{url}: storage reachable again after (\d+\.\d) s", recovered)[1])
+    assert 13 < outage < 40
 
 
 def test_read_bytes_retries_5xx_answers(s3_bucket, s3_outage):

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, read_line, without_aws
 
 JOBS = ["train", "submit", "evaluate", "export", "quantize", "predict", "prune", "sweep", "status", "serve"]
 
@@ -149,12 +149,9 @@ def test_object_store_mistakes_are_one_line_with_a_hint(tmp_path):
     """s3:// with no credentials fails at once; with credentials but a closed endpoint, or no
     endpoint at all (AWS's own, unreachable here), it fails after the storage retry budget
     (60 s), not later. Each is one line naming the URL, with what to set. The three run at once."""
-    import os
     import time
 
-    base = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    base.update(AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
-                AWS_EC2_METADATA_DISABLED="true", OMP_NUM_THREADS="1")
+    base = without_aws(tmp_path)
     keys = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
     checkpoint = "s3://no-such-bucket/run/checkpoints/best.pt"
     cases = {
@@ -181,3 +178,57 @@ def test_object_store_mistakes_are_one_line_with_a_hint(tmp_path):
         if name == "no credentials":
             assert time.monotonic() - start < 30, "no credentials must fail at once, not after retries"
     assert time.monotonic() - start < 120  # the retry budget, then the end: no hang
+
+
+def test_the_shards_cli_gives_the_same_object_store_hints(tmp_path):
+    """python -m shards words storage errors as the jobs do (shardio.errors): no credentials
+    fails at once; a closed endpoint, which build does not retry, fails after botocore's own
+    retries. One line naming the URL and what to set, exit code 2, no traceback."""
+    import numpy as np
+
+    np.savez(tmp_path / "tiny.npz", x=np.zeros((12, 4, 4), np.uint8), y=np.arange(12) % 3)
+    base = without_aws(tmp_path)
+    keys = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+    url = "s3://no-such-bucket/data"
+    no_credentials = f"error: {url}: no credentials for the object store: set AWS_ACCESS_KEY_ID and " \
+                     "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
+    cases = {
+        "build, no credentials": (["build", "tiny.npz", url, "--no-progress"], base, no_credentials),
+        "verify, no credentials": (["verify", url, "--no-progress"], base, no_credentials),
+        "inspect, no credentials": (["inspect", url], base, no_credentials),
+        "build, closed endpoint": (["build", "tiny.npz", url, "--no-progress"],
+                                   {**base, **keys, "AWS_ENDPOINT_URL": "http://127.0.0.1:1"},
+                                   f"error: {url}: Could not connect to the endpoint URL: \"http://127.0.0.1:1/"),
+    }
+    procs = {name: subprocess.Popen([sys.executable, "-m", "shards", *args],
+                                    cwd=tmp_path, env={**env, "PYTHONPATH": str(REPO)},
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, (args, env, _) in cases.items()}
+    for name, proc in procs.items():
+        _, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 2 and stderr.count("\n") == 1 and "Traceback" not in stderr, (name, stderr[-3000:])
+        assert stderr.startswith(cases[name][2]), (name, stderr)
+        if "closed endpoint" in name:
+            assert stderr.rstrip().endswith("; is the store running there? Check AWS_ENDPOINT_URL "
+                                            "(or the endpoint in fsspec config)"), stderr
+
+
+def test_unreachable_storage_says_so_at_once_instead_of_looking_like_a_hang(tmp_path):
+    """verify retries the manifest read for 60 s; the first failed attempt already says what
+    is wrong and for how long it will retry."""
+    import time
+
+    env = {**without_aws(tmp_path), "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_ENDPOINT_URL": "http://127.0.0.1:1", "PYTHONPATH": str(REPO)}
+    start = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "shards", "verify", "s3://no-such-bucket/data"], cwd=tmp_path,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = read_line(proc, timeout=30, stream=proc.stderr)
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert time.monotonic() - start < 30
+    assert line.startswith("WARNING: s3://no-such-bucket/data/manifest.json: storage unreachable "
+                           "(EndpointConnectionError: Could not connect to the endpoint URL: ") and \
+        line.endswith("; retrying for up to 60 s (the storage retry budget)"), line

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from imgcls.progress import TaskProgress
+from imgcls.progress import ProgressReport, TaskProgress
 from tests.conftest import job
 
 
@@ -17,6 +17,19 @@ def test_task_progress_writes_plain_lines_off_a_terminal(caplog, capsys):
     assert len(lines) == 6 and lines[0].startswith("evaluate test: 2/10 images, ") and "ETA " in lines[0]
     assert lines[-1].startswith("evaluate test: 10 images in 0m0")
     assert "\r" not in capsys.readouterr().err
+
+
+def test_training_progress_writes_no_line_before_the_first_loss(caplog):
+    """A first step slower than every_s used to log `loss nan`: nothing is known yet, so no line."""
+    caplog.set_level(logging.INFO, logger="imgcls.progress")
+    report = ProgressReport(total=10, initial=0, epochs=1, every_s=0, terminal=False)
+    report.update(1)
+    report.update(2)
+    assert caplog.records == []
+    report.metrics(0.6931, 512.0)
+    report.update(3)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and lines[0].startswith("step 3/10 (epoch 1/1), loss 0.6931, 512 img/s, ETA "), lines
 
 
 def test_task_progress_draws_a_bar_on_a_terminal(caplog, capsys):
