@@ -15,6 +15,7 @@ from __future__ import annotations
 import atexit
 import logging
 import multiprocessing
+import multiprocessing.util  # registers its exit handler now, so ours (below) runs before it
 import signal
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,6 @@ class StopRequest:
         self.signum: int | None = None
         for s in signals:
             signal.signal(s, self._handle)
-        atexit.register(kill_leftover_workers)  # after multiprocessing's own: runs before it
 
     def _handle(self, signum, frame) -> None:
         if self.signum != REQUEUE_SIGNAL:  # nothing else: see the module docstring
@@ -67,3 +67,8 @@ def kill_leftover_workers() -> None:
     multiprocessing's exit handler, which terminates and then joins them, would wait forever."""
     for child in multiprocessing.active_children():
         child.kill()
+
+
+# Registered at import, by anything that can start such workers (the reader imports this
+# module), and after multiprocessing's own handler, so that it runs first.
+atexit.register(kill_leftover_workers)
