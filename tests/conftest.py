@@ -169,6 +169,22 @@ def build_photo_folder(root: Path, per_class: int = 20, classes: int = 10, seed:
     return root
 
 
+def build_photo_dataset(workdir: Path, per_class: int = 6, shard_samples: int = 8) -> str:
+    """build_photo_folder's variable-size photos (10 classes) as JPEG shards of
+    `shard_samples`: ~70% train, 20% val, 10% test."""
+    import shards
+
+    folder = build_photo_folder(workdir / "photos", per_class=per_class)
+    dest = workdir / "photo-shards"
+    shards.build(str(folder), str(dest), encoding="jpeg", shard_samples=shard_samples, progress=False, workers=1)
+    return str(dest)
+
+
+@pytest.fixture(scope="session")
+def photo_dataset(tmp_path_factory) -> str:
+    return build_photo_dataset(tmp_path_factory.mktemp("photos"))
+
+
 def torchrun_command(args: list[str], nproc: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
             f"--master-port={free_port()}", "--master-addr=127.0.0.1", str(REPO / "jobs" / "train.py"), *args]
