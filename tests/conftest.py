@@ -180,6 +180,15 @@ def build_photo_dataset(workdir: Path, per_class: int = 6, shard_samples: int = 
     return str(dest)
 
 
+# A tiny 2-epoch run on photos at 32 px with every per-sample augmentation (CPU, seconds).
+PHOTO_RUN = [
+    "model.name=simple_cnn", "model.width=8", "data.image_size=32", "data.batch_size=8",
+    "data.eval_batch_size=32", "data.num_workers=1", "train.epochs=2", "train.log_every=1",
+    "track.wandb=disabled", "track.progress=false", "run.deterministic=true",
+    "data.augment.auto_augment=trivial", "data.augment.erasing=0.25", "data.augment.saturation=0.2",
+]
+
+
 @pytest.fixture(scope="session")
 def photo_dataset(tmp_path_factory) -> str:
     return build_photo_dataset(tmp_path_factory.mktemp("photos"))

@@ -5,6 +5,8 @@ import io
 import json
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,13 +14,14 @@ import pytest
 import torch
 from PIL import Image
 
+from imgcls import checkpoint
 from imgcls.augment import PhotoTransform, jpeg_scale, photo_uniforms, resized_crop_box
 from imgcls.config import AugmentConfig, DataConfig
-from imgcls.data import DataError, ShardReader, decode_array
+from imgcls.data import DataError, ShardReader, decode_array, read_manifest
 from imgcls.inference import load_image
 from shardio.format import read_tar, write_tar
 
-from .conftest import needs_fashion_mnist
+from .conftest import PHOTO_RUN, REPO, build_photo_folder, needs_fashion_mnist, torchrun
 
 pytestmark = needs_fashion_mnist()
 SIZE = 48
@@ -195,3 +198,38 @@ def test_fixed_size_data_gets_auto_augment_and_erasing_per_sample(bands_dataset)
     changed = [(p != e).any().item() for p, e in zip(plain, erased)]
     assert 0.5 < np.mean(changed) and torch.equal(erased, batch(erasing=1.0))
     assert not torch.equal(plain, batch(auto_augment="trivial"))
+
+
+def test_photo_folder_builds_trains_from_s3_resumes_exactly_evaluates_and_predicts(s3_bucket, tmp_path):
+    """The user's path: a folder of variable-size photos -> shards on S3 -> 2-process torchrun,
+    stopped mid-epoch and resumed bit for bit -> evaluate -> predict."""
+    folder = build_photo_folder(tmp_path / "photos", per_class=8, seed=1)
+    url = f"{s3_bucket}/photos"
+    subprocess.run([sys.executable, "-m", "shards", "build", str(folder), url, "--encoding", "jpeg",
+                    "--shard-samples", "10", "--no-progress"], cwd=REPO, check=True, capture_output=True, timeout=120)
+    args = [f"data.url={url}", *PHOTO_RUN]
+    straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
+    torchrun([*args, f"run.dir={straight}"])
+    first = torchrun([*args, f"run.dir={stopped}", "train.max_steps=2"])
+    assert json.loads(first.stdout.strip().splitlines()[-1])["status"] == "stopped"
+    torchrun([*args, f"run.dir={stopped}"])
+    a, _ = checkpoint.load_latest(straight)
+    b, _ = checkpoint.load_latest(stopped)
+    assert b["progress"]["restarts"] == 1 and a["progress"]["step"] == b["progress"]["step"]
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+
+    best = f"{straight}/checkpoints/best.pt"
+    out = subprocess.run([sys.executable, str(REPO / "jobs" / "evaluate.py"), best, "--split", "test"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120, check=True)
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["count"] == read_manifest(url)["splits"]["test"]["count"] > 0
+    files = sorted(str(p) for p in folder.rglob("*") if p.is_file())[:5]
+    onnx = str(tmp_path / "model.onnx")
+    subprocess.run([sys.executable, str(REPO / "jobs" / "export.py"), best, "--format", "onnx", "--out", onnx],
+                   cwd=REPO, capture_output=True, text=True, timeout=300, check=True)  # checked on the test split
+    for model in (best, onnx):
+        subprocess.run([sys.executable, str(REPO / "jobs" / "predict.py"), model, *files, "--output",
+                        str(tmp_path / "pred.json")], cwd=REPO, capture_output=True, text=True, timeout=120, check=True)
+        predictions = json.loads((tmp_path / "pred.json").read_text())["predictions"]
+        assert [p["path"] for p in predictions] == files and all("top_k" in p for p in predictions)
