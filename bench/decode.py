@@ -16,8 +16,9 @@ photo_uniforms of (seed 0, epoch 0, file name)) and returns a 224x224 uint8 imag
     keeps the box >= 224, then (1)'s resize;
 (4) PyTurboJPEG 1.x decode(scaling_factor), likewise (PyTurboJPEG 2 needs libjpeg-turbo 3;
     Debian 12 has 2.1);
-(5) imgcls.data.decode_array: simplejpeg, downscaled only by 1/2, 1/4, 1/8 (M/8 scales with
-    other M measured slower than a full decode here), then (1)'s resize: the reader's path.
+(5) imgcls.data.Encoded: the header by simplejpeg, the decode by simplejpeg downscaled only
+    by 1/2, 1/4, 1/8 (M/8 scales with other M measured slower than a full decode here), then
+    (1)'s resize: the reader's path. Methods (0)-(4) get the size from the caller for free.
 Reps are interleaved (1, 2, 3, 4, 1, 2, ...); images/s is mean ± std over reps.
 """
 from __future__ import annotations
@@ -124,10 +125,11 @@ def pil_draft(data, full, box):
 
 def imgcls_decode(data, full, box):
     from imgcls.augment import jpeg_scale
-    from imgcls.data import decode_array
+    from imgcls.data import Encoded
 
-    scale = jpeg_scale(full[1], full[0], box[2], box[3], SIZE)
-    return _resize(decode_array(Image.open(io.BytesIO(data)), data, "RGB", scale), full, box)
+    image = Encoded({"jpg": data}, {})  # the header, as the reader reads it
+    scale = jpeg_scale(image.size[1], image.size[0], box[2], box[3], SIZE)
+    return _resize(image.array("RGB", scale), image.size, box)
 
 
 def simplejpeg_scaled(data, full, box):
@@ -157,7 +159,7 @@ def turbojpeg_scaled(data, full, box):
 METHODS = {"PIL decode + PIL crop/resize (torchvision)": pil_pil, "PIL full decode": pil_full,
            "PIL draft 1/2^k": pil_draft,
            "simplejpeg min_height/width": simplejpeg_scaled, "PyTurboJPEG scaling_factor": turbojpeg_scaled,
-           "imgcls: simplejpeg at 1/2^k (decode_array)": imgcls_decode}
+           "imgcls: simplejpeg at 1/2^k (Encoded)": imgcls_decode}
 
 
 def main(argv=None) -> int:

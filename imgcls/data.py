@@ -31,6 +31,7 @@ import threading
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
+import simplejpeg
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -463,29 +464,28 @@ class ShardReader(IterableDataset):
         key = sample.get("__key__", "?")
         try:
             label = decode_label(sample.get("cls"), self.num_classes)
-            image, data = _open_image(sample, self.manifest)
+            image = Encoded(sample, self.manifest)
             mode = "L" if self.manifest["image"]["channels"] == 1 else "RGB"
             if not (self.augmenting and self.crop == "resized"):
-                array = decode_array(image, data, mode)
+                array = image.array(mode)
                 return eval_resize_crop(torch.from_numpy(array).permute(2, 0, 1), self.size, self.cfg.crop_pct), label
             u, v = self.photo.uniforms(epoch, key)
-            full = image.size
-            box = self.photo.box(full, v)
-            array = decode_array(image, data, mode, jpeg_scale(full[1], full[0], box[2], box[3], self.size))
-            return self.photo.apply(array, full, box, u, v), label
+            box = self.photo.box(image.size, v)
+            array = image.array(mode, jpeg_scale(image.size[1], image.size[0], box[2], box[3], self.size))
+            return self.photo.apply(array, image.size, box, u, v), label
         except ValueError as e:
             raise ValueError(f"sample {key}: {e}") from None
         except Exception as e:  # PIL raises many types for truncated or corrupt data
             raise ValueError(f"sample {key}: cannot decode image: {e}") from None
 
     def _collate(self, epoch, samples, bad, position):
-        """{"image": uint8 [B,C,H,W] (cropped and flipped), "photometric": the rest of the
+        """{"image": uint8 [B,C,H,W] (cropped and flipped; channels-last memory for photos), "photometric": the rest of the
         augmentation for `transform` or None, "label", "key", "position", "bad"}."""
         keys = [k for k, _, _ in samples]
         if not samples:
             images = torch.zeros((0, *self._shape_hwc()), dtype=torch.uint8).permute(0, 3, 1, 2)
-        elif self.size:  # CHW tensors already
-            images = torch.stack([im for _, im, _ in samples])
+        elif self.size:  # CHW tensors in channels-last memory (the resize's): stacked as they lie
+            images = torch.stack([im.permute(1, 2, 0) for _, im, _ in samples]).permute(0, 3, 1, 2)
         else:
             images = torch.from_numpy(np.stack([im for _, im, _ in samples])).permute(0, 3, 1, 2)
         rest = None
@@ -497,7 +497,9 @@ class ShardReader(IterableDataset):
             if not self.size and self.photo.has_extras:
                 images = torch.stack([self.photo.extras(x, self.photo.uniforms(epoch, k)[1]) for x, k in zip(images, keys)])
         labels = torch.tensor([lb for _, _, lb in samples], dtype=torch.int64)
-        return {"image": images.contiguous(), "photometric": rest, "label": labels, "key": keys,
+        # photos stay channels-last in memory (no transposing copy); the model takes either
+        images = images.contiguous(memory_format=torch.channels_last) if self.size else images.contiguous()
+        return {"image": images, "photometric": rest, "label": labels, "key": keys,
                 "position": position, "bad": bad}
 
     def transform(self, batch: dict, device: torch.device | str = "cpu", channels_last: bool = False) -> torch.Tensor:
@@ -547,39 +549,59 @@ def image_tensor(image: Image.Image, mode: str) -> torch.Tensor:
     return torch.from_numpy(image_array(image, mode)).permute(2, 0, 1)
 
 
-def decode_array(image: Image.Image, data: bytes | None, mode: str, scale: int = 1) -> np.ndarray:
-    """HWC uint8 of a lazily opened image whose encoded bytes are `data`, downscaled by
-    `scale` (1, 2, 4, 8) when it is a JPEG. JPEGs go through simplejpeg (libjpeg-turbo,
-    ~1.4x PIL's decode here: bench/decode.py), PIL's draft when simplejpeg refuses one."""
-    width, height = image.size
-    if image.format == "JPEG" and data is not None:
-        try:
-            import simplejpeg
+class Encoded:
+    """One sample's encoded image with its header read: `size` (width, height), checked
+    against MAX_PIXELS before anything is decoded. A JPEG's header is read by simplejpeg
+    (~100x cheaper than PIL's Image.open, which was 15% of a 224 px sample's time)."""
 
-            array = simplejpeg.decode_jpeg(data, "rgb" if mode == "RGB" else "gray",
-                                           min_height=-(-height // scale) if scale > 1 else 0,
-                                           min_width=-(-width // scale) if scale > 1 else 0)
-            return array if array.ndim == 3 else array[:, :, None]
-        except (ImportError, ValueError):  # CMYK, unusual markers: PIL knows more
-            pass
-        if scale > 1:
-            image.draft(mode, (width // scale, height // scale))
-    return image_array(image, mode)
+    def __init__(self, sample: dict, manifest: dict):
+        ext = next((e for e in PHOTO_MEMBERS if e in sample), None)
+        self.data, self.image = (sample[ext] if ext else None), None
+        header = _jpeg_header(self.data) if ext else None
+        if header is not None:
+            self.size = header
+        elif ext is None:
+            array, _ = decode_sample(sample, manifest)  # raw, fixed size
+            self.image = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+            self.size = self.image.size
+        else:
+            try:
+                self.image = Image.open(io.BytesIO(self.data))  # reads the header only
+            except Exception as e:
+                raise ValueError(f"cannot decode {ext} image: {e}") from None
+            self.size = self.image.size
+        check_image_size(self.size[1], self.size[0])
+
+    def array(self, mode: str, scale: int = 1) -> np.ndarray:
+        """HWC uint8, downscaled by `scale` (1, 2, 4, 8) when it is a JPEG. JPEGs go through
+        simplejpeg (libjpeg-turbo, ~1.4x PIL's decode here: bench/decode.py); PIL decodes
+        what simplejpeg refuses (CMYK, unusual markers) and everything else."""
+        width, height = self.size
+        if self.image is None:
+            try:
+                array = simplejpeg.decode_jpeg(self.data, "rgb" if mode == "RGB" else "gray",
+                                               min_height=-(-height // scale) if scale > 1 else 0,
+                                               min_width=-(-width // scale) if scale > 1 else 0)
+                return array if array.ndim == 3 else array[:, :, None]
+            except ValueError:
+                try:
+                    self.image = Image.open(io.BytesIO(self.data))
+                except Exception as e:
+                    raise ValueError(f"cannot decode jpg image: {e}") from None
+        if scale > 1 and self.image.format == "JPEG":
+            self.image.draft(mode, (width // scale, height // scale))
+        return image_array(self.image, mode)
 
 
-def _open_image(sample: dict, manifest: dict) -> tuple[Image.Image, bytes | None]:
-    """The sample's image, opened lazily (header only, size checked before decoding), and
-    its encoded bytes (None for raw)."""
-    ext = next((e for e in PHOTO_MEMBERS if e in sample), None)
-    if ext is None:
-        image, _ = decode_sample(sample, manifest)  # raw, fixed size
-        return Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image), None
+def _jpeg_header(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of a JPEG that simplejpeg reads, else None (PIL then tries)."""
+    if data[:2] != b"\xff\xd8":
+        return None
     try:
-        image = Image.open(io.BytesIO(sample[ext]))
-    except Exception as e:
-        raise ValueError(f"cannot decode {ext} image: {e}") from None
-    check_image_size(image.height, image.width)
-    return image, sample[ext]
+        height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    return width, height
 
 
 def _as_is(batch: dict) -> dict:

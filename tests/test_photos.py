@@ -17,7 +17,7 @@ from PIL import Image
 from imgcls import checkpoint
 from imgcls.augment import PhotoTransform, jpeg_scale, photo_uniforms, resized_crop_box
 from imgcls.config import AugmentConfig, DataConfig
-from imgcls.data import DataError, ShardReader, decode_array, read_manifest
+from imgcls.data import DataError, Encoded, ShardReader, read_manifest
 from imgcls.inference import load_image
 from shardio.format import read_tar, write_tar
 
@@ -104,7 +104,7 @@ def test_downscaled_jpeg_decode_keeps_the_crop():
     u, v = np.ones(6), np.zeros(51)
 
     def crop(box, scale):
-        array = decode_array(Image.open(io.BytesIO(buf.getvalue())), buf.getvalue(), "RGB", scale)
+        array = Encoded({"jpg": buf.getvalue()}, {}).array("RGB", scale)
         assert array.shape == (384 // scale, 512 // scale, 3)
         return transform.apply(array, (512, 384), box, u, v).numpy().astype(int)
 
@@ -233,3 +233,15 @@ def test_photo_folder_builds_trains_from_s3_resumes_exactly_evaluates_and_predic
                         str(tmp_path / "pred.json")], cwd=REPO, capture_output=True, text=True, timeout=120, check=True)
         predictions = json.loads((tmp_path / "pred.json").read_text())["predictions"]
         assert [p["path"] for p in predictions] == files and all("top_k" in p for p in predictions)
+
+
+@pytest.mark.parametrize("fmt, ext", [("PNG", "png"), ("WEBP", "webp"), ("JPEG", "jpg")])
+def test_encoded_members_of_any_source_format_decode_like_pil(fmt, ext):
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(buf, format=fmt, quality=90)
+    image = Encoded({ext: buf.getvalue()}, {})
+    assert image.size == (40, 30)
+    expected = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+    assert np.array_equal(image.array("RGB"), expected)
+    assert image.array("L").shape == (30, 40, 1)
