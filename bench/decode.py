@@ -24,6 +24,7 @@ Reps are interleaved (1, 2, 3, 4, 1, 2, ...); images/s is mean ± std over reps.
 from __future__ import annotations
 
 import argparse
+import glob
 import io
 import math
 import os
@@ -40,16 +41,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-PHOTO_SOURCES = [
-    *(Path(p) for p in sorted(__import__("glob").glob("/usr/share/backgrounds/gnome/wood-*.webp"))),
-]
+WOOD_PHOTOS = "/usr/share/backgrounds/gnome/wood-*.webp"  # Debian's gnome-backgrounds
 SKIMAGE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
                   "motorcycle_right.png", "retina.jpg", "hubble_deep_field.jpg", "ihc.png")
 
 
 def photo_sources() -> list[Path]:
     """The real photographs found on this machine (see the module docstring)."""
-    found = list(PHOTO_SOURCES)
+    found = [Path(p) for p in sorted(glob.glob(WOOD_PHOTOS))]
     try:
         import skimage
 
@@ -65,9 +64,8 @@ def photo_sources() -> list[Path]:
 def write_photo_crops(root: Path, count: int, seed: int = 0) -> list[Path]:
     """`count` JPEG crops (quality 90, ~500x375) of the real photographs, root/<source>/<n>.jpg."""
     rng = np.random.default_rng(seed)
-    sources = [Image.open(p).convert("RGB") for p in photo_sources()]
-    names = [p.stem for p in photo_sources()]
-    paths = []
+    paths, written = photo_sources(), []
+    sources, names = [Image.open(p).convert("RGB") for p in paths], [p.stem for p in paths]
     for n in range(count):
         i = n % len(sources)
         image = sources[i]
@@ -83,8 +81,8 @@ def write_photo_crops(root: Path, count: int, seed: int = 0) -> list[Path]:
         path = root / names[i] / f"{n:06d}.jpg"
         path.parent.mkdir(parents=True, exist_ok=True)
         crop.save(path, format="JPEG", quality=90)
-        paths.append(path)
-    return paths
+        written.append(path)
+    return written
 
 
 # ---- the four decoders: (bytes, full (w, h), box (top, left, h, w)) -> 224x224x3 uint8 ----

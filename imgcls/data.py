@@ -479,8 +479,9 @@ class ShardReader(IterableDataset):
             raise ValueError(f"sample {key}: cannot decode image: {e}") from None
 
     def _collate(self, epoch, samples, bad, position):
-        """{"image": uint8 [B,C,H,W] (cropped and flipped; channels-last memory for photos), "photometric": the rest of the
-        augmentation for `transform` or None, "label", "key", "position", "bad"}."""
+        """{"image": uint8 [B,C,H,W] (cropped and flipped; channels-last memory for photos),
+        "photometric": the rest of the augmentation for `transform` or None, "label", "key",
+        "position", "bad"}."""
         keys = [k for k, _, _ in samples]
         if not samples:
             images = torch.zeros((0, *self._shape_hwc()), dtype=torch.uint8).permute(0, 3, 1, 2)
@@ -495,7 +496,8 @@ class ShardReader(IterableDataset):
                 params[:, 2] = 0  # flipped per sample, in PhotoTransform
             images, rest = crop_flip(images, params), photometric(params)
             if not self.size and self.photo.has_extras:
-                images = torch.stack([self.photo.extras(x, self.photo.uniforms(epoch, k)[1]) for x, k in zip(images, keys)])
+                images = torch.stack([self.photo.extras(x, self.photo.uniforms(epoch, key)[1])
+                                      for x, key in zip(images, keys)])
         labels = torch.tensor([lb for _, _, lb in samples], dtype=torch.int64)
         # photos stay channels-last in memory (no transposing copy); the model takes either
         images = images.contiguous(memory_format=torch.channels_last) if self.size else images.contiguous()

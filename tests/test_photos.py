@@ -134,10 +134,9 @@ def test_eval_transform_is_timm_resize_and_center_crop_and_predict_uses_it(photo
     batches = list(reader.loader())
     images = by_key(batches)
     inputs = {key: x for batch in batches for key, x in zip(batch["key"], reader.transform(batch))}
-    reference = v2.Compose([v2.PILToTensor(), v2.Resize(math.floor(SIZE / 0.8), interpolation=InterpolationMode.BILINEAR),
-                            v2.CenterCrop(SIZE)])
-    reference_pil = v2.Compose([v2.Resize(math.floor(SIZE / 0.8), interpolation=InterpolationMode.BILINEAR),
-                                v2.CenterCrop(SIZE), v2.PILToTensor()])
+    resize = v2.Resize(math.floor(SIZE / 0.8), interpolation=InterpolationMode.BILINEAR)
+    reference = v2.Compose([v2.PILToTensor(), resize, v2.CenterCrop(SIZE)])
+    reference_pil = v2.Compose([resize, v2.CenterCrop(SIZE), v2.PILToTensor()])
     meta = {"image": {"height": SIZE, "width": SIZE, "channels": 3}, "image_size": SIZE, "crop_pct": 0.8,
             "mean": [0.5] * 3, "std": [0.25] * 3}
     for key, data in shard_images(photo_dataset).items():
