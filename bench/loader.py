@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/loader.py                     # Fashion-MNIST train split, full
     .venv/bin/python bench/loader.py --limit 8000 --reps 2   # a quick run
+    .venv/bin/python bench/loader.py --photos 2000       # the 224 px table on real-photo JPEGs
 
 (a) shards, local   ShardReader over shards built with shards.build(SOURCE, <workdir>/shards)
 (b) shards, S3      the same shard files, uploaded to s3:// on a moto server this script
@@ -16,6 +17,14 @@ the DataLoader (so worker start-up is included) to its last batch. The datasets 
 (manifest, ImageFolder's directory scan) are opened once, outside the timing. One warm-up
 epoch per method is discarded, then R epochs of each are interleaved (a, b, c, a, b, c, ...)
 so load from other processes on the machine hits all three alike.
+
+--photos N: the 224 px table (`photos_main`). N JPEG crops of real photographs (~500x375,
+quality 90; bench/decode.py's write_photo_crops) are built into shards (split 1,0,0), and the
+same JPEG files are written back out of the shards into class folders. Every method does
+RandomResizedCrop(224, scale 0.08-1, ratio 3/4-4/3) + horizontal flip and yields uint8
+[B,3,224,224] batches, with the same batch size and workers (DALI: the same number of CPU
+threads); then the decode-only limit (PIL's plain decode of the same files in the same
+DataLoader). Epochs are interleaved as above.
 """
 from __future__ import annotations
 
@@ -247,6 +256,195 @@ class ImageFolderMethod(Method):
         return n
 
 
+class PhotoShardMethod(Method):
+    """Our reader at data.image_size 224: uint8 batches, as the trainer gets them (the float
+    work happens on the device)."""
+
+    def __init__(self, name, cfg):
+        from imgcls.data import ShardReader
+
+        self.name = name
+        self.reader = ShardReader(cfg, "train", seed=0, train=True)
+
+    def epoch(self, epoch):
+        self.reader.set_epoch(epoch)
+        return sum(len(batch["label"]) for batch in self.reader.loader())
+
+
+class DecodeOnly:
+    """The dataset of the decode-only limit: PIL's plain full decode of each file."""
+
+    def __init__(self, paths):
+        self.paths = paths
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        with Image.open(self.paths[i]) as image:
+            image.load()
+        return 0
+
+
+class DecodeOnlyMethod(Method):
+    def __init__(self, name, paths, batch_size, workers):
+        self.name, self.dataset, self.batch_size, self.workers = name, DecodeOnly(paths), batch_size, workers
+
+    def epoch(self, epoch):
+        from torch.utils.data import DataLoader
+
+        loader = DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True, drop_last=True,
+                            num_workers=self.workers, prefetch_factor=4 if self.workers else None,
+                            generator=torch.Generator().manual_seed(epoch))
+        return sum(len(labels) for labels in loader)
+
+
+class DaliMethod(Method):
+    """NVIDIA DALI's CPU pipeline (device_id=None): file reader, fused decode + random crop
+    (area 0.08-1, ratio 3/4-4/3, 10 attempts), resize to 224, flip, CHW uint8."""
+
+    def __init__(self, name, root, batch_size, threads):
+        from nvidia.dali import fn, pipeline_def, types
+
+        @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=None, prefetch_queue_depth=4)
+        def pipeline():
+            jpegs, labels = fn.readers.file(file_root=str(root), random_shuffle=True, name="files")
+            images = fn.decoders.image_random_crop(jpegs, device="cpu", output_type=types.RGB,
+                                                   random_area=[0.08, 1.0], random_aspect_ratio=[3 / 4, 4 / 3],
+                                                   num_attempts=10)
+            images = fn.resize(images, resize_x=224, resize_y=224)
+            images = fn.flip(images, horizontal=fn.random.coin_flip())
+            return fn.transpose(images, perm=[2, 0, 1]), labels
+
+        self.name, self.pipeline, self.batch_size = name, pipeline(), batch_size
+        self.pipeline.build()
+        self.size = self.pipeline.epoch_size("files")
+
+    def epoch(self, epoch):
+        n = 0
+        for _ in range(self.size // self.batch_size):  # drop_last, like the others
+            images, labels = self.pipeline.run()
+            torch.from_numpy(images.as_array())  # the batch as one array, as a loader would hand it over
+            n += len(labels)
+        return n
+
+
+def write_jpeg_folder(manifest: dict, shard_root: Path, root: Path) -> list[Path]:
+    """The train split's JPEG members, byte for byte, as root/<NN_class>/<key>.jpg."""
+    from shardio.format import read_tar
+
+    if root.exists():
+        shutil.rmtree(root)
+    paths = []
+    for shard in manifest["splits"]["train"]["shards"]:
+        for sample in read_tar((shard_root / shard["path"]).read_bytes()):
+            label = int(sample["cls"])
+            path = root / f"{label:02d}_{manifest['classes'][label]}" / f"{sample['__key__'].replace('/', '_')}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(sample["jpg"])
+            paths.append(path)
+    return paths
+
+
+def photos_main(args, workdir: Path) -> int:
+    """The 224 px table (see the module docstring)."""
+    import shards
+    from bench.decode import write_photo_crops
+    from imgcls.config import AugmentConfig, DataConfig
+    from torchvision.transforms import v2
+
+    t0, load = time.perf_counter(), os.getloadavg()
+    source = workdir / "photo-crops"
+    if not source.exists():
+        write_photo_crops(source, args.photos)
+    local = workdir / "photo-shards"
+    shard_samples = max(1, math.ceil(args.photos / (2 * max(1, args.num_workers))))
+    manifest = shards.build(str(source), str(local), split=(1.0, 0.0, 0.0), encoding="source",
+                            shard_samples=shard_samples, workers=2, progress=False)
+    paths = write_jpeg_folder(manifest, local, workdir / "photo-files")
+    print(f"# {len(paths)} JPEGs, {len(manifest['splits']['train']['shards'])} shards "
+          f"[{time.perf_counter() - t0:.1f} s]", file=sys.stderr)
+    server = MotoServer(workdir / "moto.log")
+    try:
+        for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+            os.environ.pop(k, None)
+        os.environ.update(server.env())
+        import s3fs
+
+        bucket = f"bench-{uuid.uuid4().hex[:8]}"
+        s3fs.S3FileSystem(skip_instance_cache=True).mkdir(bucket)
+        upload(local, f"s3://{bucket}/photos")
+        aug = AugmentConfig(crop="resized", flip=True, pad=0)
+
+        def cfg(url):
+            return DataConfig(url=url, image_size=224, batch_size=args.batch_size, num_workers=args.num_workers,
+                              verify_checksums=args.verify_checksums, augment=aug)
+
+        tv = v2.Compose([v2.RandomResizedCrop(224, antialias=True), v2.RandomHorizontalFlip(), v2.PILToTensor()])
+        methods = [PhotoShardMethod("imgcls shards, local", cfg(str(local))),
+                   PhotoShardMethod("imgcls shards, S3 (moto)", cfg(f"s3://{bucket}/photos")),
+                   ImageFolderMethod("ImageFolder + PIL + transforms.v2", workdir / "photo-files", tv, "RGB",
+                                     args.batch_size, args.num_workers)]
+        try:
+            methods.append(DaliMethod("DALI CPU pipeline", workdir / "photo-files", args.batch_size,
+                                      max(1, args.num_workers)))
+            dali = "nvidia-dali " + __import__("nvidia.dali", fromlist=["__version__"]).__version__
+        except ImportError as e:
+            dali = f"not measured: {e}"
+        methods.append(DecodeOnlyMethod("decode only (PIL, same files)", paths, args.batch_size, args.num_workers))
+        results = {m.name: [] for m in methods}
+        for rep in range(args.reps + 1):  # rep 0: warm-up, discarded
+            for m in methods:
+                r = timed(m, rep, server if "S3" in m.name else None)
+                print(f"# {'warm-up' if rep == 0 else f'rep {rep}'} {m.name}: {r['n']} in {r['wall']:.2f} s "
+                      f"= {r['n'] / r['wall']:,.0f}/s", file=sys.stderr, flush=True)
+                if rep:
+                    results[m.name].append(r)
+    finally:
+        server.stop()
+    print(photos_report(args, methods, results, load, dali, len(paths)))
+    print(f"# total {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    return 0
+
+
+PHOTO_TARGETS = (("imgcls local / ImageFolder", "imgcls shards, local", "ImageFolder + PIL + transforms.v2", 2.0),
+                 ("imgcls local / DALI CPU", "imgcls shards, local", "DALI CPU pipeline", 1.0),
+                 ("imgcls local / decode only", "imgcls shards, local", "decode only (PIL, same files)", 0.8),
+                 ("S3 / local", "imgcls shards, S3 (moto)", "imgcls shards, local", 0.8))
+
+
+def photos_report(args, methods, results, load, dali, count) -> str:
+    rate = {m.name: [r["n"] / r["wall"] for r in results[m.name]] for m in methods}
+    lines = [
+        f"224 px loader table: {count} JPEG crops of real photographs (~500x375, q90), RandomResizedCrop 224 "
+        f"+ flip, uint8 batches of {args.batch_size}, num_workers {args.num_workers} for every method (DALI: "
+        f"{args.num_workers} CPU threads; {dali}); {args.reps} timed epochs per method after 1 warm-up, "
+        f"interleaved; {os.cpu_count()} CPUs (load average {load[0]:.1f} at the start, {os.getloadavg()[0]:.1f} "
+        f"at the end: the machine is shared), torch {torch.__version__}",
+        "",
+        "| method | images/epoch | images/s (mean ± std) | epoch s (mean) | CPU s/epoch |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for m in methods:
+        mu, sd = mean_std(rate[m.name])
+        runs = results[m.name]
+        cpu = statistics.fmean(r["cpu"] for r in runs)
+        server = statistics.fmean(r["server_cpu"] for r in runs)
+        lines.append(f"| {m.name} | {runs[0]['n']} | {mu:,.0f} ± {sd:,.0f} | "
+                     f"{statistics.fmean(r['wall'] for r in runs):.2f} | {cpu:.2f}"
+                     + (f" + {server:.2f} moto |" if server else " |"))
+    lines += ["", "| ratio | of means | per repetition (min–max) | target | met |", "|---|---:|---:|---:|:---:|"]
+    for label, num, den, target in PHOTO_TARGETS:
+        if num not in rate or den not in rate:
+            continue
+        ratio = statistics.fmean(rate[num]) / statistics.fmean(rate[den])
+        per_rep = [x / y for x, y in zip(rate[num], rate[den])]
+        lines.append(f"| {label} | {ratio:.2f}x | {min(per_rep):.2f}–{max(per_rep):.2f}x | >= {target}x | "
+                     f"{'yes' if ratio >= target else 'NO'} |")
+    lines += ["", "CPU s/epoch: this process and its DataLoader workers (DALI's threads run in this process)."]
+    return "\n".join(lines)
+
+
 # ---- timing and report ------------------------------------------------------------------
 def cpu_seconds() -> float:
     """CPU time of this process (all threads) and of its finished, waited-for children
@@ -329,6 +527,8 @@ def parse_args(argv=None):
                    help="keep shards and PNGs here and reuse them next time (default: a temporary "
                         "directory on /dev/shm when there is one, removed at the end)")
     p.add_argument("--only", default="abc", help="subset of methods to run, e.g. 'ac' (default abc)")
+    p.add_argument("--photos", type=int, default=0,
+                   help="N > 0: the 224 px table on N real-photo JPEG crops instead (e.g. 2000)")
     args = p.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         p.error("--limit must be positive")
@@ -349,6 +549,12 @@ def main(argv=None) -> int:
     tmp_root = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-loader-", dir=tmp_root))
     workdir.mkdir(parents=True, exist_ok=True)
+    if args.photos:
+        try:
+            return photos_main(args, workdir)
+        finally:
+            if args.workdir is None:
+                shutil.rmtree(workdir, ignore_errors=True)
     server = None
     try:
         t0, load = time.perf_counter(), os.getloadavg()

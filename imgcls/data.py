@@ -15,11 +15,15 @@ recorded as a segment, and the rest of G is cut by the new layout.
 
 Batches are uint8 [B,C,H,W] with the crop and flip applied; `reader.transform(batch, device)`
 turns them into the model's normalised float input on the training device (imgcls.augment).
+Fixed-size data read at its own size keeps the batch-level pad crop; photos (variable size,
+or another `data.image_size`) are decoded, cropped and resized per sample in the worker
+(`geometry`); a JPEG by simplejpeg, at 1/2, 1/4 or 1/8 size when the crop allows it.
 """
 from __future__ import annotations
 
 import gc
 import hashlib
+import io
 import json
 import logging
 import os
@@ -27,14 +31,17 @@ import threading
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
+import simplejpeg
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from imgcls.augment import InputTransform, crop_flip, draw_params, photometric
+from imgcls.augment import (InputTransform, PhotoTransform, crop_flip, draw_params, eval_resize_crop, jpeg_scale,
+                            photometric)
 from imgcls.config import DataConfig
 from imgcls.signals import keep_worker_through_cancel
 from shardio import storage
-from shardio.format import check_shard_paths, decode_sample, read_tar
+from shardio.format import check_image_size, check_shard_paths, decode_label, decode_sample, read_tar
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +74,35 @@ def normalization(cfg: DataConfig, manifest: dict) -> tuple[list[float], list[fl
     return list(mean), list(std)
 
 
+CROPS = ("auto", "resized", "pad", "none")
+PHOTO_MEMBERS = ("jpg", "jpeg", "png", "webp")  # encoded image members, stored as their source
+
+
+def geometry(cfg: DataConfig, manifest: dict) -> tuple[int, str]:
+    """(output side, training crop). Side 0: the dataset's own fixed size, read as it is
+    (today's fast path: pad crop on whole batches). Otherwise every image is brought to
+    side x side per sample: RandomResizedCrop when training with crop `resized`, the
+    evaluation resize + center crop elsewhere (then `pad` shifts and `none` does nothing)."""
+    image, crop = manifest["image"], cfg.augment.crop
+    if crop not in CROPS:
+        raise DataError(f"data.augment.crop={crop!r}: expected one of {', '.join(CROPS)}")
+    height, width = image.get("height"), image.get("width")
+    if height is None or width is None:
+        if cfg.image_size <= 0:
+            raise DataError(f"{cfg.url}: images of variable size: set data.image_size (e.g. data.image_size=224)")
+        return cfg.image_size, "resized" if crop == "auto" else crop
+    native = cfg.image_size <= 0 or (cfg.image_size == height == width)
+    if native and crop != "resized":
+        return 0, "pad" if crop == "auto" else crop
+    if cfg.image_size <= 0 and height != width:
+        raise DataError(f"{cfg.url}: a resized crop of {height}x{width} images needs data.image_size")
+    return cfg.image_size or height, "resized" if crop == "auto" else crop
+
+
 def input_size(cfg: DataConfig, manifest: dict) -> int:
     """The side of the model's square input: data.image_size, else the dataset's fixed size."""
-    image = manifest["image"]
-    if cfg.image_size:
-        return cfg.image_size
-    if image.get("height") and image.get("width"):
-        return max(image["height"], image["width"])
-    raise DataError(f"{cfg.url}: the images vary in size: set data.image_size (e.g. data.image_size=224)")
+    side, _ = geometry(cfg, manifest)
+    return side or max(manifest["image"]["height"], manifest["image"]["width"])
 
 
 def interleave(counts: list[int]) -> list[tuple[int, int]]:
@@ -213,6 +241,12 @@ class ShardReader(IterableDataset):
         self.workers = max(1, cfg.num_workers)
         self.layout = Layout(world_size, self.workers, self.batch_size)
         self.input_transform = InputTransform(*normalization(cfg, self.manifest))
+        self.size, self.crop = geometry(cfg, self.manifest)
+        self.augmenting = train and cfg.augment.enabled
+        try:
+            self.photo = PhotoTransform(cfg.augment, self.size, seed)
+        except ValueError as e:  # an unknown auto_augment
+            raise DataError(str(e)) from None
         self.epoch, self.position = 0, 0
         self.consumed: list[dict] = []  # earlier layouts' segments of this epoch (elastic resume)
         if train:
@@ -363,20 +397,17 @@ class ShardReader(IterableDataset):
 
     def _batches(self, epoch, plan, positions):
         samples, bad, index = [], 0, 0
-        self._ahead = _ReadAhead(self._fetch_shard, [shard_id for shard_id, _ in plan])
-        try:
-            for shard_id, picks in plan:
-                for sample in self._read_shard(epoch, shard_id, picks):
-                    decoded = self._decode(shard_id, sample)
-                    if decoded is None:
-                        bad += 1
-                    else:
-                        samples.append(decoded)
-                    if len(samples) + bad == self.batch_size:
-                        yield self._collate(epoch, samples, bad, positions[index])
-                        samples, bad, index = [], 0, index + 1
-        finally:
-            self._ahead = None
+        ahead = _ReadAhead(self._fetch_shard, [shard_id for shard_id, _ in plan])
+        for shard_id, picks in plan:
+            for sample in self._read_shard(epoch, shard_id, picks, ahead):
+                decoded = self._decode(epoch, shard_id, sample)
+                if decoded is None:
+                    bad += 1
+                else:
+                    samples.append(decoded)
+                if len(samples) + bad == self.batch_size:
+                    yield self._collate(epoch, samples, bad, positions[index])
+                    samples, bad, index = [], 0, index + 1
         if samples or bad:  # eval's partial last batch
             yield self._collate(epoch, samples, bad, positions[index])
 
@@ -394,17 +425,16 @@ class ShardReader(IterableDataset):
             raise DataError(f"shard {url} could not be read: {e}") from e
         return data, hashlib.sha256(data).hexdigest() if self.cfg.verify_checksums else None
 
-    def _read_shard(self, epoch: int, shard_id: int, picks: np.ndarray):
+    def _read_shard(self, epoch: int, shard_id: int, picks: np.ndarray, ahead: _ReadAhead | None = None):
         """The samples at `picks` in the shard's order for this epoch, still encoded."""
         meta, url = self.shards[shard_id], self.shard_url(shard_id)
-        ahead = getattr(self, "_ahead", None)
         data, digest = ahead.take(shard_id) if ahead is not None else self._fetch_shard(shard_id)
         if self.cfg.verify_checksums:
             if len(data) != meta["bytes"] or digest != meta["sha256"]:
                 raise DataError(f"shard {url} is corrupt: size or sha256 differs from the manifest "
                                 f"(run `python -m shards verify {self.cfg.url}`)")
         try:
-            samples = [{**sample, "__url__": url} for sample in read_tar(data)]
+            samples = list(read_tar(data))
         except Exception as e:
             raise DataError(f"shard {url} is not a readable tar: {e}") from e
         if len(samples) != meta["count"]:
@@ -414,12 +444,15 @@ class ShardReader(IterableDataset):
         for i in picks.tolist():
             yield samples[i]
 
-    def _decode(self, shard_id: int, sample: dict):
+    def _decode(self, epoch: int, shard_id: int, sample: dict):
         """(key, image HWC uint8, label), or None for a bad sample when skipping is allowed."""
         try:
-            image, label = decode_sample(sample, self.manifest)
+            if not self.size:
+                image, label = decode_sample(sample, self.manifest)
+            else:
+                image, label = self._decode_photo(epoch, sample)
         except ValueError as e:
-            message = f"shard {sample['__url__']}, {e}"
+            message = f"shard {self.shard_url(shard_id)}, {e}"
             if self.cfg.max_bad_samples <= 0:
                 raise DataError(message) from None
             self._bad_seen = getattr(self, "_bad_seen", 0) + 1
@@ -430,19 +463,51 @@ class ShardReader(IterableDataset):
             return None
         return sample["__key__"], image, label
 
+    def _decode_photo(self, epoch: int, sample: dict) -> tuple[torch.Tensor, int]:
+        """A sample as CHW uint8 of self.size: RandomResizedCrop and the rest of PhotoTransform
+        when training with crop `resized`, else the evaluation resize + center crop.
+        ValueError naming the key when it cannot be decoded."""
+        key = sample.get("__key__", "?")
+        try:
+            label = decode_label(sample.get("cls"), self.num_classes)
+            image = Encoded(sample, self.manifest)
+            mode = "L" if self.manifest["image"]["channels"] == 1 else "RGB"
+            if not (self.augmenting and self.crop == "resized"):
+                array = image.array(mode)
+                return eval_resize_crop(torch.from_numpy(array).permute(2, 0, 1), self.size, self.cfg.crop_pct), label
+            u, v = self.photo.uniforms(epoch, key)
+            box = self.photo.box(image.size, v)
+            array = image.array(mode, jpeg_scale(image.size[1], image.size[0], box[2], box[3], self.size))
+            return self.photo.apply(array, image.size, box, u, v), label
+        except ValueError as e:
+            raise ValueError(f"sample {key}: {e}") from None
+        except Exception as e:  # PIL raises many types for truncated or corrupt data
+            raise ValueError(f"sample {key}: cannot decode image: {e}") from None
+
     def _collate(self, epoch, samples, bad, position):
-        """{"image": uint8 [B,C,H,W] (cropped and flipped), "photometric": the rest of the
-        augmentation for `transform` or None, "label", "key", "position", "bad"}."""
+        """{"image": uint8 [B,C,H,W] (cropped and flipped; channels-last memory for photos),
+        "photometric": the rest of the augmentation for `transform` or None, "label", "key",
+        "position", "bad"}."""
         keys = [k for k, _, _ in samples]
-        images = torch.from_numpy(np.stack([im for _, im, _ in samples])) if samples else \
-            torch.zeros((0, *self._shape_hwc()), dtype=torch.uint8)
-        images = images.permute(0, 3, 1, 2)
+        if not samples:
+            images = torch.zeros((0, *self._shape_hwc()), dtype=torch.uint8).permute(0, 3, 1, 2)
+        elif self.size:  # CHW tensors in channels-last memory (the resize's): stacked as they lie
+            images = torch.stack([im.permute(1, 2, 0) for _, im, _ in samples]).permute(0, 3, 1, 2)
+        else:
+            images = torch.from_numpy(np.stack([im for _, im, _ in samples])).permute(0, 3, 1, 2)
         rest = None
-        if self.train and self.cfg.augment.enabled and samples:
-            params = draw_params(self.cfg.augment, self.seed, epoch, keys)
+        if self.augmenting and samples:
+            params = draw_params(self.cfg.augment, self.seed, epoch, keys, None if self.crop == "pad" else 0)
+            if self.crop == "resized":
+                params[:, 2] = 0  # flipped per sample, in PhotoTransform
             images, rest = crop_flip(images, params), photometric(params)
+            if not self.size and self.photo.has_extras:
+                images = torch.stack([self.photo.extras(x, self.photo.uniforms(epoch, key)[1])
+                                      for x, key in zip(images, keys)])
         labels = torch.tensor([lb for _, _, lb in samples], dtype=torch.int64)
-        return {"image": images.contiguous(), "photometric": rest, "label": labels, "key": keys,
+        # photos stay channels-last in memory (no transposing copy); the model takes either
+        images = images.contiguous(memory_format=torch.channels_last) if self.size else images.contiguous()
+        return {"image": images, "photometric": rest, "label": labels, "key": keys,
                 "position": position, "bad": bad}
 
     def transform(self, batch: dict, device: torch.device | str = "cpu", channels_last: bool = False) -> torch.Tensor:
@@ -453,6 +518,8 @@ class ShardReader(IterableDataset):
 
     def _shape_hwc(self):
         m = self.manifest["image"]
+        if self.size:
+            return self.size, self.size, m["channels"]
         return m["height"], m["width"], m["channels"]
 
     def loader(self, pin_memory: bool = False) -> DataLoader:
@@ -475,6 +542,74 @@ def first_images(cfg: DataConfig, split: str, count: int, manifest: dict | None 
         if seen >= count:
             break
     return torch.cat(images)[:count]
+
+
+def image_array(image: Image.Image, mode: str) -> np.ndarray:
+    """HWC uint8 (writable) of a PIL image in `mode` (L or RGB); decodes a lazily opened one."""
+    if image.mode != mode:
+        image = image.convert(mode)
+    array = np.array(image)
+    return array[:, :, None] if array.ndim == 2 else array
+
+
+def image_tensor(image: Image.Image, mode: str) -> torch.Tensor:
+    """CHW uint8 tensor of a PIL image in `mode`."""
+    return torch.from_numpy(image_array(image, mode)).permute(2, 0, 1)
+
+
+class Encoded:
+    """One sample's encoded image with its header read: `size` (width, height), checked
+    against MAX_PIXELS before anything is decoded. A JPEG's header is read by simplejpeg
+    (~100x cheaper than PIL's Image.open, which was 15% of a 224 px sample's time)."""
+
+    def __init__(self, sample: dict, manifest: dict):
+        ext = next((e for e in PHOTO_MEMBERS if e in sample), None)
+        self.data, self.image = (sample[ext] if ext else None), None
+        header = _jpeg_header(self.data) if ext else None
+        if header is not None:
+            self.size = header
+        elif ext is None:
+            array, _ = decode_sample(sample, manifest)  # raw, fixed size
+            self.image = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+            self.size = self.image.size
+        else:
+            try:
+                self.image = Image.open(io.BytesIO(self.data))  # reads the header only
+            except Exception as e:
+                raise ValueError(f"cannot decode {ext} image: {e}") from None
+            self.size = self.image.size
+        check_image_size(self.size[1], self.size[0])
+
+    def array(self, mode: str, scale: int = 1) -> np.ndarray:
+        """HWC uint8, downscaled by `scale` (1, 2, 4, 8) when it is a JPEG. JPEGs go through
+        simplejpeg (libjpeg-turbo, ~1.4x PIL's decode here: bench/decode.py); PIL decodes
+        what simplejpeg refuses (CMYK, unusual markers) and everything else."""
+        width, height = self.size
+        if self.image is None:
+            try:
+                array = simplejpeg.decode_jpeg(self.data, "rgb" if mode == "RGB" else "gray",
+                                               min_height=-(-height // scale) if scale > 1 else 0,
+                                               min_width=-(-width // scale) if scale > 1 else 0)
+                return array if array.ndim == 3 else array[:, :, None]
+            except ValueError:
+                try:
+                    self.image = Image.open(io.BytesIO(self.data))
+                except Exception as e:
+                    raise ValueError(f"cannot decode jpg image: {e}") from None
+        if scale > 1 and self.image.format == "JPEG":
+            self.image.draft(mode, (width // scale, height // scale))
+        return image_array(self.image, mode)
+
+
+def _jpeg_header(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of a JPEG that simplejpeg reads, else None (PIL then tries)."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    try:
+        height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    return width, height
 
 
 def _as_is(batch: dict) -> dict:

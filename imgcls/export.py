@@ -184,7 +184,8 @@ def read_samples(meta: dict, split: str, limit: int = 0, data_url: str = "",
     from imgcls.data import DataError, ShardReader
 
     cfg = DataConfig(url=data_url or meta["data_url"], batch_size=64, eval_batch_size=256, num_workers=0,
-                     mean=meta["mean"], std=meta["std"], augment=AugmentConfig(enabled=False))
+                     mean=meta["mean"], std=meta["std"], augment=AugmentConfig(enabled=False),
+                     image_size=meta.get("image_size", 0), crop_pct=meta.get("crop_pct", 0.875))
     reader = ShardReader(cfg, split, train=seed is not None, seed=seed or 0)
     images, labels, count = [], [], 0
     with TaskProgress(f"read {split} samples", min(limit or reader.split_count(), reader.split_count())) as progress:

@@ -5,7 +5,13 @@ it was trained with, so raw images can be prepared exactly as the shard reader p
 
     {"format": "imgcls.model/1", "classes": [...], "image": {"height", "width", "channels"},
      "mean": [...], "std": [...], "model": "simple_cnn", "weights": "ema" | "model",
-     "checkpoint": URL, "data_url": URL, "input": "image", "output": "logits"}
+     "checkpoint": URL, "data_url": URL, "input": "image", "output": "logits",
+     "image_size": S, "crop_pct": 0.875}
+
+`image` is the model's input size. `image_size` and `crop_pct`, present when the reader brings
+images to S x S (photos), mean: resize the shorter side to S / crop_pct, then center-crop S
+(imgcls.augment.eval_resize_crop, the reader's own evaluation transform); without them an
+image is resized to `image` (fixed-size data).
 
 An export keeps it beside the file (MODEL.json) and inside it (ONNX metadata_props, a
 TorchScript extra file, a TFLite metadata entry), so either is enough on its own.
@@ -109,14 +115,20 @@ def checkpoint_meta(state: dict, manifest: dict, weights: str, checkpoint_url: s
     from imgcls.config import from_dict
     from imgcls.data import normalization
 
+    from imgcls.data import geometry
+
     cfg = from_dict(state["config"])
     image = manifest["image"]
     channels = image["channels"]
     mean, std = normalization(cfg.data, manifest)
+    size, _ = geometry(cfg.data, manifest)
+    height, width = (size, size) if size else (image.get("height"), image.get("width"))
+    resize = {"image_size": size, "crop_pct": cfg.data.crop_pct} if size else {}
     return {
         "format": META_FORMAT,
         "classes": manifest["classes"],
-        "image": {"height": image.get("height"), "width": image.get("width"), "channels": channels},
+        "image": {"height": height, "width": width, "channels": channels},
+        **resize,
         "mean": mean,  # the shard reader's normalisation
         "std": std,
         "model": cfg.model.name,
@@ -280,21 +292,30 @@ def open_model(path: str, threads: int = 0, data_url: str = "", fmt: str = "") -
 # ---- images ---------------------------------------------------------------------------
 def load_image(path, meta: dict) -> np.ndarray:
     """One image (a file name or a binary file object) as the model's input [C, H, W] float32:
-    the model's channels (L or RGB), its size (bilinear), then /255 and (x - mean) / std, as the
+    the model's channels (L or RGB), its size (the reader's evaluation resize and center crop
+    when meta has image_size, else bilinear to `image`), then /255 and (x - mean) / std, as the
     shard reader does. A header promising more than MAX_PIXELS is refused before decoding."""
-    from PIL import Image, ImageOps
+    from PIL import Image
+
+    from imgcls.augment import eval_resize_crop
+    from imgcls.data import image_tensor
 
     image = meta["image"]
     with Image.open(path) as im:
         if im.width * im.height > MAX_PIXELS:
             raise ValueError(f"{im.width}x{im.height} pixels, more than the {MAX_PIXELS:,} allowed")
-        im = ImageOps.exif_transpose(im)  # photos: the orientation the camera meant
+        # no EXIF rotation: the reader trains on the pixels as stored (as torchvision's and
+        # timm's loaders do), so predict must see them the same way
         im = im.convert("L" if image["channels"] == 1 else "RGB")
         size = (image["width"], image["height"])
-        if None not in size and im.size != size:
-            im = im.resize(size, Image.BILINEAR)
-        array = np.asarray(im, dtype=np.float32) / 255
-    array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+        if meta.get("image_size"):  # the reader's evaluation transform, on the same uint8 tensor
+            array = eval_resize_crop(image_tensor(im, im.mode), meta["image_size"], meta["crop_pct"])
+            array = array.numpy().astype(np.float32) / 255
+        else:
+            if None not in size and im.size != size:
+                im = im.resize(size, Image.BILINEAR)
+            array = np.asarray(im, dtype=np.float32) / 255
+            array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
     mean = np.asarray(meta["mean"], dtype=np.float32)[:, None, None]
     std = np.asarray(meta["std"], dtype=np.float32)[:, None, None]
     return (array - mean) / std

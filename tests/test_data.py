@@ -97,9 +97,9 @@ def test_resume_skips_whole_shards_without_reading_them(s3_dataset, monkeypatch)
     opened = []
     original = ShardReader._read_shard
 
-    def spy(self, epoch, shard_id, picks):
+    def spy(self, epoch, shard_id, picks, *ahead):
         opened.append(shard_id)
-        return original(self, epoch, shard_id, picks)
+        return original(self, epoch, shard_id, picks, *ahead)
 
     monkeypatch.setattr(ShardReader, "_read_shard", spy)
     reader = ShardReader(cfg(s3_dataset, num_workers=0), "train", seed=1)
@@ -250,7 +250,7 @@ def test_batches_are_uint8_and_the_transform_makes_the_float_input(s3_dataset):
 
     augmented = ShardReader(cfg(s3_dataset, num_workers=0), "train", seed=0)
     batch = next(iter(augmented.loader()))
-    assert batch["image"].dtype == torch.uint8 and batch["photometric"].shape == (16, 3)
+    assert batch["image"].dtype == torch.uint8 and batch["photometric"].shape == (16, 4)
     images = augmented.transform(batch, channels_last=True)
     assert images.dtype == torch.float32 and images.is_contiguous(memory_format=torch.channels_last)
 
