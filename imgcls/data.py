@@ -50,12 +50,12 @@ class DataError(RuntimeError):
     """Bad shard or sample. The message names the shard URL and, where known, the sample key."""
 
 
-def read_manifest(url: str) -> dict:
+def read_manifest(url: str, retry_s: float = storage.DEFAULT_RETRY_S) -> dict:
     if not url:
         raise DataError("data.url is empty: set data.url=PATH_OR_URL, a dataset written by `python -m shards build`")
     manifest_url = storage.join(url, "manifest.json")
     try:
-        manifest = json.loads(storage.read_bytes(manifest_url))
+        manifest = json.loads(storage.read_bytes(manifest_url, retry_s))
         check_shard_paths(manifest, manifest_url)  # no absolute or `..` paths out of the dataset
     except FileNotFoundError:
         raise DataError(f"no shard manifest at {manifest_url}: build one with `python -m shards build`") from None
@@ -232,7 +232,7 @@ class ShardReader(IterableDataset):
                  seed: int = 0, train: bool = True, manifest: dict | None = None):
         self.cfg, self.split, self.rank, self.world_size = cfg, split, rank, world_size
         self.seed, self.train = seed, train
-        self.manifest = manifest or read_manifest(cfg.url)
+        self.manifest = manifest or read_manifest(cfg.url, cfg.read_retry_s)
         if split not in self.manifest["splits"]:
             raise DataError(f"{cfg.url}: split {split!r} not in manifest (has {sorted(self.manifest['splits'])})")
         self.shards = self.manifest["splits"][split]["shards"]
@@ -261,12 +261,24 @@ class ShardReader(IterableDataset):
         segments read under earlier layouts in this epoch; `samples` (all ranks, this epoch)
         is derived, for logs and schedules."""
         return {"epoch": self.epoch, "position": self.position, "layout": asdict(self.layout),
-                "consumed": [dict(segment) for segment in self.consumed], "samples": self.samples}
+                "consumed": [dict(segment) for segment in self.consumed], "samples": self.samples,
+                "shards": self.fingerprint}
+
+    @property
+    def fingerprint(self) -> str:
+        """The split's identity: a hash of its shards' paths, counts and checksums. A resume on
+        shards rebuilt at the same URL would read another dataset from the saved position."""
+        shards = [[s["path"], s["count"], s.get("sha256")] for s in self.shards]
+        return hashlib.sha256(json.dumps(shards).encode()).hexdigest()[:16]
 
     def load_state_dict(self, state: dict) -> None:
         """Resume exactly where `state` stopped. Under the same layout (or a state without
         one) the batches are the same; under another, the batches read so far become a
         segment and the rest of the epoch is cut by this reader's layout."""
+        if state.get("shards", self.fingerprint) != self.fingerprint:  # absent: saved before it was recorded
+            raise DataError(f"{self.cfg.url}: the {self.split!r} shards differ from the ones this run was "
+                            "reading (rebuilt or re-indexed at the same URL?): resuming would continue on "
+                            "another dataset; start a new run.dir, or point data.url at the original shards")
         saved = Layout(**state.get("layout", asdict(self.layout)))
         epoch, position = int(state["epoch"]), int(state["position"])
         consumed = [dict(segment) for segment in state.get("consumed", [])]

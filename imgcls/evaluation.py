@@ -103,7 +103,7 @@ def evaluate_checkpoint(checkpoint_url: str, split: str = "test", data_url: str 
     cfg = from_dict(state["config"])
     if data_url:
         cfg.data.url = data_url
-    manifest = read_manifest(cfg.data.url)
+    manifest = read_manifest(cfg.data.url, cfg.data.read_retry_s)
     classes = manifest["classes"]
     model, weights = model_from_checkpoint(state, manifest, use_ema)
     model = model.to(dist.device)

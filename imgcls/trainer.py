@@ -274,7 +274,7 @@ class Trainer:
         self.device = device = dist.device
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
         self._set_backend_flags()
-        self.manifest = read_manifest(cfg.data.url)
+        self.manifest = read_manifest(cfg.data.url, cfg.data.read_retry_s)
         self.classes = self.manifest["classes"]
         channels = self.manifest["image"]["channels"]
         self.reader = ShardReader(cfg.data, "train", rank=dist.rank, world_size=dist.world_size,

@@ -17,7 +17,7 @@ from PIL import Image
 from imgcls import checkpoint
 from imgcls.augment import PhotoTransform, jpeg_scale, photo_uniforms, resized_crop_box
 from imgcls.config import AugmentConfig, DataConfig
-from imgcls.data import DataError, Encoded, ShardReader, read_manifest
+from imgcls.data import PHOTO_MEMBERS, DataError, Encoded, ShardReader, read_manifest
 from imgcls.inference import load_image
 from shardio.format import read_tar, write_tar
 
@@ -120,7 +120,7 @@ def shard_images(url: str, split: str = "val") -> dict[str, bytes]:
     out = {}
     for shard in manifest["splits"][split]["shards"]:
         for sample in read_tar((Path(url) / shard["path"]).read_bytes()):
-            out[sample["__key__"]] = sample["jpg"]
+            out[sample["__key__"]] = image_member(sample)[1]
     return out
 
 
@@ -148,15 +148,22 @@ def test_eval_transform_is_timm_resize_and_center_crop_and_predict_uses_it(photo
         assert np.array_equal(load_image(path, meta), inputs[key].numpy()), key
 
 
+def image_member(sample: dict) -> tuple[str, bytes]:
+    """(extension, bytes) of a sample's one image member: the source file's own format."""
+    ext = next(ext for ext in PHOTO_MEMBERS if ext in sample)
+    return ext, sample[ext]
+
+
 def corrupt_copy(url: str, dest: Path, damage) -> tuple[str, str]:
-    """A copy of the dataset whose first train shard has its first sample's JPEG replaced by
+    """A copy of the dataset whose first train shard has its first sample's image replaced by
     damage(bytes); the manifest's size and sha256 are kept, so checksums must be off."""
     shutil.copytree(url, dest)
     manifest = json.loads((dest / "manifest.json").read_text())
     shard = manifest["splits"]["train"]["shards"][0]
     samples = list(read_tar((dest / shard["path"]).read_bytes()))
-    samples[0]["jpg"] = damage(samples[0]["jpg"])
-    (dest / shard["path"]).write_bytes(write_tar((s["__key__"], int(s["cls"]), "jpg", s["jpg"]) for s in samples))
+    ext, data = image_member(samples[0])
+    samples[0][ext] = damage(data)
+    (dest / shard["path"]).write_bytes(write_tar((s["__key__"], int(s["cls"]), *image_member(s)) for s in samples))
     return shard["path"], samples[0]["__key__"]
 
 

@@ -398,3 +398,17 @@ def test_a_second_job_on_a_run_dir_in_use_is_refused_naming_the_holder(dataset, 
     state = final_state(str(run_dir))
     assert state["data"]["epoch"] == 4 and state["config"]["run"]["seed"] == 0
     assert "seed: 0" in (run_dir / "config.yaml").read_text() and not (run_dir / "lease.json").exists()
+
+
+def test_shards_rebuilt_under_a_stopped_run_are_refused_not_read_from_its_position(tmp_path):
+    """The config still says the same data.url, but the shards there changed: resuming at the
+    saved position would quietly continue on another dataset."""
+    data = build_bands_dataset(tmp_path / "data")
+    run = [f"data.url={data}", f"run.dir={tmp_path / 'run'}", *SMALL]
+    torchrun([*run, "train.max_steps=3"], nproc=1)
+    build_bands_dataset(tmp_path / "data", label_noise=0.2)  # the same URL, other samples
+    out = torchrun(run, nproc=1, check=False)
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert out.returncode != 0 and len(errors) == 1, out.stderr[-3000:]
+    assert f"error: {data}: the 'train' shards differ from the ones this run was reading" in errors[0]
+    assert final_state(tmp_path / "run")["progress"]["step"] == 3  # nothing was trained on them
