@@ -425,22 +425,8 @@ def photos_report(args, methods, results, load, dali, count) -> str:
         "| method | images/epoch | images/s (mean ± std) | epoch s (mean) | CPU s/epoch |",
         "|---|---:|---:|---:|---:|",
     ]
-    for m in methods:
-        mu, sd = mean_std(rate[m.name])
-        runs = results[m.name]
-        cpu = statistics.fmean(r["cpu"] for r in runs)
-        server = statistics.fmean(r["server_cpu"] for r in runs)
-        lines.append(f"| {m.name} | {runs[0]['n']} | {mu:,.0f} ± {sd:,.0f} | "
-                     f"{statistics.fmean(r['wall'] for r in runs):.2f} | {cpu:.2f}"
-                     + (f" + {server:.2f} moto |" if server else " |"))
-    lines += ["", "| ratio | of means | per repetition (min–max) | target | met |", "|---|---:|---:|---:|:---:|"]
-    for label, num, den, target in PHOTO_TARGETS:
-        if num not in rate or den not in rate:
-            continue
-        ratio = statistics.fmean(rate[num]) / statistics.fmean(rate[den])
-        per_rep = [x / y for x, y in zip(rate[num], rate[den])]
-        lines.append(f"| {label} | {ratio:.2f}x | {min(per_rep):.2f}–{max(per_rep):.2f}x | >= {target}x | "
-                     f"{'yes' if ratio >= target else 'NO'} |")
+    lines += [method_row(m.name, results[m.name]) + " |" for m in methods]
+    lines += ratio_table(rate, [t for t in PHOTO_TARGETS if t[1] in rate and t[2] in rate])
     lines += ["", "CPU s/epoch: this process and its DataLoader workers (DALI's threads run in this process)."]
     return "\n".join(lines)
 
@@ -466,6 +452,29 @@ def mean_std(values):
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def method_row(name: str, runs: list[dict]) -> str:
+    """"| name | samples | rate mean ± std | epoch s | CPU s" of one method's timed epochs
+    (no closing bar: a table may add columns)."""
+    mu, sd = mean_std([r["n"] / r["wall"] for r in runs])
+    cpu = statistics.fmean(r["cpu"] for r in runs)
+    server = statistics.fmean(r["server_cpu"] for r in runs)
+    cpu_text = f"{cpu:.2f}" + (f" + {server:.2f} moto" if server else "")
+    return (f"| {name} | {runs[0]['n']} | {mu:,.0f} ± {sd:,.0f} | "
+            f"{statistics.fmean(r['wall'] for r in runs):.2f} | {cpu_text}")
+
+
+def ratio_table(rate: dict[str, list[float]], targets) -> list[str]:
+    """The ratio rows, (label, numerator, denominator, target) each: of the means, and within
+    each interleaved repetition."""
+    lines = ["", "| ratio | of means | per repetition (min–max) | target | met |", "|---|---:|---:|---:|:---:|"]
+    for label, num, den, target in targets:
+        ratio = statistics.fmean(rate[num]) / statistics.fmean(rate[den])
+        per_rep = [x / y for x, y in zip(rate[num], rate[den])]
+        lines.append(f"| {label} | {ratio:.2f}x | {min(per_rep):.2f}–{max(per_rep):.2f}x | "
+                     f">= {target}x | {'yes' if ratio >= target else 'NO'} |")
+    return lines
+
+
 def report(args, info, methods, results) -> str:
     a, b, c = methods
     rate = {m.name: [r["n"] / r["wall"] for r in results[m.name]] for m in methods}
@@ -484,22 +493,9 @@ def report(args, info, methods, results) -> str:
         "|---|---:|---:|---:|---:|---:|",
     ]
     ref = statistics.fmean(rate[c.name])
-    for m in methods:
-        mu, sd = mean_std(rate[m.name])
-        runs = results[m.name]
-        secs = statistics.fmean(r["wall"] for r in runs)
-        cpu = statistics.fmean(r["cpu"] for r in runs)
-        server = statistics.fmean(r["server_cpu"] for r in runs)
-        cpu_text = f"{cpu:.2f}" + (f" + {server:.2f} moto" if server else "")
-        lines.append(f"| {m.name} | {runs[0]['n']} | {mu:,.0f} ± {sd:,.0f} | {secs:.2f} | {cpu_text} | "
-                     f"{mu / ref:.2f}x |")
-    lines += ["", "| ratio | of means | per repetition (min–max) | target | met |", "|---|---:|---:|---:|:---:|"]
-    for label, num, den, target in (("shard-local / ImageFolder", a, c, TARGET_VS_IMAGEFOLDER),
-                                    ("S3 / local", b, a, TARGET_S3_VS_LOCAL)):
-        ratio = statistics.fmean(rate[num.name]) / statistics.fmean(rate[den.name])
-        per_rep = [x / y for x, y in zip(rate[num.name], rate[den.name])]
-        lines.append(f"| {label} | {ratio:.2f}x | {min(per_rep):.2f}–{max(per_rep):.2f}x | "
-                     f">= {target}x | {'yes' if ratio >= target else 'NO'} |")
+    lines += [f"{method_row(m.name, results[m.name])} | {statistics.fmean(rate[m.name]) / ref:.2f}x |" for m in methods]
+    lines += ratio_table(rate, [("shard-local / ImageFolder", a.name, c.name, TARGET_VS_IMAGEFOLDER),
+                                ("S3 / local", b.name, a.name, TARGET_S3_VS_LOCAL)])
     lines += ["", "CPU s/epoch: this process (all threads) plus its DataLoader workers, per timed epoch; "
               "for S3 also the moto server's CPU, on the same cores. Per repetition: the ratio within "
               "each interleaved round."]
