@@ -175,6 +175,15 @@ def eval_resize_crop(image: torch.Tensor, size: int, crop_pct: float) -> torch.T
     return TF.center_crop(image, [size, size])
 
 
+def _box_sides(area: float, a: float, r: float, scale, log_ratio) -> tuple[int, int]:
+    """torchvision's random box (RandomResizedCrop, RandomErasing): an area drawn from `scale`
+    (by `a`) and an aspect ratio log-uniform in `log_ratio` (by `r`); returns
+    (round(sqrt(area * aspect)), round(sqrt(area / aspect)))."""
+    target = area * (scale[0] + a * (scale[1] - scale[0]))
+    aspect = math.exp(log_ratio[0] + r * (log_ratio[1] - log_ratio[0]))
+    return int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+
+
 def resized_crop_box(height: int, width: int, u: np.ndarray, scale, ratio) -> tuple[int, int, int, int]:
     """(top, left, h, w) of torchvision's RandomResizedCrop.get_params, with its randomness
     taken from `u` (photo_uniforms): 10 tries at an area and aspect ratio, then the whole
@@ -182,9 +191,7 @@ def resized_crop_box(height: int, width: int, u: np.ndarray, scale, ratio) -> tu
     area, log_ratio = height * width, (math.log(ratio[0]), math.log(ratio[1]))
     tries = u[U_RRC].reshape(RRC_TRIES, 2)
     for a, r in tries:
-        target = area * (scale[0] + a * (scale[1] - scale[0]))
-        aspect = math.exp(log_ratio[0] + r * (log_ratio[1] - log_ratio[0]))
-        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        w, h = _box_sides(area, a, r, scale, log_ratio)  # the ratio is width / height
         if 0 < w <= width and 0 < h <= height:
             top, left = u[U_RRC_POS]
             return int(top * (height - h + 1)), int(left * (width - w + 1)), h, w
@@ -292,9 +299,7 @@ def _erase(image: torch.Tensor, v: np.ndarray, scale=(0.02, 0.33), ratio=(0.3, 3
     channels, height, width = image.shape
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for a, r in v[U_ERASE_BOX].reshape(10, 2):
-        target = height * width * (scale[0] + a * (scale[1] - scale[0]))
-        aspect = math.exp(log_ratio[0] + r * (log_ratio[1] - log_ratio[0]))
-        h, w = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        h, w = _box_sides(height * width, a, r, scale, log_ratio)  # the ratio is height / width
         if h < height and w < width:
             top, left = (int(p * (n + 1)) for p, n in zip(v[U_ERASE_POS], (height - h, width - w)))
             noise = np.random.default_rng(int(v[U_ERASE_NOISE] * 2 ** 53))
