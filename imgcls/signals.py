@@ -27,8 +27,15 @@ CANCEL_SIGNAL = signal.SIGTERM      # scancel: checkpoint and end
 class StopRequest:
     def __init__(self, signals=(REQUEUE_SIGNAL, CANCEL_SIGNAL)):
         self.signum: int | None = None
-        for s in signals:
-            signal.signal(s, self._handle)
+        self._previous = {s: signal.signal(s, self._handle) for s in signals}
+
+    def close(self) -> None:
+        """The work is over. A requeue signal that still comes (the time limit reached while
+        the job was finishing) is ignored from now on: Python gives its handlers back to the
+        default action while the interpreter shuts down, a late USR2 would then kill the task,
+        and SLURM would mark a finished job FAILED. Other signals get their old handlers."""
+        for s, previous in self._previous.items():
+            signal.signal(s, signal.SIG_IGN if s == REQUEUE_SIGNAL else previous)
 
     def _handle(self, signum, frame) -> None:
         if self.signum != REQUEUE_SIGNAL:  # nothing else: see the module docstring

@@ -258,6 +258,8 @@ def train(cfg: Config) -> dict:
         with contextlib.suppress(Exception):  # give the run dir back, without hiding the error
             checkpointer.close()
         raise
+    finally:
+        stop.close()
     # the last checkpoint is written first; a SLURM job stopped to come back (USR2) is requeued
     # by its caller (imgcls.cluster) and takes its lease back, so the record stays
     checkpointer.close(requeue=wants_requeue(result["reason"]) and "SLURM_JOB_ID" in os.environ)

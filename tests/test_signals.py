@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from tests.conftest import REPO, SMALL
 from imgcls.signals import StopRequest, keep_worker_through_cancel, wants_requeue
 
 
@@ -54,3 +57,26 @@ def test_loader_worker_outlives_the_cancel_signal_only_when_told(init, survives)
     else:
         with pytest.raises(RuntimeError, match="exited unexpectedly"):
             seen += [int(b) for b in batches]
+
+
+# Sends USR2 while the interpreter shuts down, after Python has given signal handlers back to
+# their defaults: what SLURM's time-limit signal did to a job that had just finished.
+LATE_SIGNAL = """
+import os, signal, sys, time
+from jobs.train import main
+
+class LateTimeLimit:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGUSR2)
+        time.sleep(0.5)
+
+main(sys.argv[1:])
+late = LateTimeLimit()
+"""
+
+
+def test_a_requeue_signal_after_the_work_is_done_does_not_kill_the_job(bands_dataset, tmp_path):
+    args = ["--config", "", f"data.url={bands_dataset}", f"run.dir={tmp_path / 'run'}", *SMALL, "train.epochs=1"]
+    done = subprocess.run([sys.executable, "-c", LATE_SIGNAL, *args], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=180)
+    assert done.returncode == 0, f"exit {done.returncode}:\n{done.stderr[-3000:]}"
