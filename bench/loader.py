@@ -414,13 +414,12 @@ PHOTO_TARGETS = (("imgcls local / ImageFolder", "imgcls shards, local", "ImageFo
 
 
 def photos_report(args, methods, results, load, dali, count) -> str:
-    rate = {m.name: [r["n"] / r["wall"] for r in results[m.name]] for m in methods}
+    rate = {m.name: rates(results[m.name]) for m in methods}
     lines = [
         f"224 px loader table: {count} JPEG crops of real photographs (~500x375, q90), RandomResizedCrop 224 "
         f"+ flip, uint8 batches of {args.batch_size}, num_workers {args.num_workers} for every method (DALI: "
         f"{args.num_workers} CPU threads; {dali}); {args.reps} timed epochs per method after 1 warm-up, "
-        f"interleaved; {os.cpu_count()} CPUs (load average {load[0]:.1f} at the start, {os.getloadavg()[0]:.1f} "
-        f"at the end: the machine is shared), torch {torch.__version__}",
+        f"interleaved; {machine_text(load)}",
         "",
         "| method | images/epoch | images/s (mean ± std) | epoch s (mean) | CPU s/epoch |",
         "|---|---:|---:|---:|---:|",
@@ -452,10 +451,20 @@ def mean_std(values):
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def rates(runs: list[dict]) -> list[float]:
+    """Samples/s of each timed epoch."""
+    return [r["n"] / r["wall"] for r in runs]
+
+
+def machine_text(load_at_start: tuple[float, ...]) -> str:
+    return (f"{os.cpu_count()} CPUs (load average {load_at_start[0]:.1f} at the start, {os.getloadavg()[0]:.1f} "
+            f"at the end: the machine is shared), torch {torch.__version__}")
+
+
 def method_row(name: str, runs: list[dict]) -> str:
     """"| name | samples | rate mean ± std | epoch s | CPU s" of one method's timed epochs
     (no closing bar: a table may add columns)."""
-    mu, sd = mean_std([r["n"] / r["wall"] for r in runs])
+    mu, sd = mean_std(rates(runs))
     cpu = statistics.fmean(r["cpu"] for r in runs)
     server = statistics.fmean(r["server_cpu"] for r in runs)
     cpu_text = f"{cpu:.2f}" + (f" + {server:.2f} moto" if server else "")
@@ -477,13 +486,12 @@ def ratio_table(rate: dict[str, list[float]], targets) -> list[str]:
 
 def report(args, info, methods, results) -> str:
     a, b, c = methods
-    rate = {m.name: [r["n"] / r["wall"] for r in results[m.name]] for m in methods}
+    rate = {m.name: rates(results[m.name]) for m in methods}
     lines = [
         f"Loader throughput: {info['source']} {args.split} split, {info['count']} samples "
         f"({info['shards']} shards of <= {args.shard_samples}), batch {args.batch_size}, "
         f"num_workers {args.num_workers}, {args.reps} timed epochs per method after 1 warm-up, "
-        f"interleaved; {os.cpu_count()} CPUs (load average {info['load'][0]:.1f} at the start, "
-        f"{os.getloadavg()[0]:.1f} at the end: the machine is shared), torch {torch.__version__}",
+        f"interleaved; {machine_text(info['load'])}",
         f"augmentation: {info['augment']}; normalize mean {info['mean']} std {info['std']}",
         "timing: time.perf_counter around whole epochs, DataLoader creation and worker start-up "
         "included; same batch size, num_workers and prefetch_factor (4) for all three; "
@@ -629,7 +637,7 @@ def main(argv=None) -> int:
             print(report(args, info, methods, results))
         else:
             for m in methods:
-                mu, sd = mean_std([r["n"] / r["wall"] for r in results[m.name]])
+                mu, sd = mean_std(rates(results[m.name]))
                 print(f"| {m.name} | {mu:,.0f} ± {sd:,.0f} samples/s |")
         print(f"# total {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     finally:
