@@ -1,7 +1,7 @@
 """At the same global batch, 2 ranks x accumulation 1 and 1 rank x accumulation 2 take the
 same optimizer steps (real torchrun processes, gloo). The model has no BatchNorm: with it,
 each rank normalises with its own micro-batch statistics and the running stats follow rank 0,
-so the two layouts would legitimately differ (see README, "Batch size and learning rate")."""
+so the two layouts would legitimately differ (see docs/training.md, "Batch size and learning rate")."""
 import os
 import subprocess
 import sys
