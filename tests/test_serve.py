@@ -138,3 +138,56 @@ def test_a_slow_client_does_not_block_the_others(models, images):
             while b"}]}" not in reply and (chunk := slow.recv(65536)):  # headers and body may come apart
                 reply += chunk
         assert reply.startswith(b"HTTP/1.1 200") and b'"top_k"' in reply
+
+
+# ---- the Open Inference Protocol v2, through tritonclient -----------------------------
+def test_tritonclient_reads_metadata_and_infers_like_predict(models, images):
+    import tritonclient.http as triton
+    from tritonclient.utils import InferenceServerException
+
+    expected = predict_answers(models["onnx"], images)
+    files = [p.read_bytes() for p in images[:6]]
+    pixels = np.stack([np.asarray(Image.open(p))[:, :, None] for p in images[:6]])  # [N,H,W,1] uint8
+    with serving(models["onnx"], "--name", "bands") as url:
+        client = triton.InferenceServerClient(url.removeprefix("http://"))
+        assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("bands")
+        assert not client.is_model_ready("nope")
+        assert "binary_tensor_data" in client.get_server_metadata()["extensions"]
+        meta = client.get_model_metadata("bands")
+        assert meta["versions"] == ["1"] and client.get_model_metadata("bands", "1")["name"] == "bands"
+        assert {(i["name"], i["datatype"]) for i in meta["inputs"]} == {("image", "BYTES"), ("pixels", "UINT8"),
+                                                                         ("input", "FP32")}
+        assert ["probabilities", "FP32", [-1, 4]] in [[o["name"], o["datatype"], o["shape"]] for o in meta["outputs"]]
+
+        answers = {}
+        for datatype, data in (("BYTES", np.array(files, dtype=object)), ("UINT8", pixels)):
+            tensor = triton.InferInput("image" if datatype == "BYTES" else "pixels", list(data.shape), datatype)
+            tensor.set_data_from_numpy(data, binary_data=True)  # the binary tensor extension
+            outputs = [triton.InferRequestedOutput("probabilities"), triton.InferRequestedOutput("top_k")]
+            answers[datatype] = client.infer("bands", [tensor], outputs=outputs, request_id=f"req-{datatype}",
+                                             parameters={"top_k": 3})
+        json_input = triton.InferInput("image", [1], "BYTES")
+        json_input.set_data_from_numpy(np.array([files[0]], dtype=object), binary_data=True)
+        classified = client.infer("bands", [json_input], model_version="1",
+                                  outputs=[triton.InferRequestedOutput("probabilities", binary_data=False,
+                                                                       class_count=2)])
+        with pytest.raises(InferenceServerException, match="unknown model 'nope'"):
+            client.infer("nope", [json_input])
+        bad = triton.InferInput("input", [1, 1, 5, 5], "FP32")
+        bad.set_data_from_numpy(np.zeros((1, 1, 5, 5), np.float32))
+        with pytest.raises(InferenceServerException, match=r"expected .*FP32 \[N,1,12,12\]"):
+            client.infer("bands", [bad])
+        client.close()
+
+    for datatype, result in answers.items():
+        response = result.get_response()
+        assert response["model_name"] == "bands" and response["model_version"] == "1"
+        assert response["id"] == f"req-{datatype}"
+        probs, names = result.as_numpy("probabilities"), result.as_numpy("top_k")
+        assert probs.shape == (6, 4) and names.shape == (6, 3)
+        for path, row, top in zip(images, probs, names):
+            want = expected[str(path)]
+            assert [n.decode() for n in top] == [t["class"] for t in want], datatype
+            assert np.allclose(sorted(row, reverse=True)[:3], [t["prob"] for t in want], atol=1e-5)
+    best = expected[str(images[0])][0]
+    assert str(classified.as_numpy("probabilities")[0][0]).endswith(  # JSON: a strf":{best['index']}:{best['class']}")
