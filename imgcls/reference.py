@@ -5,12 +5,14 @@ metadata (meta["reference"]) and watched live by serve (imgcls/serving/monitor.p
      "class_distribution": [share of predictions per class],
      "confidence": {"edges": [0, 0.1, ..., 1], "shares": [...], "mean": 0.91,
                     "low": 0.5, "low_share": 0.04},
-     "abnormal": {"score": "energy", "threshold": -3.2, "validation_flagged": 0.05}}
+     "abnormal": {"score": "1 - max softmax", "threshold": 0.31, "validation_flagged": 0.05}}
 
-The abnormal-input score is the energy -logsumexp(logits) (Liu et al., "Energy-based
-Out-of-distribution Detection", 2020): low for inputs like the training data, higher for
-others. Its threshold is the ABNORMAL_QUANTILE of the validation scores, so that share of
-the validation set passes and the rest is flagged.
+The abnormal-input score is 1 - the top-1 probability (the max-softmax baseline, Hendrycks &
+Gimpel 2017): low for inputs like the training data, higher for others. Its threshold is the
+ABNORMAL_QUANTILE of the validation scores, so that share of the validation set passes and the
+rest is flagged. On the bands model and Fashion-MNIST images it separated better than the
+energy score -logsumexp(logits) (Liu et al. 2020): AUROC 0.97 against 0.80, 90% flagged
+against 60% (tests/test_serve.py).
 """
 from __future__ import annotations
 
@@ -23,10 +25,9 @@ LOW_CONFIDENCE = 0.5        # a top-1 probability below this is a low-confidence
 ABNORMAL_QUANTILE = 0.95    # the share of the validation set below the abnormal threshold
 
 
-def energy(logits: np.ndarray) -> np.ndarray:
-    """-logsumexp over the classes, one per row; higher means less like the training data."""
-    top = logits.max(axis=1)
-    return -(top + np.log(np.exp(logits - top[:, None]).sum(axis=1)))
+def abnormality(logits: np.ndarray) -> np.ndarray:
+    """1 - the top-1 probability, one per row; higher means less like the training data."""
+    return 1 - softmax(logits.astype(np.float64)).max(axis=1)
 
 
 def class_distribution(predicted: np.ndarray, classes: int) -> np.ndarray:
@@ -43,7 +44,7 @@ def reference_behaviour(logits: np.ndarray, labels: np.ndarray, split: str) -> d
     probs = softmax(logits.astype(np.float64))
     top1 = probs.max(axis=1)
     predicted = probs.argmax(axis=1)
-    scores = energy(logits.astype(np.float64))
+    scores = abnormality(logits)
     threshold = float(np.quantile(scores, ABNORMAL_QUANTILE))
     edges = np.linspace(0, 1, CONFIDENCE_BINS + 1)
     return {
@@ -54,6 +55,6 @@ def reference_behaviour(logits: np.ndarray, labels: np.ndarray, split: str) -> d
         "confidence": {"edges": edges.tolist(), "shares": (np.histogram(top1, edges)[0] / len(top1)).tolist(),
                        "mean": float(top1.mean()), "low": LOW_CONFIDENCE,
                        "low_share": float((top1 < LOW_CONFIDENCE).mean())},
-        "abnormal": {"score": "energy", "threshold": threshold,
+        "abnormal": {"score": "1 - max softmax", "threshold": threshold,
                      "validation_flagged": float((scores > threshold).mean())},
     }

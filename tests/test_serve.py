@@ -4,6 +4,7 @@ bad input answered with a 4xx and the reason; a slow client does not hold up the
 from __future__ import annotations
 
 import io
+import shutil
 import json
 import socket
 import time
@@ -190,4 +191,133 @@ def test_tritonclient_reads_metadata_and_infers_like_predict(models, images):
             assert [n.decode() for n in top] == [t["class"] for t in want], datatype
             assert np.allclose(sorted(row, reverse=True)[:3], [t["prob"] for t in want], atol=1e-5)
     best = expected[str(images[0])][0]
-    assert str(classified.as_numpy("probabilities")[0][0]).endswith(  # JSON: a strf":{best['index']}:{best['class']}")
+    top1 = str(classified.as_numpy("probabilities")[0][0])  # JSON output: a str
+    assert top1.endswith(f":{best['index']}:{best['class']}")
+
+
+# ---- a model repository: versions, traffic, reload ------------------------------------
+def add_version(repo, name: str, version: int, model: str | None) -> None:
+    """REPO/name/version/model.onnx (+ its sidecar), moved in whole; garbage when model is None."""
+    staging = repo.parent / f"staging-{name}-{version}"
+    staging.mkdir(parents=True)
+    if model:
+        shutil.copy(model, staging / "model.onnx")
+        shutil.copy(model + ".json", staging / "model.onnx.json")
+    else:
+        (staging / "model.onnx").write_bytes(b"not an onnx file")
+    (repo / name).mkdir(parents=True, exist_ok=True)
+    staging.rename(repo / name / str(version))
+
+
+def wait_until(check, timeout: float = 30.0, what: str = "") -> None:
+    deadline = time.time() + timeout
+    while not check():
+        if time.time() > deadline:
+            raise TimeoutError(f"not within {timeout}s: {what}")
+        time.sleep(0.2)
+
+
+def test_repository_versions_traffic_split_metrics_and_reload(models, images, tmp_path):
+    import tritonclient.http as triton
+
+    repo = tmp_path / "repo"
+    for version in (1, 2):
+        add_version(repo, "bands", version, models["onnx"])
+    good = images[0].read_bytes()
+    with serving(str(repo), "--traffic", "bands=1:0.75,2:0.25", "--poll-s", "0.5", log=tmp_path / "log") as url:
+        def answer(request_id, **params):
+            reply = httpx.post(url + "/predict", params=params, content=good, headers={"x-request-id": request_id})
+            assert reply.status_code == 200, reply.text
+            return reply.json()["version"]
+
+        chosen = {i: answer(f"client-{i}") for i in range(80)}
+        assert all(answer(f"client-{i}") == chosen[i] for i in range(10)), "a client moved to another version"
+        assert 0.1 < list(chosen.values()).count("2") / len(chosen) < 0.4
+        assert answer("x", version="1") == "1"
+        assert httpx.post(url + "/predict?version=2", content=b"garbage").status_code == 400
+
+        client = triton.InferenceServerClient(url.removeprefix("http://"))
+        tensor = triton.InferInput("image", [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([good], dtype=object))
+        assert client.infer("bands", [tensor], model_version="2").get_response()["model_version"] == "2"
+
+        add_version(repo, "bands", 3, models["onnx"])  # picked up by the watcher, no restart
+        wait_until(lambda: client.is_model_ready("bands", "3"), what="version 3 servable")
+        add_version(repo, "bands", 4, None)
+        index = {row["version"]: row for row in httpx.post(url + "/v2/repository/index").json()}
+        assert [index[v]["state"] for v in "123"] == ["READY"] * 3
+        assert index["4"]["state"] == "UNAVAILABLE" and "onnx" in index["4"]["reason"].lower()
+        assert not client.is_model_ready("bands", "4") and answer("y", version="3") == "3"
+        assert client.get_model_metadata("bands")["versions"] == ["1", "2", "3"]
+        client.close()
+        seen = metrics(url)
+    requests = seen["imgcls_model_requests_total"]
+    ok = {v: requests.get((("model", "bands"), ("status", "200"), ("version", v)), 0) for v in "123"}
+    assert ok["1"] + ok["2"] == 80 + 10 + 1 + 1 and ok["3"] == 1
+    assert requests[(("model", "bands"), ("status", "400"), ("version", "2"))] == 1
+    assert seen["imgcls_model_latency_seconds_count"][(("model", "bands"), ("version", "2"))] == ok["2"]
+    assert seen["imgcls_model_images_total"][(("model", "bands"), ("version", "1"))] == ok["1"]
+    assert "refused model bands version 4" in (tmp_path / "log").read_text()
+
+
+# ---- live quality monitoring ----------------------------------------------------------
+def quality(url: str) -> dict[str, float]:
+    return {name.removeprefix("imgcls_quality_"): values[(("model", "bands"), ("version", "1"))]
+            for name, values in metrics(url).items() if name.startswith("imgcls_quality_")}
+
+
+def test_quality_gauges_feedback_accuracy_alert_and_abnormal_inputs(models, tmp_path):
+    import tritonclient.http as triton
+
+    from shards.sources import open_source
+    from tests.conftest import FASHION_MNIST
+
+    meta = read_meta(models["onnx"])
+    reference = meta["reference"]
+    assert reference["split"] == "val" and reference["samples"] == 400 and reference["accuracy"] > 0.9
+    assert abs(sum(reference["class_distribution"]) - 1) < 1e-6 and len(reference["confidence"]["shares"]) == 10
+    val, labels = read_samples(meta, "val", 200)
+    if not (FASHION_MNIST / "t10k-images-idx3-ubyte.gz").exists():
+        pytest.skip("Debian package dataset-fashion-mnist is not installed (CI installs it)")
+    source = open_source(FASHION_MNIST)
+    other = np.stack([source.load(60000 + i) for i in range(200)])  # another dataset: [N,28,28,1] uint8
+
+    log = tmp_path / "log"
+    with serving(models["onnx"], "--name", "bands", "--window", "200", "--alert-min-feedback", "100", log=log) as url:
+        client = triton.InferenceServerClient(url.removeprefix("http://"))
+
+        def infer(name, datatype, data, request_id):
+            tensor = triton.InferInput(name, list(data.shape), datatype)
+            tensor.set_data_from_numpy(data)
+            return client.infer("bands", [tensor], request_id=request_id)
+
+        flagged_val = np.concatenate([infer("input", "FP32", val[i:i + 100], f"val-{i}").as_numpy("abnormal")
+                                      for i in (0, 100)])
+        live = quality(url)
+        flagged_other = infer("pixels", "UINT8", other, "other").as_numpy("abnormal")
+
+        def feedback(request_id, truth):
+            return httpx.post(url + "/v2/models/bands/feedback",
+                              json={"feedback": [{"id": request_id, "labels": [int(t) for t in truth]}]}).json()
+
+        assert feedback("val-0", labels[:100]) == {"accepted": 1, "unknown_ids": []}
+        assert feedback("nope", [0])["unknown_ids"] == ["nope"]
+        calm = quality(url)
+        feedback("val-100", (labels[100:] + 1) % 4)  # wrong labels: live accuracy falls to about half
+        alarmed = quality(url)
+        feedback("val-0", labels[:100])
+        feedback("val-100", labels[100:])
+        recovered = quality(url)
+        client.close()
+
+    print(f"abnormal: {flagged_val.mean():.1%} of val, {flagged_other.mean():.1%} of Fashion-MNIST")
+    assert flagged_val.mean() < 0.15 and flagged_other.mean() > 0.8, "the abnormal flag does not separate them"
+    assert live["window_predictions"] == 200 and live["class_distance"] < 0.15
+    assert abs(live["mean_confidence"] - live["reference_mean_confidence"]) < 0.05
+    assert live["reference_accuracy"] == reference["accuracy"] and np.isnan(live["live_accuracy"])
+    assert calm["live_accuracy"] > reference["accuracy"] - 0.1 and calm["feedback_labels"] == 100
+    assert calm["accuracy_alert"] == 0 and alarmed["accuracy_alert"] == 1 and recovered["accuracy_alert"] == 0
+    assert alarmed["live_accuracy"] < 0.6 and recovered["live_accuracy"] > reference["accuracy"] - 0.03
+    lines = log.read_text().splitlines()
+    assert sum("ALERT started: model bands version 1" in line for line in lines) == 1, lines
+    assert sum("ALERT ended: model bands version 1" in line for line in lines) == 1, lines

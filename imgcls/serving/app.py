@@ -209,7 +209,7 @@ class Server:
         batcher = version.serving.batcher
         batcher.arriving += len(rows)  # the batch being formed waits for them
         try:
-            return list(await asyncio.gather(*(self.decoder.run(fn, row, version.meta) for row in rows)))
+            return await self.decoder.map(fn, rows, version.meta)
         finally:
             batcher.arriving -= len(rows)
 

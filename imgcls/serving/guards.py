@@ -51,22 +51,25 @@ async def image_bytes(request: Request, body: bytes) -> bytes:
 
 
 class DecodePool:
-    """Decodes on `workers` threads; more than `max_waiting` images queued or decoding: 503."""
+    """Decodes on `workers` threads. A request whose images would take the number queued or
+    decoding above `max_waiting` is answered 503 (one alone is always admitted: the body limit
+    bounds it)."""
 
     def __init__(self, workers: int = 0, max_waiting: int = 64):
         self.workers = workers or os.cpu_count() or 1
         self.max_waiting, self.waiting = max_waiting, 0
         self.executor = ThreadPoolExecutor(self.workers, thread_name_prefix="decode")
 
-    async def run(self, fn, *args):
-        if self.waiting >= self.max_waiting:
+    async def map(self, fn, rows: list, *args) -> list:
+        if self.waiting and self.waiting + len(rows) > self.max_waiting:
             raise HTTPException(503, f"{self.waiting} images are waiting to be decoded (--max-queue "
                                      f"{self.max_waiting}); retry shortly", {"Retry-After": "1"})
-        self.waiting += 1
+        self.waiting += len(rows)
+        loop = asyncio.get_running_loop()
         try:
-            return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+            return list(await asyncio.gather(*(loop.run_in_executor(self.executor, fn, row, *args) for row in rows)))
         finally:
-            self.waiting -= 1
+            self.waiting -= len(rows)
 
 
 def deadline_protocol(header_deadline_s: float) -> type:

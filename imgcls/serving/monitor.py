@@ -3,7 +3,7 @@ the validation split (meta["reference"], recorded at export; imgcls/reference.py
 
 - the predicted-class distribution's distance from the reference (total variation);
 - the mean top-1 confidence and the share of low-confidence answers;
-- the share of answers flagged abnormal (energy above the validation-calibrated threshold);
+- the share of answers flagged abnormal (1 - max softmax above the validation-calibrated threshold);
 - live accuracy on the ground truth clients send back (`feedback`), and an alert while it is
   more than `alert_drop` points below the validation accuracy: a gauge, and one log line
   when it starts and one when it ends.
@@ -20,7 +20,7 @@ import numpy as np
 from prometheus_client.core import GaugeMetricFamily
 
 from imgcls.inference import softmax
-from imgcls.reference import LOW_CONFIDENCE, class_distribution, distribution_distance, energy
+from imgcls.reference import LOW_CONFIDENCE, abnormality, class_distribution, distribution_distance
 
 log = logging.getLogger("imgcls.serve")
 
@@ -43,7 +43,7 @@ class Monitor:
     def observe(self, logits: np.ndarray) -> tuple[np.ndarray, dict]:
         """(probabilities, abnormal-input verdict) of one image's logits, recorded in the window."""
         probs = softmax(logits[None].astype(np.float64))[0]
-        score = float(energy(logits[None].astype(np.float64))[0])
+        score = float(abnormality(logits[None])[0])
         verdict = {"score": score, "threshold": self.threshold,
                    "flagged": None if self.threshold is None else score > self.threshold}
         self.predicted.append(int(probs.argmax()))
@@ -102,7 +102,7 @@ class MonitorCollector:
         "window_predictions": "answers in the sliding window",
         "mean_confidence": "mean top-1 probability over the window",
         "low_confidence_share": f"share of answers with top-1 probability below {LOW_CONFIDENCE}",
-        "abnormal_share": "share of answers flagged abnormal (energy above the validation threshold)",
+        "abnormal_share": "share of answers flagged abnormal (1 - max softmax above the validation threshold)",
         "live_accuracy": "accuracy on the ground-truth labels fed back, over the window",
         "feedback_labels": "ground-truth labels in the window",
         "accuracy_alert": "1 while live accuracy is more than --alert-drop points below validation",
