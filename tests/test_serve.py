@@ -321,3 +321,48 @@ def test_quality_gauges_feedback_accuracy_alert_and_abnormal_inputs(models, tmp_
     lines = log.read_text().splitlines()
     assert sum("ALERT started: model bands version 1" in line for line in lines) == 1, lines
     assert sum("ALERT ended: model bands version 1" in line for line in lines) == 1, lines
+
+
+# ---- hostile clients: formats, decode load, stalled connections -----------------------
+def encoded(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def test_formats_outside_the_allow_list_get_415_and_decodes_are_bounded(models, images):
+    small = Image.open(images[0])
+    big = encoded(Image.new("L", (3000, 3000)), "PNG")  # 9 Mpx: within the serving budget, slow to decode
+    with serving(models["onnx"], "--decode-workers", "1", "--max-queue", "2") as url:
+        for fmt in ("BMP", "GIF", "TIFF", "PPM"):
+            answer = httpx.post(url + "/predict", files={"image": ("x.png", encoded(small, fmt), "image/png")})
+            assert answer.status_code == 415 and fmt in answer.json()["error"], answer.text
+        answer = httpx.post(url + "/predict", content=png_of_size(5000, 4000))  # under the builder's 64 Mpx
+        assert answer.status_code == 400 and "16,000,000 allowed" in answer.json()["error"]
+        with ThreadPoolExecutor(12) as pool:
+            answers = list(pool.map(lambda _: httpx.post(url + "/predict", content=big, timeout=60), range(12)))
+        busy = [a for a in answers if a.status_code == 503]
+        assert busy and all(a.status_code == 200 for a in answers if a not in busy)
+        assert busy[0].headers["retry-after"] == "1" and "--max-queue 2" in busy[0].json()["error"]
+        assert httpx.post(url + "/predict", content=images[0].read_bytes()).status_code == 200
+
+
+def test_stalled_clients_are_dropped_at_the_read_deadline(models, images):
+    good = images[0].read_bytes()
+    with serving(models["onnx"], "--read-timeout-s", "1.5", "--limit-concurrency", "3") as url:
+        port = int(url.rsplit(":", 1)[1])
+        stalled = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+        stalled[0].sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\n")  # headers never finish
+        stalled[1].sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(good)
+                           + good[:10])  # the body never finishes
+        time.sleep(0.3)
+        assert httpx.get(url + "/health").status_code == 503  # --limit-concurrency: 2 stalled + this one
+        start = time.perf_counter()
+        replies = []
+        for sock in stalled:
+            sock.settimeout(10)
+            replies.append(b"".join(iter(lambda s=sock: s.recv(65536), b"")))  # until the server closes
+            sock.close()
+        assert time.perf_counter() - start < 5
+        assert replies[0] == b"" and replies[1].startswith(b"HTTP/1.1 408")
+        assert httpx.get(url + "/health").status_code == 200

@@ -3,7 +3,7 @@
 - the body is read asynchronously, refused with 413 once it exceeds the limit, and must
   arrive within the read deadline (408);
 - the request headers must arrive within the same deadline, else the connection is closed
-  (`DeadlineH11Protocol`; uvicorn itself never times out a request that has not started);
+  (`deadline_protocol`; uvicorn itself never times out a request whose headers trickle in);
 - image decodes run on at most `workers` threads (the cores), and at most `max_waiting`
   images wait for one: beyond that the answer is 503 with Retry-After, as TorchServe does.
 """
@@ -13,6 +13,7 @@ import asyncio
 import os
 from concurrent.futures import ThreadPoolExecutor
 
+import h11
 from fastapi import HTTPException, Request
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -73,13 +74,34 @@ class DecodePool:
 
 
 def deadline_protocol(header_deadline_s: float) -> type:
-    """uvicorn's h11 protocol with a deadline for a new connection's first request headers (the
-    keep-alive timer, which uvicorn arms only after a response, armed on connect as well; it
-    is cancelled once the headers are complete)."""
+    """uvicorn's h11 protocol with a deadline for each request's headers: a connection whose
+    next request has not got its headers complete `header_deadline_s` after it opened (or
+    after its last response) is closed. uvicorn's own keep-alive timer does not do this: any
+    byte received cancels it, so a client that trickles a header line holds its socket forever."""
 
     class DeadlineH11Protocol(H11Protocol):
+        header_timer = None
+
+        def _arm_header_deadline(self) -> None:
+            if self.header_timer:
+                self.header_timer.cancel()
+            self.header_timer = self.loop.call_later(header_deadline_s, self._header_deadline)
+
+        def _header_deadline(self) -> None:
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.timeout_keep_alive_handler()  # closes the connection
+
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
-            self.timeout_keep_alive_task = self.loop.call_later(header_deadline_s, self.timeout_keep_alive_handler)
+            self._arm_header_deadline()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm_header_deadline()
+
+        def connection_lost(self, exc) -> None:
+            if self.header_timer:
+                self.header_timer.cancel()
+            super().connection_lost(exc)
 
     return DeadlineH11Protocol
