@@ -366,3 +366,50 @@ def test_stalled_clients_are_dropped_at_the_read_deadline(models, images):
         assert time.perf_counter() - start < 5
         assert replies[0] == b"" and replies[1].startswith(b"HTTP/1.1 408")
         assert httpx.get(url + "/health").status_code == 200
+
+
+# ---- the page, in headless Chromium ---------------------------------------------------
+@pytest.fixture
+def chromium(tmp_path):
+    """Debian's chromium driven through its chromedriver by selenium (no download: both paths given)."""
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        pytest.skip("Debian's chromium and chromium-driver are not installed (scripts/setup.sh installs them as root)")
+    import os
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    os.environ["SE_OFFLINE"] = "true"  # selenium must not look for browsers or drivers online
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=800,700", f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=Service(shutil.which("chromedriver")))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def test_the_page_classifies_a_chosen_image_in_chromium(models, images, chromium, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    expected = predict_answers(models["onnx"], images[:1])[str(images[0])]
+    with serving(models["onnx"]) as url:
+        chromium.get(url + "/")
+        chromium.find_element(By.ID, "file").send_keys(str(images[0]))
+        WebDriverWait(chromium, 20).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".row.result"))
+        rows = chromium.find_elements(By.CSS_SELECTOR, ".row.result")
+        shown = [(r.find_element(By.CLASS_NAME, "class").text, r.find_element(By.CLASS_NAME, "prob").text)
+                 for r in rows]
+        version = chromium.find_element(By.ID, "version").text
+        screenshot = tmp_path / "page.png"
+        chromium.save_screenshot(str(screenshot))
+    assert [c for c, _ in shown] == [t["class"] for t in expected] + [c for c, _ in shown][len(expected):]
+    assert len(shown) == 4 and shown[0][1] == f"{100 * expected[0]['prob']:.1f}%" and version == "1"
+    pixels = np.asarray(Image.open(screenshot).convert("RGB"))
+    bar = (np.abs(pixels.astype(int) - (68, 170, 119)).sum(axis=2) < 30).sum()  # the bars' colour, #4a7
+    assert pixels.shape[1] == 800 and bar > 2000 * expected[0]["prob"], f"{bar} pixels of the bars' colour"
