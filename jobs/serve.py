@@ -93,7 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     options = Options(args.max_batch, args.max_wait_ms, args.top_k, int(args.max_body_mb * 2**20),
                       args.read_timeout_s, args.max_pixels, args.decode_workers, args.max_queue, args.window,
                       args.alert_drop, args.alert_min_feedback, args.poll_s if repo.is_folder else 0)
-    app = create_app(repo, options)
+    try:
+        app = create_app(repo, options)
+    except ValueError as e:  # nothing servable, or --traffic naming no model: one line
+        parser.error(str(e))
     print(f"serving {', '.join(f'{v.name} v{v.version}' for v in app.state.initial)} on http://{args.host}:{args.port}",
           flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", http=deadline_protocol(args.read_timeout_s),

@@ -267,6 +267,9 @@ def class_index(label, classes: list[str]) -> int:
 def create_app(repo: Repository, options: Options | None = None) -> FastAPI:
     server = Server(repo, options or Options())
     initial = repo.scan()
+    unknown = set(repo.traffic) - {version.name for version in initial} - {name for name, _ in repo.refused}
+    if unknown:
+        raise ValueError(f"--traffic names {', '.join(sorted(unknown))}, not a model in {repo.source}")
     if not initial:
         reasons = "; ".join(f"{n} {v}: {r.reason}" for (n, v), r in repo.refused.items())
         raise ValueError(f"{repo.source}: no servable model" + (f" ({reasons})" if reasons else ""))
