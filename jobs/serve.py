@@ -38,7 +38,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--traffic", action="append", default=[], metavar="NAME=V:W,V:W",
                         help="weighted split between versions, deterministic per request id; repeatable")
     parser.add_argument("--poll-s", type=float, default=5.0,
-                        help="rescan the repository folder every N s; 0: only on POST /v2/repository/index")
+                        help="rescan the repository folder every N s; 0: only on POST /v2/repository/index "
+                             "(default: %(default)s)")
     parser.add_argument("--host", default="127.0.0.1", help="default: %(default)s (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=8000, help="default: %(default)s")
     parser.add_argument("--max-batch", type=int, default=32, help="images per model call (default: %(default)s)")
