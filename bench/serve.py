@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
                         continue
                     server_url, sender, clients = mode
                     before = batch_sizes(server_url)
-                    runs[name].append(over_http(lambda: sender(server_url), files, args.requests, clients))
+                    runs[name].append(over_http(lambda s=sender, u=server_url: s(u), files, args.requests, clients))
                     after = batch_sizes(server_url)
                     batches[name].append((after[0] - before[0]) / (after[1] - before[1]))
         finally:

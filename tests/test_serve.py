@@ -4,8 +4,8 @@ bad input answered with a 4xx and the reason; a slow client does not hold up the
 from __future__ import annotations
 
 import io
-import shutil
 import json
+import shutil
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor

@@ -196,7 +196,7 @@ class Server:
             raise HTTPException(415, str(e)) from None
         except UnidentifiedImageError:
             raise HTTPException(400, f"not an image in JPEG, PNG or WebP ({len(data)} bytes)") from None
-        except Exception as e:  # PIL raises many kinds for truncated or oversized images
+        except Exception as e:  # noqa: BLE001 - PIL raises many kinds for truncated or oversized images
             raise HTTPException(400, f"cannot read the image: {e}") from None
 
     @staticmethod

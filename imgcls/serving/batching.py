@@ -47,7 +47,7 @@ class Batcher:
             try:
                 batch.append(self.queue.get_nowait() if timeout <= 0 else
                              await asyncio.wait_for(self.queue.get(), timeout))
-            except (asyncio.QueueEmpty, asyncio.TimeoutError):
+            except (asyncio.QueueEmpty, TimeoutError):
                 break
         return batch
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import logging
+from typing import ClassVar
 
 import numpy as np
 from prometheus_client.core import GaugeMetricFamily
@@ -98,7 +99,7 @@ class Monitor:
 class MonitorCollector:
     """Prometheus gauges imgcls_quality_<name>{model, version} for every served version."""
 
-    HELP = {
+    HELP: ClassVar[dict[str, str]] = {
         "window_predictions": "answers in the sliding window",
         "mean_confidence": "mean top-1 probability over the window",
         "low_confidence_share": f"share of answers with top-1 probability below {LOW_CONFIDENCE}",

@@ -14,13 +14,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from imgcls.inference import Predictor, TORCHSCRIPT_SUFFIX
+from imgcls.inference import TORCHSCRIPT_SUFFIX, Predictor
 
 log = logging.getLogger("imgcls.serve")
 MODEL_FILES = ("model.onnx", "model.tflite", "model" + TORCHSCRIPT_SUFFIX, "model.pt")
