@@ -149,8 +149,8 @@ def test_tritonclient_reads_metadata_and_infers_like_predict(models, images):
     expected = predict_answers(models["onnx"], images)
     files = [p.read_bytes() for p in images[:6]]
     pixels = np.stack([np.asarray(Image.open(p))[:, :, None] for p in images[:6]])  # [N,H,W,1] uint8
-    with serving(models["onnx"], "--name", "bands") as url:
-        client = triton.InferenceServerClient(url.removeprefix("http://"))
+    with serving(models["onnx"], "--name", "bands", "--max-wait-ms", "100") as url:
+        client = triton.InferenceServerClient(url.removeprefix("http://"), concurrency=8)
         assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("bands")
         assert not client.is_model_ready("nope")
         assert "binary_tensor_data" in client.get_server_metadata()["extensions"]
@@ -174,6 +174,10 @@ def test_tritonclient_reads_metadata_and_infers_like_predict(models, images):
                                                                        class_count=2)])
         with pytest.raises(InferenceServerException, match="unknown model 'nope'"):
             client.infer("nope", [json_input])
+        before = metrics(url)["imgcls_batch_size_count"][()]
+        pending = [client.async_infer("bands", [json_input]) for _ in range(16)]  # 8 connections at once
+        assert all(p.get_result().as_numpy("top_k")[0][0] == answers["BYTES"].as_numpy("top_k")[0][0] for p in pending)
+        assert metrics(url)["imgcls_batch_size_count"][()] - before < 16, "no two clients' images were batched"
         bad = triton.InferInput("input", [1, 1, 5, 5], "FP32")
         bad.set_data_from_numpy(np.zeros((1, 1, 5, 5), np.float32))
         with pytest.raises(InferenceServerException, match=r"expected .*FP32 \[N,1,12,12\]"):
