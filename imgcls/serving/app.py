@@ -46,7 +46,7 @@ from imgcls.serving import protocol
 from imgcls.serving.batching import Batcher
 from imgcls.serving.guards import DecodePool, image_bytes, read_body
 from imgcls.serving.monitor import Monitor, MonitorCollector
-from imgcls.serving.repository import ModelVersion, NotFound, Repository
+from imgcls.serving.repository import ModelVersion, NotFound, Repository, log
 
 QUANTILES = (0.5, 0.9, 0.99)
 SERVING_MAX_PIXELS = 16_000_000   # below the shard builder's 64 Mpx: a decode costs at most ~50 MB
@@ -182,7 +182,10 @@ class Server:
     async def watch(self) -> None:
         while True:
             await asyncio.sleep(self.options.poll_s)
-            await self.rescan()
+            try:
+                await self.rescan()
+            except OSError as e:  # the folder unreadable for a while: keep serving, keep watching
+                log.warning("cannot rescan %s: %s", self.repo.source, e)
 
     # -- inference --
     def _decode(self, data: bytes, meta: dict) -> np.ndarray:
