@@ -1,5 +1,6 @@
-"""Serving throughput and latency: N concurrent HTTP clients against jobs/serve.py, and in-process
-batch-1 ONNX Runtime on the same images, in one run; a markdown table.
+"""Serving throughput and latency: N concurrent HTTP clients against jobs/serve.py (its /predict,
+and the Open Inference Protocol through tritonclient), an A/B traffic split between two versions,
+and in-process batch-1 ONNX Runtime on the same images, in one run; a markdown table.
 
     .venv/bin/python bench/serve.py                        # the default recipe's model, freshly initialised
     .venv/bin/python bench/serve.py --checkpoint runs/fashion_mnist/checkpoints/best.pt --clients 1 8 32
@@ -13,6 +14,11 @@ noise (fresh model), sent as raw bytes.
 - server, C clients: C threads, each with its own keep-alive connection, send --requests
   requests in all, back to back; latency is per request as the client sees it (encode, HTTP,
   decode, batching wait, model), throughput is requests / wall time.
+- tritonclient, C clients: the same, through tritonclient.http (one client per thread), one
+  image per request as a binary BYTES tensor to /v2/models/NAME/infer.
+- A/B, C clients: /predict against a second server holding a model repository with the same
+  model as versions 1 and 2 and `--traffic model=1:0.9,2:0.1`; each request carries its own
+  request id, and the row reports the share version 2 answered.
 - in-process ORT batch 1: one loop over the same PNG bytes: decode with predict's transform,
   session.run on a batch of 1, softmax; what a script does without a server.
 Every configuration runs once per repetition, repetitions interleaved so machine load hits all
@@ -69,17 +75,44 @@ def in_process(model: Predictor, files: list[bytes], requests: int) -> dict:
     return summary(latencies, time.perf_counter() - start)
 
 
-def over_http(url: str, files: list[bytes], requests: int, clients: int) -> dict:
-    latencies, failures, lock = [], [], threading.Lock()
+def predict_sender(url: str):
+    http = httpx.Client(base_url=url, timeout=60)
+
+    def send(data: bytes, i: int) -> str | None:
+        answer = http.post("/predict", content=data, headers={"x-request-id": f"user-{i}"})
+        return answer.json()["version"] if answer.status_code == 200 else None
+    return send, http.close
+
+
+def triton_sender(url: str):
+    import tritonclient.http as triton
+
+    client = triton.InferenceServerClient(url.removeprefix("http://"), network_timeout=60)
+
+    def send(data: bytes, i: int) -> str | None:
+        tensor = triton.InferInput("image", [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([data], dtype=object))
+        result = client.infer("model", [tensor], outputs=[triton.InferRequestedOutput("top_k")])
+        return result.get_response()["model_version"]
+    return send, client.close
+
+
+def over_http(sender, files: list[bytes], requests: int, clients: int) -> dict:
+    """C threads, each with its own client from `sender()`, send `requests` in all."""
+    latencies, failures, versions, lock = [], [], [], threading.Lock()
 
     def client(index: int) -> None:
-        with httpx.Client(base_url=url, timeout=60) as http:
+        send, close = sender()
+        try:
             for i in range(index, requests, clients):
                 t = time.perf_counter()
-                answer = http.post("/predict", content=files[i % len(files)])
+                version = send(files[i % len(files)], i)
                 elapsed = time.perf_counter() - t
                 with lock:
-                    (latencies if answer.status_code == 200 else failures).append(elapsed)
+                    (latencies if version else failures).append(elapsed)
+                    versions.append(version)
+        finally:
+            close()
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     start = time.perf_counter()
@@ -88,8 +121,8 @@ def over_http(url: str, files: list[bytes], requests: int, clients: int) -> dict
     for thread in threads:
         thread.join()
     if failures:
-        raise RuntimeError(f"{len(failures)} of {requests} requests to {url} failed")
-    return summary(latencies, time.perf_counter() - start)
+        raise RuntimeError(f"{len(failures)} of {requests} requests failed")
+    return {**summary(latencies, time.perf_counter() - start), "v2_share": versions.count("2") / len(versions)}
 
 
 def summary(latencies: list[float], wall: float) -> dict:
@@ -97,10 +130,10 @@ def summary(latencies: list[float], wall: float) -> dict:
     return {"throughput": len(ms) / wall, "p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99))}
 
 
-def start_server(model_path: Path, port: int, args) -> subprocess.Popen:
+def start_server(model_path: Path, port: int, args, *extra: str) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "serve.py"), str(model_path), "--port", str(port),
                              "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
-                             "--threads", str(args.threads)], cwd=REPO, stdout=subprocess.DEVNULL)
+                             "--threads", str(args.threads), *extra], cwd=REPO, stdout=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         try:
@@ -154,39 +187,54 @@ def main(argv: list[str] | None = None) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = export_onnx(model, meta, Path(tmp) / "model.onnx")
+        repo = Path(tmp) / "repo"
+        for version in ("1", "2"):
+            export_onnx(model, meta, repo / "model" / version / "model.onnx")
         baseline = Predictor.from_onnx(onnx_path, meta, args.threads)
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        server = start_server(onnx_path, port, args)
+        url, ab_url = (f"http://127.0.0.1:{port}" for port in (free_port(), free_port()))
+        servers = [start_server(onnx_path, int(url.rsplit(":", 1)[1]), args),
+                   start_server(repo, int(ab_url.rsplit(":", 1)[1]), args, "--traffic", "model=1:0.9,2:0.1",
+                                "--poll-s", "0")]
+        modes = {"in-process ORT batch 1": None}
+        for c in args.clients:
+            plural = "s" * (c > 1)
+            modes[f"/predict, {c} client{plural}"] = (url, predict_sender, c)
+            modes[f"tritonclient, {c} client{plural}"] = (url, triton_sender, c)
+            modes[f"A/B 1:0.9,2:0.1 /predict, {c} client{plural}"] = (ab_url, predict_sender, c)
         try:
-            names = ["in-process ORT batch 1"] + [f"server, {c} client{'s' * (c > 1)}" for c in args.clients]
-            runs = {name: [] for name in names}
-            batches = {c: [] for c in args.clients}
-            over_http(url, files, 50, max(args.clients))  # warm-up: connections, first batches
+            runs = {name: [] for name in modes}
+            batches = {name: [] for name in modes}
+            for server_url in (url, ab_url):  # warm-up: connections, first batches
+                over_http(lambda u=server_url: predict_sender(u), files, 50, max(args.clients))
+            over_http(lambda: triton_sender(url), files, 50, max(args.clients))
             in_process(baseline, files, 50)
             for _ in range(args.reps):
-                runs[names[0]].append(in_process(baseline, files, args.requests))
-                for name, clients in zip(names[1:], args.clients):
-                    before = batch_sizes(url)
-                    runs[name].append(over_http(url, files, args.requests, clients))
-                    after = batch_sizes(url)
-                    batches[clients].append((after[0] - before[0]) / (after[1] - before[1]))
+                for name, mode in modes.items():
+                    if mode is None:
+                        runs[name].append(in_process(baseline, files, args.requests))
+                        continue
+                    server_url, sender, clients = mode
+                    before = batch_sizes(server_url)
+                    runs[name].append(over_http(lambda s=sender, u=server_url: s(u), files, args.requests, clients))
+                    after = batch_sizes(server_url)
+                    batches[name].append((after[0] - before[0]) / (after[1] - before[1]))
         finally:
-            server.terminate()
-            server.wait(timeout=30)
+            for server in servers:
+                server.terminate()
+                server.wait(timeout=30)
 
     print(f"model: {what}")
     print(f"torch {torch.__version__}, onnxruntime {ort.__version__}, {os.cpu_count()} CPUs, onnxruntime threads "
           f"{args.threads}; server --max-batch {args.max_batch} --max-wait-ms {args.max_wait_ms:g}; "
           f"{args.requests} requests per configuration, {args.reps} repetitions, mean ± std\n")
-    print("| mode | mean batch | throughput (req/s) | p50 latency (ms) | p99 latency (ms) |")
-    print("|---|---:|---:|---:|---:|")
-    for name, clients in zip(names, [None, *args.clients]):
-        r = runs[name]
-        batch = f"{statistics.fmean(batches[clients]):.1f}" if clients else "1"
+    print("| mode | mean batch | throughput (req/s) | p50 latency (ms) | p99 latency (ms) | answered by v2 |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, r in runs.items():
+        batch = f"{statistics.fmean(batches[name]):.1f}" if batches[name] else "1"
+        share = f"{100 * r[0]['v2_share']:.1f}%" if name.startswith("A/B") else ""
         print(f"| {name} | {batch} | " + " | ".join(
             f"{statistics.fmean(x[k] for x in r):,.1f} ± {statistics.stdev(x[k] for x in r) if len(r) > 1 else 0:,.1f}"
-            for k in ("throughput", "p50", "p99")) + " |")
+            for k in ("throughput", "p50", "p99")) + f" | {share} |")
 
 
 if __name__ == "__main__":

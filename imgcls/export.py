@@ -223,13 +223,34 @@ def accuracy(predictor: Predictor, images: np.ndarray, labels: np.ndarray, batch
     return correct / len(images)
 
 
+def validation_reference(model: torch.nn.Module, meta: dict, split: str, limit: int, data_url: str = "") -> dict:
+    """The model's reference behaviour on `limit` samples of `split` (0: all), for serve's
+    live monitoring (imgcls/reference.py)."""
+    from imgcls.reference import reference_behaviour
+
+    images, labels = read_samples(meta, split, limit, data_url)
+    predictor = Predictor.from_torch(model, meta)
+    logits = np.concatenate([predictor(images[i:i + 256]) for i in range(0, len(images), 256)])
+    return reference_behaviour(logits, labels, split)
+
+
 def export_checkpoint(checkpoint_url: str, fmt: str = "onnx", out: str | Path = "", data_url: str = "",
-                      split: str = "test", check_samples: int = 1000, threads: int = 0) -> dict:
+                      split: str = "test", check_samples: int = 1000, threads: int = 0,
+                      reference_split: str = "val", reference_samples: int = 5000) -> dict:
     """Export, load the file back and compare it with the PyTorch model on `check_samples`
-    samples of `split` (0: all). Returns the paths and the check's numbers."""
+    samples of `split` (0: all). The metadata records the model's behaviour on
+    `reference_samples` of `reference_split` (meta["reference"]; skipped with a warning when
+    the dataset has no such split). Returns the paths and the check's numbers."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     model, meta = load_checkpoint_model(checkpoint_url, data_url)
+    from imgcls.data import read_manifest
+
+    if reference_split in read_manifest(data_url or meta["data_url"])["splits"]:
+        meta["reference"] = validation_reference(model, meta, reference_split, reference_samples, data_url)
+    elif reference_split:
+        logging.getLogger(__name__).warning("no %r split in %s: the export records no reference behaviour",
+                                            reference_split, data_url or meta["data_url"])
     path = Path(out or default_output(checkpoint_url, fmt))
     if fmt == "onnx":
         export_onnx(model, meta, path)

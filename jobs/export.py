@@ -6,7 +6,9 @@ normalisation go beside the model (PATH.json) and inside it (ONNX metadata_props
 extra file, a TFLite metadata entry). The export is then loaded back (onnxruntime,
 torch.jit.load, the LiteRT interpreter) and compared with the PyTorch model on the dataset's
 test samples: the maximum absolute logit difference and the top-1 agreement are printed, and
-the job fails when the difference exceeds --atol. Default PATH: beside the checkpoint
+the job fails when the difference exceeds --atol. The metadata also records the model's
+behaviour on the validation split (accuracy, predicted-class and confidence distributions,
+the abnormal-input threshold) for jobs/serve.py's monitoring. Default PATH: beside the checkpoint
 (best.pt -> best.onnx, best.torchscript.pt, best.tflite).
 
 The exported files are programs for their runtimes: hand them on, and load them, only from a
@@ -35,6 +37,11 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--atol", type=float, default=1e-3,
                         help="max abs logit difference allowed (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime/LiteRT threads; 0: its default")
+    parser.add_argument("--reference-split", default="val",
+                        help="split whose accuracy, class and confidence distributions the metadata records "
+                             "for serve's monitoring; '' to skip (default: %(default)s)")
+    parser.add_argument("--reference-samples", type=int, default=5000,
+                        help="samples of --reference-split; 0: all (default: %(default)s)")
     return parser
 
 
@@ -44,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_logging()
     result = export_checkpoint(args.checkpoint, args.format, args.output, args.data, args.split, args.check_samples,
-                               args.threads)
+                               args.threads, args.reference_split, args.reference_samples)
     result.pop("meta")
     print(f"exported {result['weights']} weights to {result['path']} ({result['bytes'] / 1e6:.2f} MB), "
           f"metadata in {result['sidecar']}")

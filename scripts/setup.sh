@@ -23,4 +23,13 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
         echo "note: Fashion-MNIST is missing; run 'sudo apt-get install dataset-fashion-mnist'" >&2
     fi
 fi
+# the serve page's test drives Debian's chromium through chromedriver (skipped without them)
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        apt-get update -q >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null
+    else
+        echo "note: chromium is missing; run 'sudo apt-get install chromium chromium-driver'" >&2
+    fi
+fi
 echo "setup done: $(.venv/bin/python -c 'import torch; print("torch", torch.__version__)')"

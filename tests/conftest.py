@@ -280,21 +280,24 @@ def save_test_images(folder: Path, images, meta: dict, count: int) -> list[Path]
 
 
 @contextlib.contextmanager
-def serving(model: str, *args: str, timeout: float = 60.0):
+def serving(model: str, *args: str, timeout: float = 60.0, log: Path | None = None):
     """jobs/serve.py MODEL ARGS as a real server process on a free loopback port; yields its
-    base URL once /health answers, and stops the process after."""
+    base URL once /health answers, and stops the process after. Its output goes to `log` when
+    given (read it after the block), else to a pipe shown if it fails to start."""
     import httpx
 
     port = free_port()
+    out = open(log, "w") if log else subprocess.PIPE
     proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "serve.py"), model, "--port", str(port), *args],
                             cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=out, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + timeout
         while True:
             if proc.poll() is not None:
-                raise AssertionError(f"jobs/serve.py exited with {proc.returncode}:\n{proc.stdout.read()[-3000:]}")
+                output = log.read_text() if log else proc.stdout.read()
+                raise AssertionError(f"jobs/serve.py exited with {proc.returncode}:\n{output[-3000:]}")
             with contextlib.suppress(httpx.TransportError):
                 if httpx.get(url + "/health", timeout=1).status_code == 200:
                     break
@@ -309,6 +312,8 @@ def serving(model: str, *args: str, timeout: float = 60.0):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        if log:
+            out.close()
 
 
 def job(name: str, *args: str):

@@ -63,6 +63,9 @@ def test_onnx_export_matches_pytorch_with_a_dynamic_batch_and_metadata(trained, 
     assert sidecar["classes"] == ["0", "1", "2", "3"]
     assert sidecar["image"] == {"height": 12, "width": 12, "channels": 1}
     assert sidecar["mean"] == [0.5] and sidecar["std"] == [0.25] and sidecar["weights"] == "ema"
+    reference = sidecar["reference"]  # serve's monitoring baseline: the validation split
+    assert reference["split"] == "val" and reference["samples"] == 400 and 0.25 < reference["accuracy"] <= 1
+    assert 0.04 <= reference["abnormal"]["validation_flagged"] <= 0.06
     props = {p.key: p.value for p in onnx.load(onnx_export["path"]).metadata_props}
     assert json.loads(props["imgcls"]) == sidecar
 
