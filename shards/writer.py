@@ -211,12 +211,20 @@ def default_workers() -> int:
 def _executor(src: Source, workers: int) -> Executor:
     """Processes for image files, threads for arrays (whose encoding is mostly memory copies).
     Worker processes are forked from a clean server (forkserver): never from this process,
-    whose threads (s3fs's event loop) must not be forked; each opens its own filesystem."""
+    whose threads (s3fs's event loop) must not be forked; each opens its own filesystem. The
+    server may be older than this build, so workers take this process's environment (the
+    S3 endpoint and credentials) when they start."""
     if not src.files or workers < 2:
         return ThreadPoolExecutor(workers)
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["shards.writer"])
-    return ProcessPoolExecutor(workers, mp_context=context)
+    return ProcessPoolExecutor(workers, mp_context=context, initializer=_take_environment,
+                               initargs=(dict(os.environ),))
+
+
+def _take_environment(environment: dict[str, str]) -> None:
+    os.environ.clear()
+    os.environ.update(environment)
 
 
 def default_encoding(src: Source, sizes: np.ndarray, max_side: int | None) -> str:
