@@ -46,7 +46,7 @@ SPLITS = ("train", "val", "test")
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 LABEL_FILES = (".csv", ".tsv")
 HEADER_BYTES = 1 << 16  # read first from an object store for an image's header: most fit
-REMOTE_READERS = 16     # parallel reads per process from an object store (latency-bound)
+HEADER_BATCH = 1024     # header reads per batch of concurrent requests to an object store
 
 
 @dataclass
@@ -520,9 +520,7 @@ def _image_files(kind: str, root: str, classes: list[str], files: list[str], lab
 
     # Headers only: sizes, modes and formats without decoding, to plan the build. Unreadable
     # headers are collected (the writer reports them with the files that fail to decode).
-    remote = not is_local(files[0])
-    with ThreadPoolExecutor(max(workers, REMOTE_READERS) if remote else workers) as pool:
-        headers = list(pool.map(_image_header, files))
+    headers = _image_headers(files, workers)
     bad = {i: h for i, h in enumerate(headers) if isinstance(h, str)}
     good = [h for h in headers if not isinstance(h, str)]
     if not good:
@@ -547,24 +545,49 @@ def read_file(path: str) -> bytes:
     return read_bytes(path)
 
 
-def read_files(paths: list[str]) -> list[bytes]:
-    """The files' bytes, in order; from an object store, REMOTE_READERS at a time."""
+def read_files(paths: list[str], end: int | None = None) -> list[bytes]:
+    """The files' bytes (up to byte `end`), in order. From an object store, one batch of
+    concurrent requests on the filesystem's event loop, retried as a whole on transient errors."""
     if not paths or "://" not in paths[0]:
-        return [read_file(p) for p in paths]
-    with ThreadPoolExecutor(REMOTE_READERS) as pool:
-        return list(pool.map(read_file, paths))
+        return [read_file(p) if end is None else _read_head(p, end) for p in paths]
+    fs, _ = filesystem(paths[0])
+    keys = [fs._strip_protocol(p) for p in paths]
+    if end is None:
+        found = retrying(lambda: fs.cat(keys, on_error="raise"), paths[0])
+        return [found[k] for k in keys]
+    return retrying(lambda: fs.cat_ranges(keys, [0] * len(keys), [end] * len(keys), on_error="raise"), paths[0])
 
 
-def _image_header(path: str) -> tuple[int, int, str, str] | str:
-    """(height, width, mode, format) from the file's header, or why it cannot be read. From an
-    object store, the first HEADER_BYTES first, and the whole file only if the header is longer."""
+def _read_head(path: str, end: int) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(end)
+
+
+def _image_headers(files: list[str], workers: int) -> list[tuple[int, int, str, str] | str]:
+    """_image_header of each file. From an object store, the first HEADER_BYTES of each file
+    first, in batches, and whole files only for the few whose header is longer."""
+    if "://" not in files[0]:
+        with ThreadPoolExecutor(workers) as pool:
+            return list(pool.map(_image_header, files))
+    headers: list = []
+    for start in range(0, len(files), HEADER_BATCH):
+        batch = files[start:start + HEADER_BATCH]
+        heads = read_files(batch, HEADER_BYTES)
+        headers += [_image_header(path, head) for path, head in zip(batch, heads)]
+    return headers
+
+
+def _image_header(path: str, head: bytes | None = None) -> tuple[int, int, str, str] | str:
+    """(height, width, mode, format) from the file's header (`head`: its first bytes, when
+    already read), or why it cannot be read."""
     try:
-        if "://" not in path:
+        if head is None:
             return _header(path)
-        fs, key = filesystem(path)
         try:
-            return _header(io.BytesIO(retrying(lambda: fs.cat_file(key, 0, HEADER_BYTES), path)))
+            return _header(io.BytesIO(head))
         except Exception:
+            if len(head) < HEADER_BYTES:
+                raise  # that was the whole file
             return _header(io.BytesIO(read_bytes(path)))
     except Exception as e:  # PIL raises many types for bad files
         return f"cannot read image {path}: {e}"
