@@ -11,8 +11,8 @@ Each build is `shards.build(PHOTOS, <fresh dest>, workers=W, progress=False)`, t
 encoding ("source": every file decoded once to check it and count its pixels, its bytes kept),
 timed with time.perf_counter around the whole call (listing, headers, pool start-up, check,
 encode, tar, sha256, write). Runs are interleaved (W=1, W=2, ..., then again) so load from other
-processes hits all alike. "threads" rows are the same build with a thread pool in place of the
-worker processes (how build ran before): the baseline, measured in the same run.
+processes hits all alike. "threads" rows are the same build with threads in place of the worker
+processes (how build ran before): the baseline, measured in the same run.
 
 CPU per image: this process's CPU time (user + system) per image. With one worker that is
 the whole cost of an image (everything runs in this process); with several, it is the build
@@ -33,7 +33,6 @@ import statistics
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from unittest import mock
 
@@ -55,9 +54,7 @@ def cpu_seconds() -> float:
 
 def timed_build(photos: Path, dest: Path, workers: int, threads: bool) -> dict:
     shutil.rmtree(dest, ignore_errors=True)
-    patch = mock.patch.object(writer, "_executor", lambda src, w: ThreadPoolExecutor(w)) if threads \
-        else mock.patch.object(writer, "_executor", writer._executor)
-    with patch:
+    with mock.patch.object(writer, "worker_pool", (lambda w: None) if threads else writer.worker_pool):
         cpu0, start = cpu_seconds(), time.perf_counter()
         manifest = shards.build(photos, dest, workers=workers, progress=False, split=(1, 0, 0))
         wall, cpu1 = time.perf_counter() - start, cpu_seconds()

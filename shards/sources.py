@@ -21,7 +21,7 @@ import logging
 import os
 import pickle
 import posixpath
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -75,10 +75,12 @@ class Source:
         return self.files[i] if self.files else f"sample {self.keys[i]}"
 
 
-def open_source(spec: str | os.PathLike, workers: int = 1) -> Source:
+def open_source(spec: str | os.PathLike, workers: int = 1, pool: Executor | None = None) -> Source:
     """The dataset at `spec`: a short name (fashion-mnist, mnist), a folder, a label file
-    (.csv/.tsv) or a .npz file. Image folders and label files may be at any fsspec URL."""
+    (.csv/.tsv) or a .npz file. Image folders and label files may be at any fsspec URL.
+    `pool` (worker processes) reads local image headers; else `workers` threads do."""
     name = None
+    workers = pool or workers
     if str(spec).lower().endswith(LABEL_FILES):
         return _label_file(_absolute(str(spec)), workers)
     if not is_local(str(spec)):
@@ -312,7 +314,7 @@ def _listing(fs, base: str) -> tuple[list[str], list[str]]:
     return sorted(files, key=_walk_order), sorted(folders)
 
 
-def _folder(root: str, workers: int) -> Source:
+def _folder(root: str, workers: int | Executor) -> Source:
     """Class folders, or pre-split folders when the root's folders are named like splits."""
     fs, base = filesystem(root)
     files, folders = _listing(fs, base)
@@ -327,7 +329,7 @@ def _folder(root: str, workers: int) -> Source:
 
 
 def _pre_split(fs, root: str, base: str, files: list[str], folders: list[str], named: list[str],
-               workers: int) -> Source:
+               workers: int | Executor) -> Source:
     others = [f for f in folders if f not in named]
     if others:
         raise ValueError(
@@ -399,7 +401,7 @@ def _url(fs, base: str, rel: str) -> str:
 LABEL_COLUMNS = ("path", "label", "split")  # the columns, in this order when there is no header
 
 
-def _label_file(url: str, workers: int) -> Source:
+def _label_file(url: str, workers: int | Executor) -> Source:
     """`path,label[,split]` rows (a header naming the columns is optional); paths relative to
     the file. Every bad row (missing file, empty label, unknown split, ...) is reported at once."""
     fs, path = filesystem(url)
@@ -502,7 +504,7 @@ def _existing(fs, paths: list[str]) -> set[str]:
 # ---- the source of image files, whatever the layout ----
 
 def _image_files(kind: str, root: str, classes: list[str], files: list[str], labels: list[int],
-                 splits: list[int] | None, layout: str, skipped: list[str], workers: int,
+                 splits: list[int] | None, layout: str, skipped: list[str], workers: int | Executor,
                  key_root: str | None = None) -> Source:
     if not files:
         raise ValueError(f"{root}: no image files in its class folders {classes}")
@@ -563,10 +565,13 @@ def _read_head(path: str, end: int) -> bytes:
         return f.read(end)
 
 
-def _image_headers(files: list[str], workers: int) -> list[tuple[int, int, str, str] | str]:
-    """_image_header of each file. From an object store, the first HEADER_BYTES of each file
-    first, in batches, and whole files only for the few whose header is longer."""
+def _image_headers(files: list[str], workers: int | Executor) -> list[tuple[int, int, str, str] | str]:
+    """_image_header of each file: locally on `workers` (threads, or a pool of processes).
+    From an object store, the first HEADER_BYTES of each file first, in batches, and whole
+    files only for the few whose header is longer."""
     if "://" not in files[0]:
+        if isinstance(workers, Executor):
+            return list(workers.map(_image_header, files, chunksize=HEADER_BATCH))
         with ThreadPoolExecutor(workers) as pool:
             return list(pool.map(_image_header, files))
     headers: list = []

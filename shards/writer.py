@@ -8,9 +8,8 @@ val / (train + val) of each class of the source's train part, so train:val keeps
 configured ratio (0.7,0.2,0.1 -> 2/9 of train becomes val). A source's own test folder or
 test rows count as its test split here.
 
-Workers: image files are checked and encoded in worker processes (decoding holds the GIL for
-about a quarter of its time, so threads stop scaling at 2-3); array sources (IDX, CIFAR, npz)
-in threads. Shards are assembled, hashed and written by a thread pool in this process, in
+Workers: image files' headers are read, and the files checked and encoded, in worker
+processes (shards/workers.py); array sources (IDX, CIFAR, npz) are encoded in threads. Shards are assembled, hashed and written by a thread pool in this process, in
 `_put_shard`: the one place a shard's bytes go to DEST.
 
 Rebuilds are idempotent: the same source and options give byte-identical shards, and a shard
@@ -26,12 +25,11 @@ import io
 import itertools
 import json
 import logging
-import multiprocessing
 import os
 import posixpath
 import re
 from collections import deque
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -44,6 +42,7 @@ from . import __version__
 from .progress import Progress
 from .sources import SPLITS, Source, open_image, open_source, read_files
 from .stats import channel_stats, histogram
+from .workers import worker_pool
 
 log = logging.getLogger("shards")
 
@@ -85,7 +84,8 @@ def build(source: str | os.PathLike, dest: str | os.PathLike, *,
     workers = workers or default_workers()
     dest = str(dest).rstrip("/")
 
-    src = open_source(source, workers)
+    processes = worker_pool(workers)  # started on first use: by image files only
+    src = open_source(source, workers, processes)
     for key in src.keys:
         check_key(key)
     if fractions is None and src.splits is None:
@@ -104,7 +104,8 @@ def build(source: str | os.PathLike, dest: str | os.PathLike, *,
         indices = assign_splits(src.labels, _own_test(src), len(src.classes), fractions, seed)
     log.info("%s", layout_line(src, indices, fractions))
 
-    pool, io_pool = _executor(src, workers), ThreadPoolExecutor(workers)
+    pool = processes if src.files and processes else ThreadPoolExecutor(workers)
+    io_pool = ThreadPoolExecutor(workers)
     try:
         bad, kept_hist = _check_files(pool, src, indices["train"], keep, channels, 2 * workers, progress)
         indices = _leave_out(bad, indices, src, skip_bad)
@@ -131,11 +132,13 @@ def build(source: str | os.PathLike, dest: str | os.PathLike, *,
                 splits[name] = {"count": len(indices[name]), "class_counts": counts.tolist(),
                                 "shards": [entry for entry, _ in results]}
     except BaseException:
-        for p in (pool, io_pool):
-            p.shutdown(wait=True, cancel_futures=True)  # stop at the first error
+        for p in (pool, io_pool, processes):
+            if p is not None:
+                p.shutdown(wait=True, cancel_futures=True)  # stop at the first error
         raise
-    pool.shutdown()
-    io_pool.shutdown()
+    for p in (pool, io_pool, processes):
+        if p is not None:
+            p.shutdown()
 
     manifest = {
         "format": FORMAT,
@@ -206,25 +209,6 @@ def layout_line(src: Source, indices: dict[str, np.ndarray], fractions) -> str:
 
 def default_workers() -> int:
     return min(4, os.cpu_count() or 1)
-
-
-def _executor(src: Source, workers: int) -> Executor:
-    """Processes for image files, threads for arrays (whose encoding is mostly memory copies).
-    Worker processes are forked from a clean server (forkserver): never from this process,
-    whose threads (s3fs's event loop) must not be forked; each opens its own filesystem. The
-    server may be older than this build, so workers take this process's environment (the
-    S3 endpoint and credentials) when they start."""
-    if not src.files or workers < 2:
-        return ThreadPoolExecutor(workers)
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["shards.writer"])
-    return ProcessPoolExecutor(workers, mp_context=context, initializer=_take_environment,
-                               initargs=(dict(os.environ),))
-
-
-def _take_environment(environment: dict[str, str]) -> None:
-    os.environ.clear()
-    os.environ.update(environment)
 
 
 def default_encoding(src: Source, sizes: np.ndarray, max_side: int | None) -> str:
