@@ -102,7 +102,8 @@ def build(source: str | os.PathLike, dest: str | os.PathLike, *,
         indices = given_splits(src.splits, seed)
     else:
         indices = assign_splits(src.labels, _own_test(src), len(src.classes), fractions, seed)
-    log.info("%s", layout_line(src, indices, fractions))
+    if src.layout:  # image files: say which layout was recognised (array sources have one)
+        log.info("%s", layout_line(src, fractions))
 
     pool = processes if src.files and processes else ThreadPoolExecutor(workers)
     io_pool = ThreadPoolExecutor(workers)
@@ -196,9 +197,9 @@ def timm_info(manifest: dict) -> dict:
                        for name, split in manifest["splits"].items()}}
 
 
-def layout_line(src: Source, indices: dict[str, np.ndarray], fractions) -> str:
+def layout_line(src: Source, fractions: Sequence[float] | None) -> str:
     """What build recognised, e.g. "layout: pre-split folders (train 9469, val 3925); 10 classes"."""
-    what = src.layout or src.kind
+    what = src.layout
     if src.splits is not None:
         counts = np.bincount(src.splits, minlength=len(SPLITS))
         what += " (" + ", ".join(f"{name} {n}" for name, n in zip(SPLITS, counts) if n) + ")"
