@@ -293,31 +293,26 @@ def _walk_order(rel: str) -> list[tuple[int, str]]:
     return [(1, p) for p in parts[:-1]] + [(0, parts[-1])]
 
 
-def _listing(fs, base: str) -> tuple[list[str], list[str]]:
-    """(files, top-level folders) under `base`, relative to it, without hidden ones; files in
-    walk order. One recursive listing: on an object store, a few paginated requests."""
-    entries = fs.find(base, withdirs=True, detail=True)
-    if not entries:
-        raise FileNotFoundError(f"source not found or empty: {fs.unstrip_protocol(base)}")
-    files, folders = [], set()
-    for path, info in entries.items():
-        rel = posixpath.relpath(path, base)
-        if rel == "." or any(part.startswith(".") for part in rel.split("/")):
-            continue
-        if info["type"] == "directory":
-            if "/" not in rel:
-                folders.add(rel)
-        else:
-            files.append(rel)
-            if "/" in rel:
-                folders.add(rel.split("/", 1)[0])
-    return sorted(files, key=_walk_order), sorted(folders)
+def _listing(fs, base: str) -> list[str]:
+    """The files under `base`, relative to it, without hidden ones, in walk order. One
+    recursive listing: on an object store, a few paginated requests."""
+    files = (posixpath.relpath(path, base) for path in fs.find(base))
+    return sorted((f for f in files if not any(part.startswith(".") for part in f.split("/"))),
+                  key=_walk_order)
+
+
+def _subfolders(fs, path: str) -> list[str]:
+    """The names of the folders in `path` (empty ones too), without hidden ones."""
+    names = (posixpath.basename(e["name"].rstrip("/")) for e in fs.ls(path, detail=True)
+             if e["type"] == "directory")
+    return sorted(n for n in names if not n.startswith("."))
 
 
 def _folder(root: str, workers: int | Executor) -> Source:
     """Class folders, or pre-split folders when the root's folders are named like splits."""
     fs, base = filesystem(root)
-    files, folders = _listing(fs, base)
+    fs.invalidate_cache()  # this process may have listed it before it changed
+    folders, files = _subfolders(fs, base), _listing(fs, base)
     named = [f for f in folders if f.lower() in SPLIT_NAMES]
     if named:
         return _pre_split(fs, root, base, files, folders, named, workers)
@@ -352,8 +347,7 @@ def _pre_split(fs, root: str, base: str, files: list[str], folders: list[str], n
         raise ValueError(f"{root}: {loose[0]} is directly in a split folder, not in a class folder: "
                          "pre-split folders hold train/<class>/*.jpg; if train, val, test are "
                          "your classes, rename those folders or use a label file (--labels FILE.csv)")
-    class_folders = {split: sorted({f.split("/")[1] for f in files if f.split("/")[0] == folder})
-                     for split, folder in by_split.items()}
+    class_folders = {split: _subfolders(fs, posixpath.join(base, folder)) for split, folder in by_split.items()}
     classes = class_folders["train"]
     nested = [f"{by_split[s]}/{c}" for s, cs in class_folders.items() for c in cs if c.lower() in SPLIT_NAMES]
     if nested:
