@@ -159,9 +159,11 @@ def test_pre_split_folder_and_label_file_read_directly_from_s3(tmp_path, s3_buck
 def test_timm_reads_every_sample_of_our_shards(tmp_path):
     timm_data = pytest.importorskip("timm.data")
     pytest.importorskip("webdataset")
-    write_image_tree(tmp_path / "data", PRE_SPLIT)
+    files = write_image_tree(tmp_path / "data", PRE_SPLIT)
+    files["train/cat/000.png"].rename(tmp_path / "data" / "train" / "cat" / "IMG.2024.01.png")  # dots
     dest = tmp_path / "out"
     m = shards.build(tmp_path / "data", dest, shard_samples=4, progress=False, workers=1)
+    assert "train/cat/IMG_2024_01" in keys_by_split(str(dest), m)["train"]
     info = json.loads((dest / "_info.json").read_text())
     assert info["splits"]["train"]["shard_lengths"] == [4, 4, 4, 3]
     for split in ("train", "val", "test"):
