@@ -96,7 +96,8 @@ def main(argv=None) -> int:
     print(f"shards build of {images} real-photo JPEG crops ({nbytes / images / 1e3:.0f} kB each, "
           f"~500x375, q90), encoding source, {args.reps} timed builds per row after one warm-up, "
           f"interleaved; {os.cpu_count()} CPUs, load average {load_start[0]:.1f} at the start, "
-          f"{os.getloadavg()[0]:.1f} at the end; Python {platform.python_version()}, Pillow {PIL.__version__}")
+          f"{os.getloadavg()[0]:.1f} at the end; Python {platform.python_version()}, "
+          f"Pillow {PIL.__version__}")
     print()
     print("| workers | pool | images/s | vs 1 worker | CPU ms/image in the build process |")
     print("|---|---|---|---|---|")

@@ -27,11 +27,10 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
 from shardio.format import check_image_size, sanitize_key
-from fsspec.implementations.local import LocalFileSystem
-
 from shardio.storage import filesystem, is_local, read_bytes, retrying
 
 DATASETS = Path("/usr/share/datasets")  # where Debian's dataset-* packages install
@@ -347,14 +346,17 @@ def _pre_split(fs, root: str, base: str, files: list[str], folders: list[str], n
         raise ValueError(f"{root}: {loose[0]} is directly in a split folder, not in a class folder: "
                          "pre-split folders hold train/<class>/*.jpg; if train, val, test are "
                          "your classes, rename those folders or use a label file (--labels FILE.csv)")
-    class_folders = {split: _subfolders(fs, posixpath.join(base, folder)) for split, folder in by_split.items()}
+    class_folders = {split: _subfolders(fs, posixpath.join(base, folder))
+                     for split, folder in by_split.items()}
     classes = class_folders["train"]
-    nested = [f"{by_split[s]}/{c}" for s, cs in class_folders.items() for c in cs if c.lower() in SPLIT_NAMES]
+    nested = [f"{by_split[s]}/{c}" for s, cs in class_folders.items() for c in cs
+              if c.lower() in SPLIT_NAMES]
     if nested:
         raise ValueError(f"{root}: class folder {nested[0]} is named like a split: if the splits are "
                          f"one level down, give {root}/{nested[0].split('/')[0]} as SOURCE; else "
                          "rename that class folder")
-    unknown = [f"{by_split[s]}/{c}" for s, cs in class_folders.items() for c in cs if c not in classes]
+    unknown = [f"{by_split[s]}/{c}" for s, cs in class_folders.items() for c in cs
+               if c not in classes]
     if unknown:
         raise ValueError(f"{root}: classes only in val or test, not in train: {', '.join(unknown[:10])}"
                          f"{' ...' if len(unknown) > 10 else ''}; the classes come from train/ "
@@ -408,7 +410,8 @@ def _label_file(url: str, workers: int | Executor) -> Source:
             continue
         full = posixpath.normpath(posixpath.join(base, row["path"]))
         if full in resolved:
-            bad.append(f"line {row['line']}: {row['path']} is listed twice (also line {resolved[full]['line']})")
+            first = resolved[full]["line"]
+            bad.append(f"line {row['line']}: {row['path']} is listed twice (also line {first})")
             continue
         if posixpath.splitext(full)[1].lower() not in _image_exts():
             bad.append(f"line {row['line']}: {row['path']} is not an image file")
@@ -551,7 +554,8 @@ def read_files(paths: list[str], end: int | None = None) -> list[bytes]:
     if end is None:
         found = retrying(lambda: fs.cat(keys, on_error="raise"), paths[0])
         return [found[k] for k in keys]
-    return retrying(lambda: fs.cat_ranges(keys, [0] * len(keys), [end] * len(keys), on_error="raise"), paths[0])
+    starts, ends = [0] * len(keys), [end] * len(keys)
+    return retrying(lambda: fs.cat_ranges(keys, starts, ends, on_error="raise"), paths[0])
 
 
 def _read_head(path: str, end: int) -> bytes:

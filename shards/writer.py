@@ -1,16 +1,17 @@
 """`build`: a source dataset -> shards and DEST/manifest.json (docs/design.md).
 
 Split rule: a source that comes split (pre-split folders, a label file with a split column)
-keeps its splits unless `split` is given. Otherwise the split is stratified per class, `round(n * fraction)` samples of each class
-for val and test, the rest for train. When the source has its own test split (IDX t10k,
-CIFAR test, npz x_test) that is the test split, unchanged, and val takes
-val / (train + val) of each class of the source's train part, so train:val keeps the
-configured ratio (0.7,0.2,0.1 -> 2/9 of train becomes val). A source's own test folder or
+keeps its splits unless `split` is given. Otherwise the split is stratified per class,
+`round(n * fraction)` samples of each class for val and test, the rest for train. When the
+source has its own test split (IDX t10k, CIFAR test, npz x_test) that is the test split,
+unchanged, and val takes val / (train + val) of each class of the source's train part, so
+train:val keeps the configured ratio (0.7,0.2,0.1 -> 2/9 of train becomes val). A source's own test folder or
 test rows count as its test split here.
 
 Workers: image files' headers are read, and the files checked and encoded, in worker
-processes (shards/workers.py); array sources (IDX, CIFAR, npz) are encoded in threads. Shards are assembled, hashed and written by a thread pool in this process, in
-`_put_shard`: the one place a shard's bytes go to DEST.
+processes (shards/workers.py); array sources (IDX, CIFAR, npz) are encoded in threads.
+Shards are assembled, hashed and written by a thread pool in this process, in `_put_shard`:
+the one place a shard's bytes go to DEST.
 
 Rebuilds are idempotent: the same source and options give byte-identical shards, and a shard
 already at DEST with the same size and sha256 is not uploaded again. The manifest is written
@@ -35,7 +36,15 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from shardio.format import ENCODINGS, FORMAT, check_key, decode_image, encode_image, tar_size, write_tar
+from shardio.format import (
+    ENCODINGS,
+    FORMAT,
+    check_key,
+    decode_image,
+    encode_image,
+    tar_size,
+    write_tar,
+)
 from shardio.storage import filesystem, join, write_bytes_atomic
 
 from . import __version__
@@ -206,10 +215,6 @@ def layout_line(src: Source, fractions: Sequence[float] | None) -> str:
         if fractions is not None:
             what += ", re-split " + ",".join(f"{f:g}" for f in fractions)
     return f"layout: {what}; {len(src.classes)} classes"
-
-
-def default_workers() -> int:
-    return min(4, os.cpu_count() or 1)
 
 
 def default_encoding(src: Source, sizes: np.ndarray, max_side: int | None) -> str:

@@ -47,10 +47,12 @@ def test_pre_split_folders_are_kept_as_the_splits(tmp_path, caplog):
     assert shards.verify(str(tmp_path / "out"), deep=True) == []
 
     # --split re-splits only when asked: the test folder stays the test split.
-    m = shards.build(tmp_path / "data", tmp_path / "resplit", split=(0.5, 0.5, 0.0), progress=False, workers=1)
+    m = shards.build(tmp_path / "data", tmp_path / "resplit", split=(0.5, 0.5, 0.0),
+                     progress=False, workers=1)
     assert m["split_fractions"] == [0.5, 0.5, 0.0]
     assert m["splits"]["test"]["class_counts"] == [0, 0, 3]
-    assert [m["splits"][s]["count"] for s in ("train", "val")] == [9, 10]  # val: cat 4 of 8, dog 4 of 7, emu 2
+    # val: cat 4 of 8, dog 4 of 7, emu 2 of 4
+    assert [m["splits"][s]["count"] for s in ("train", "val")] == [9, 10]
 
 
 def test_valid_folder_without_test_and_the_cli_line(tmp_path, capsys):
@@ -65,7 +67,8 @@ def test_valid_folder_without_test_and_the_cli_line(tmp_path, capsys):
 
 @pytest.mark.parametrize("tree, message", [
     ({"train/a": 1, "val/a": 1, "cats/x": 1},
-     r"folders train, val are named like splits but cats are not: .*rename train, val or list the images in a label file"),
+     r"folders train, val are named like splits but cats are not: "
+     r".*rename train, val or list the images in a label file"),
     ({"train/a": 1, "val/a": 1, "val/zebra": 1, "test/yak": 1},
      r"classes only in val or test, not in train: test/yak, val/zebra"),
     ({"train/a": 1, "train/val": 1},
@@ -126,7 +129,8 @@ def test_bad_label_rows_are_reported_together(tmp_path, capsys, caplog):
         assert why in line
     assert not (tmp_path / "out").exists()
 
-    (tmp_path / "d" / "only.csv").write_text("path,label,split\nimg/000.png,cat,train\nimg/002.png,yak,test\n")
+    (tmp_path / "d" / "only.csv").write_text(
+        "path,label,split\nimg/000.png,cat,train\nimg/002.png,yak,test\n")
     assert "classes only in val or test rows, not in train: yak" in \
         one_line_error(capsys, ["build", "--labels", str(tmp_path / "d" / "only.csv"), str(tmp_path / "out")])
     assert "give SOURCE or --labels FILE" in \
