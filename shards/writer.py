@@ -94,29 +94,30 @@ def build(source: str | os.PathLike, dest: str | os.PathLike, *,
     dest = str(dest).rstrip("/")
 
     processes = worker_pool(workers)  # started on first use: by image files only
-    src = open_source(source, workers, processes)
-    for key in src.keys:
-        check_key(key)
-    if fractions is None and src.splits is None:
-        fractions = DEFAULT_SPLIT
-    sizes = stored_sizes(src.sizes, resize, max_side)
-    encoding = encoding or default_encoding(src, sizes, max_side)
-    if encoding == "source" and not src.files:
-        raise ValueError(f"{src.path}: encoding 'source' keeps image files' bytes, but a {src.kind} "
-                         "source has no image files; use raw, png or jpeg")
-    channels = channels or src.channels
-    image = _image_meta(src, encoding, sizes, channels)
-    keep = _keeps_bytes(src, encoding, sizes)
-    if fractions is None:
-        indices = given_splits(src.splits, seed)
-    else:
-        indices = assign_splits(src.labels, _own_test(src), len(src.classes), fractions, seed)
-    if src.layout:  # image files: say which layout was recognised (array sources have one)
-        log.info("%s", layout_line(src, fractions))
+    pool = io_pool = None
+    try:  # every pool is shut down at the first error, even one in open_source
+        src = open_source(source, workers, processes)
+        for key in src.keys:
+            check_key(key)
+        if fractions is None and src.splits is None:
+            fractions = DEFAULT_SPLIT
+        sizes = stored_sizes(src.sizes, resize, max_side)
+        encoding = encoding or default_encoding(src, sizes, max_side)
+        if encoding == "source" and not src.files:
+            raise ValueError(f"{src.path}: encoding 'source' keeps image files' bytes, but a {src.kind} "
+                             "source has no image files; use raw, png or jpeg")
+        channels = channels or src.channels
+        image = _image_meta(src, encoding, sizes, channels)
+        keep = _keeps_bytes(src, encoding, sizes)
+        if fractions is None:
+            indices = given_splits(src.splits, seed)
+        else:
+            indices = assign_splits(src.labels, _own_test(src), len(src.classes), fractions, seed)
+        if src.layout:  # image files: say which layout was recognised (array sources have one)
+            log.info("%s", layout_line(src, fractions))
 
-    pool = processes if src.files and processes else ThreadPoolExecutor(workers)
-    io_pool = ThreadPoolExecutor(workers)
-    try:
+        pool = processes if src.files and processes else ThreadPoolExecutor(workers)
+        io_pool = ThreadPoolExecutor(workers)
         bad, kept_hist = _check_files(pool, src, indices["train"], keep, channels, 2 * workers, progress)
         indices = _leave_out(bad, indices, src, skip_bad)
         how = (encoding, channels, jpeg_quality)
