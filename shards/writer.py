@@ -31,6 +31,7 @@ import posixpath
 import re
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -63,6 +64,9 @@ KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # stored byte for 
 LOSSY = ("jpg", "webp")
 REENCODED_AS = {"JPEG": "jpeg", "PNG": "png", "WEBP": "webp"}  # when downscaled; other formats: png
 SKIPPED_LISTED = 100  # bad files named in the manifest (all are logged)
+WORKER_DIED = ("a build worker process died: out of memory, or, when shards.build is called from a "
+               "script, the script does not guard its top level with if __name__ == '__main__': "
+               "(the worker processes import it)")
 
 
 def default_workers() -> int:
@@ -84,7 +88,8 @@ def build(source: str | os.PathLike, dest: str | os.PathLike, *,
     (height, width); `max_side` downscales the images whose longer side is above it.
     `encoding` None: "source" (keep each file's bytes) for a folder of images of different
     sizes, else "raw". Every image file is decoded first; bad ones fail the build, all named
-    in one error, or with `skip_bad` are left out.
+    in one error, or with `skip_bad` are left out. With `workers` > 1, image files are read in
+    worker processes (shards/workers.py): a calling script needs `if __name__ == "__main__":`.
     """
     fractions = check_fractions(split) if split is not None else None
     _check_options(encoding, jpeg_quality, shard_bytes, shard_samples, resize, channels, max_side)
@@ -142,10 +147,12 @@ def build(source: str | os.PathLike, dest: str | os.PathLike, *,
                 counts = np.bincount(src.labels[indices[name]], minlength=len(src.classes))
                 splits[name] = {"count": len(indices[name]), "class_counts": counts.tolist(),
                                 "shards": [entry for entry, _ in results]}
-    except BaseException:
+    except BaseException as e:
         for p in (pool, io_pool, processes):
             if p is not None:
                 p.shutdown(wait=True, cancel_futures=True)  # stop at the first error
+        if isinstance(e, BrokenProcessPool):
+            raise RuntimeError(WORKER_DIED) from e
         raise
     for p in (pool, io_pool, processes):
         if p is not None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -12,7 +14,7 @@ import shards
 from shardio.format import read_tar
 from shardio.storage import join, read_bytes
 from shards.cli import main as cli_main
-from tests.conftest import upload_folder, write_image_tree
+from tests.conftest import REPO, upload_folder, write_image_tree
 
 PRE_SPLIT = {"train/cat": 6, "train/dog": 5, "train/emu": 4, "val/cat": 2, "val/dog": 2, "test/emu": 3}
 
@@ -176,3 +178,15 @@ def test_timm_reads_every_sample_of_our_shards(tmp_path):
         labels = sorted(int(target) for _, target in dataset)
         assert len(labels) == m["splits"][split]["count"]
         assert labels == sorted(c for c, n in enumerate(m["splits"][split]["class_counts"]) for _ in range(n))
+
+
+def test_a_script_without_a_main_guard_gets_told_why_the_workers_died(tmp_path):
+    write_image_tree(tmp_path / "data", {"a": 2, "b": 2})
+    script = tmp_path / "unguarded.py"
+    script.write_text(f"import shards\nshards.build({str(tmp_path / 'data')!r}, {str(tmp_path / 'out')!r}, "
+                      "workers=2, progress=False)\n")
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                         cwd=REPO)
+    assert run.returncode != 0
+    assert "RuntimeError: a build worker process died" in run.stderr
+    assert "if __name__ == '__main__'" in run.stderr.splitlines()[-1]
