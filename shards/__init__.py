@@ -1,6 +1,7 @@
 """Shard writer: image datasets -> WebDataset tar shards + manifest.json (docs/design.md).
 
-    python -m shards build SOURCE DEST [options]
+    python -m shards build SOURCE DEST [options]      (SOURCE: folders, a label file, arrays; any URL)
+    python -m shards build --labels FILE.csv DEST [options]
     python -m shards verify DEST [--deep]
     python -m shards inspect DEST
     python -m shards index URL [--split S] [--classes A,B,...]   (shards another tool wrote)

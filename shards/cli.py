@@ -48,14 +48,21 @@ def parser() -> argparse.ArgumentParser:
 
     b = commands.add_parser("build", help="write a dataset as shards",
                             description="Write SOURCE as shards and DEST/manifest.json.")
-    b.add_argument("source", help="a folder of class subfolders of images, an MNIST-style IDX "
-                   "folder, a CIFAR-10/100 python folder, a .npz file, or fashion-mnist / mnist "
-                   "(Debian's /usr/share/datasets)")
+    b.add_argument("source", nargs="?", help="a folder of class subfolders of images, pre-split "
+                   "folders (train/<class>/, val/<class>/, test/<class>/: kept as the splits), a "
+                   "label file (as --labels), an MNIST-style IDX folder, a CIFAR-10/100 python folder, "
+                   "a .npz file, or fashion-mnist / mnist (Debian's /usr/share/datasets). Image "
+                   "folders and label files may be at any fsspec URL (s3://bucket/images)")
     b.add_argument("dest", help="where to write: a path, file://... or s3://bucket/prefix "
                    "(credentials come from the AWS environment or fsspec config)")
-    b.add_argument("--split", type=parse_split, default=(0.7, 0.2, 0.1), metavar="TRAIN,VAL,TEST",
-                   help="stratified split fractions (default 0.7,0.2,0.1). A source with its own "
-                   "test split keeps it; val is then VAL/(TRAIN+VAL) of the source's train part")
+    b.add_argument("--labels", metavar="FILE", help="a .csv or .tsv label file instead of SOURCE: "
+                   "path,label rows (paths relative to the file), optionally a split column "
+                   "(train, val, test); a header row naming the columns is optional")
+    b.add_argument("--split", type=parse_split, metavar="TRAIN,VAL,TEST",
+                   help="re-split with these stratified fractions. Default: a source that comes split "
+                   "(pre-split folders, a label file's split column) keeps its splits; others are "
+                   "split 0.7,0.2,0.1. A source with its own test split keeps it; val is then "
+                   "VAL/(TRAIN+VAL) of the source's train part")
     b.add_argument("--seed", type=int, default=0, help="split and shuffle seed (default 0)")
     b.add_argument("--encoding", choices=ENCODINGS, help="source: keep each JPEG/PNG/WebP file's "
                    "bytes (the default for a folder of images of different sizes); raw: uint8 pixels "
@@ -131,7 +138,9 @@ def error_line(error: Exception, dest: str) -> str:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "build":
-        manifest = build(args.source, args.dest, split=args.split, seed=args.seed,
+        if (args.source is None) == (args.labels is None):
+            raise ValueError("give SOURCE or --labels FILE (one of them)")
+        manifest = build(args.labels or args.source, args.dest, split=args.split, seed=args.seed,
                          encoding=args.encoding, jpeg_quality=args.jpeg_quality,
                          shard_bytes=args.shard_bytes, shard_samples=args.shard_samples,
                          workers=args.workers, resize=args.resize, channels=args.channels,

@@ -1,23 +1,37 @@
-"""Datasets the writer reads: an image folder, MNIST/Fashion-MNIST IDX, CIFAR pickles, .npz.
+"""Datasets the writer reads: image files (class folders, pre-split folders or a label file,
+at any fsspec URL), MNIST/Fashion-MNIST IDX, CIFAR pickles, .npz.
 
 Each becomes a `Source`: class names, a stable key and a label per sample, which samples
-are the source's own test split, and a loader for one image.
+are the source's own test split (or its own train/val/test split), and a loader for one image.
+
+Image files are found in one of three layouts (`layout`):
+- class folders: ROOT/<class>/**/*.jpg;
+- pre-split folders: ROOT/train/<class>/..., ROOT/val/<class>/... (or valid/, validation/),
+  ROOT/test/<class>/...: the folders are the splits, and the classes are train's;
+- a label file (.csv or .tsv): `path,label[,split]` rows, paths relative to the file.
+Files on an object store are listed once and read directly, in parallel, with the storage
+retries (shardio.storage); nothing is staged to local disk.
 """
 from __future__ import annotations
 
+import csv
 import gzip
+import io
 import logging
 import os
 import pickle
-from concurrent.futures import ThreadPoolExecutor
+import posixpath
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
 from shardio.format import check_image_size, sanitize_key
+from shardio.storage import filesystem, is_local, read_bytes, retrying
 
 DATASETS = Path("/usr/share/datasets")  # where Debian's dataset-* packages install
 SHORT_NAMES = {"fashion-mnist": DATASETS / "fashion-mnist", "mnist": DATASETS / "mnist"}
@@ -26,6 +40,12 @@ FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
 IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
+SPLITS = ("train", "val", "test")
+# Folder names (and label-file split values) that name a split; any case.
+SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+LABEL_FILES = (".csv", ".tsv")
+HEADER_BYTES = 1 << 16  # read first from an object store for an image's header: most fit
+HEADER_BATCH = 1024     # header reads per batch of concurrent requests to an object store
 
 
 @dataclass
@@ -43,17 +63,27 @@ class Source:
     files: list[str] | None = field(default=None)  # per sample, to name files in errors
     formats: list[str] | None = field(default=None)  # per file: PIL's format name ("JPEG", ...)
     bad: dict[int, str] = field(default_factory=dict)  # sample -> why its header is unreadable
+    splits: np.ndarray | None = None  # int8 per sample, an index into SPLITS: the source's own split
+    layout: str | None = None  # image files: "class folders", "pre-split folders" or "label file"
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "path": self.path, "name": self.name}
+        layout = {"layout": self.layout} if self.layout else {}
+        return {"kind": self.kind, "path": self.path, "name": self.name, **layout}
 
     def origin(self, i: int) -> str:
         return self.files[i] if self.files else f"sample {self.keys[i]}"
 
 
-def open_source(spec: str | os.PathLike, workers: int = 1) -> Source:
-    """The dataset at `spec`: a short name (fashion-mnist, mnist), a folder or a .npz file."""
+def open_source(spec: str | os.PathLike, workers: int = 1, pool: Executor | None = None) -> Source:
+    """The dataset at `spec`: a short name (fashion-mnist, mnist), a folder, a label file
+    (.csv/.tsv) or a .npz file. Image folders and label files may be at any fsspec URL.
+    `pool` (worker processes) reads local image headers; else `workers` threads do."""
     name = None
+    workers = pool or workers
+    if str(spec).lower().endswith(LABEL_FILES):
+        return _label_file(_absolute(str(spec)), workers)
+    if not is_local(str(spec)):
+        return _folder(str(spec).rstrip("/"), workers)
     if str(spec) in SHORT_NAMES:
         name, path = str(spec), SHORT_NAMES[str(spec)]
         if not path.exists():
@@ -73,9 +103,10 @@ def open_source(spec: str | os.PathLike, workers: int = 1) -> Source:
         if (path / "train").is_file() and (path / "meta").is_file():
             return _cifar100(path)
         if any(p.is_dir() and not p.name.startswith(".") for p in path.iterdir()):
-            return _folder(path, workers)
+            return _folder(str(path), workers)
     raise ValueError(
         f"cannot tell what dataset {path} is: expected a folder of class subfolders, "
+        "pre-split folders (train/<class>/, val/<class>/, ...), a label file (.csv, .tsv), "
         "an MNIST-style IDX folder (train-images-idx3-ubyte.gz, ...), a CIFAR-10/100 "
         "python folder (data_batch_1, ... or train, test, meta), or a .npz file")
 
@@ -244,32 +275,243 @@ def _npz(path: Path) -> Source:
     return _arrays("npz", path, path.stem, classes, images, labels, test_images, test_labels)
 
 
-# ---- folder of class subfolders ----
+# ---- image files: class folders, pre-split folders, a label file ----
 
-def _folder(root: Path, workers: int) -> Source:
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    image_exts = {e for e, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
-    files, labels, skipped = [], [], []
-    for label, cls in enumerate(classes):
-        for dirpath, dirnames, filenames in os.walk(root / cls):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for f in sorted(filenames):
-                if f.startswith("."):
-                    continue
-                if Path(f).suffix.lower() in image_exts:
-                    files.append(os.path.join(dirpath, f))
-                    labels.append(label)
-                else:
-                    skipped.append(f)
+def _absolute(url: str) -> str:
+    return str(Path(url).expanduser().absolute()) if "://" not in url else url
+
+
+def _image_exts() -> set[str]:
+    return {e for e, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+
+
+def _walk_order(rel: str) -> list[tuple[int, str]]:
+    """Sort key giving os.walk's top-down order with sorted names: a folder's files, then its
+    subfolders' (the order samples were always numbered in, so splits stay the same)."""
+    parts = rel.split("/")
+    return [(1, p) for p in parts[:-1]] + [(0, parts[-1])]
+
+
+def _listing(fs, base: str) -> list[str]:
+    """The files under `base`, relative to it, without hidden ones, in walk order. One
+    recursive listing: on an object store, a few paginated requests."""
+    files = (posixpath.relpath(path, base) for path in fs.find(base))
+    return sorted((f for f in files if not any(part.startswith(".") for part in f.split("/"))),
+                  key=_walk_order)
+
+
+def _subfolders(fs, path: str) -> list[str]:
+    """The names of the folders in `path` (empty ones too), without hidden ones."""
+    names = (posixpath.basename(e["name"].rstrip("/")) for e in fs.ls(path, detail=True)
+             if e["type"] == "directory")
+    return sorted(n for n in names if not n.startswith("."))
+
+
+def _folder(root: str, workers: int | Executor) -> Source:
+    """Class folders, or pre-split folders when the root's folders are named like splits."""
+    fs, base = filesystem(root)
+    fs.invalidate_cache()  # this process may have listed it before it changed
+    folders, files = _subfolders(fs, base), _listing(fs, base)
+    named = [f for f in folders if f.lower() in SPLIT_NAMES]
+    if named:
+        return _pre_split(fs, root, base, files, folders, named, workers)
+    classes = folders
+    groups = {cls: (None, c) for c, cls in enumerate(classes)}  # top folder -> (split, label)
+    picked, labels, splits, skipped = _group_files(files, groups, 1)
+    return _image_files("folder", root, classes, [_url(fs, base, f) for f in picked], labels,
+                        None, "class folders", skipped, workers)
+
+
+def _pre_split(fs, root: str, base: str, files: list[str], folders: list[str], named: list[str],
+               workers: int | Executor) -> Source:
+    others = [f for f in folders if f not in named]
+    if others:
+        raise ValueError(
+            f"{root}: folders {', '.join(named)} are named like splits but {', '.join(others[:3])} "
+            "are not: for pre-split folders put every class folder under train/ (and val/, test/); "
+            f"if they are all classes, rename {', '.join(named)} or list the images in a label "
+            "file (--labels FILE.csv)")
+    by_split: dict[str, str] = {}
+    for folder in named:
+        split = SPLIT_NAMES[folder.lower()]
+        if split in by_split:
+            raise ValueError(f"{root}: both {by_split[split]}/ and {folder}/ are the {split} split; "
+                             "merge them or remove one")
+        by_split[split] = folder
+    if "train" not in by_split:
+        raise ValueError(f"{root}: pre-split folders {', '.join(named)} without train/: the classes "
+                         "come from train/<class>/")
+    loose = [f for f in files if f.count("/") == 1]
+    if loose:
+        raise ValueError(f"{root}: {loose[0]} is directly in a split folder, not in a class folder: "
+                         "pre-split folders hold train/<class>/*.jpg; if train, val, test are "
+                         "your classes, rename those folders or use a label file (--labels FILE.csv)")
+    class_folders = {split: _subfolders(fs, posixpath.join(base, folder))
+                     for split, folder in by_split.items()}
+    classes = class_folders["train"]
+    nested = [f"{by_split[s]}/{c}" for s, cs in class_folders.items() for c in cs
+              if c.lower() in SPLIT_NAMES]
+    if nested:
+        raise ValueError(f"{root}: class folder {nested[0]} is named like a split: if the splits are "
+                         f"one level down, give {root}/{nested[0].split('/')[0]} as SOURCE; else "
+                         "rename that class folder")
+    unknown = [f"{by_split[s]}/{c}" for s, cs in class_folders.items() for c in cs
+               if c not in classes]
+    if unknown:
+        raise ValueError(f"{root}: classes only in val or test, not in train: {', '.join(unknown[:10])}"
+                         f"{' ...' if len(unknown) > 10 else ''}; the classes come from train/ "
+                         "(add their train images, or remove those folders)")
+    groups = {f"{folder}/{cls}": (SPLITS.index(split), c)
+              for split, folder in sorted(by_split.items(), key=lambda kv: SPLITS.index(kv[0]))
+              for c, cls in enumerate(classes)}
+    picked, labels, splits, skipped = _group_files(files, groups, 2)
+    return _image_files("folder", root, classes, [_url(fs, base, f) for f in picked],
+                        labels, splits, "pre-split folders", skipped, workers)
+
+
+def _group_files(files: list[str], groups: dict[str, tuple[int | None, int]], depth: int):
+    """The image files of each group (the folder `depth` levels down), in the groups' order,
+    with their labels and splits, and the names of the files that are not images."""
+    exts, members, skipped = _image_exts(), {g: [] for g in groups}, []
+    for f in files:
+        group = "/".join(f.split("/")[:depth])
+        if group in members and f.count("/") >= depth:
+            if posixpath.splitext(f)[1].lower() in exts:
+                members[group].append(f)
+            else:
+                skipped.append(posixpath.basename(f))
+    picked = [f for g in groups for f in members[g]]
+    labels = [groups[g][1] for g in groups for _ in members[g]]
+    splits = [groups[g][0] for g in groups for _ in members[g]]
+    return picked, labels, None if splits and splits[0] is None else splits, skipped
+
+
+def _url(fs, base: str, rel: str) -> str:
+    """A file's name as the writer reads and reports it: a local path, or a URL."""
+    path = posixpath.join(base, rel)
+    return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
+
+
+# ---- label files ----
+
+LABEL_COLUMNS = ("path", "label", "split")  # the columns, in this order when there is no header
+
+
+def _label_file(url: str, workers: int | Executor) -> Source:
+    """`path,label[,split]` rows (a header naming the columns is optional); paths relative to
+    the file. Every bad row (missing file, empty label, unknown split, ...) is reported at once."""
+    fs, path = filesystem(url)
+    base = posixpath.dirname(path)
+    rows, bad = _label_rows(url, read_file(url).decode("utf-8-sig"))
+    resolved = {}
+    for row in rows:
+        if "://" in row["path"]:
+            bad.append(f"line {row['line']}: {row['path']}: must be relative to the label file")
+            continue
+        full = posixpath.normpath(posixpath.join(base, row["path"]))
+        if full in resolved:
+            first = resolved[full]["line"]
+            bad.append(f"line {row['line']}: {row['path']} is listed twice (also line {first})")
+            continue
+        if posixpath.splitext(full)[1].lower() not in _image_exts():
+            bad.append(f"line {row['line']}: {row['path']} is not an image file")
+            continue
+        resolved[full] = row
+    present = _existing(fs, list(resolved))
+    for full, row in list(resolved.items()):
+        if full not in present:
+            bad.append(f"line {row['line']}: {row['path']}: no such file")
+            del resolved[full]
+    if bad:
+        bad.sort(key=lambda b: int(b.split(":")[0].split()[1]))
+        for why in bad:
+            logging.getLogger("shards").warning("%s: %s", url, why)
+        more = f" and {len(bad) - 10} more (all logged above)" if len(bad) > 10 else ""
+        raise ValueError(f"{len(bad)} bad row(s) in {url}: {'; '.join(bad[:10])}{more}; "
+                         "fix or remove them")
+    if not resolved:
+        raise ValueError(f"{url}: no rows")
+    rows = list(resolved.values())
+    has_splits = rows[0]["split"] is not None
+    names = {r["labels"][0] for r in rows if not has_splits or r["split"] == "train"}
+    classes = sorted(names, key=lambda n: (0, int(n), n) if n.isdigit() else (1, 0, n))
+    if has_splits:
+        unknown = sorted({r["labels"][0] for r in rows} - names)
+        if unknown:
+            raise ValueError(f"{url}: classes only in val or test rows, not in train: "
+                             f"{', '.join(unknown[:10])}; the classes come from the train rows")
+    index = {name: c for c, name in enumerate(classes)}
+    files = [_url(fs, "", full) for full in resolved]
+    splits = [SPLITS.index(r["split"]) for r in rows] if has_splits else None
+    return _image_files("labels", url, classes, files, [index[r["labels"][0]] for r in rows],
+                        splits, "label file", [], workers, key_root=_url(fs, base, ""))
+
+
+def _label_rows(url: str, text: str) -> tuple[list[dict], list[str]]:
+    """({line, path, labels, split} per row, bad rows). `labels` is a tuple: one class name
+    now; a multi-label column would give several."""
+    delimiter = "\t" if url.lower().endswith(".tsv") else ","
+    table = [(n, cells) for n, cells in enumerate(csv.reader(io.StringIO(text), delimiter=delimiter), 1)
+             if any(c.strip() for c in cells)]
+    if not table:
+        raise ValueError(f"{url}: empty label file; expected path{delimiter}label rows")
+    header = [c.strip().lower() for c in table[0][1]]
+    if "path" in header:
+        if "labels" in header and "label" not in header:
+            raise ValueError(f"{url}: a 'labels' column (several classes per image) is not supported "
+                             "yet; give one class per row in a 'label' column")
+        if "label" not in header:
+            raise ValueError(f"{url}: the header {','.join(header)} has no 'label' column")
+        columns, table = header, table[1:]
+    elif len(header) in (2, 3):
+        columns = list(LABEL_COLUMNS[:len(header)])
+    else:
+        raise ValueError(f"{url}: line {table[0][0]} has {len(header)} columns; expected "
+                         f"path{delimiter}label[{delimiter}split] rows, or a header naming the columns")
+    rows, bad = [], []
+    for line, cells in table:
+        if len(cells) != len(columns):
+            bad.append(f"line {line}: {len(cells)} columns, expected {len(columns)} ({','.join(columns)})")
+            continue
+        row = dict(zip(columns, (c.strip() for c in cells)))
+        labels = (row["label"],) if row.get("label") else ()
+        split = SPLIT_NAMES.get(row["split"].lower()) if "split" in row else None
+        if not row.get("path"):
+            bad.append(f"line {line}: empty path")
+        elif not labels:
+            bad.append(f"line {line}: {row['path']}: empty label")
+        elif "split" in row and split is None:
+            bad.append(f"line {line}: {row['path']}: split {row['split']!r} is not train, val, "
+                       "valid, validation or test")
+        else:
+            rows.append({"line": line, "path": row["path"], "labels": labels, "split": split})
+    return rows, bad
+
+
+def _existing(fs, paths: list[str]) -> set[str]:
+    """Which of `paths` are files: one listing of their common folder on an object store."""
+    if not paths:
+        return set()
+    if isinstance(fs, LocalFileSystem):
+        return {p for p in paths if os.path.isfile(p)}
+    common = posixpath.commonpath([posixpath.dirname(p) for p in paths])
+    return set(fs.find(common)) & set(paths)
+
+
+# ---- the source of image files, whatever the layout ----
+
+def _image_files(kind: str, root: str, classes: list[str], files: list[str], labels: list[int],
+                 splits: list[int] | None, layout: str, skipped: list[str], workers: int | Executor,
+                 key_root: str | None = None) -> Source:
     if not files:
-        raise ValueError(f"{root}: no image files in its class subfolders {classes}")
+        raise ValueError(f"{root}: no image files in its class folders {classes}")
     if skipped:
         logging.getLogger("shards").warning(
             "%s: skipped %d files that are not images, e.g. %s", root, len(skipped), skipped[0])
-
+    key_root = key_root or root
     keys, seen = [], {}
     for f in files:
-        key = sanitize_key(os.path.splitext(os.path.relpath(f, root))[0].replace(os.sep, "/"))
+        key = sanitize_key(posixpath.splitext(posixpath.relpath(f, key_root))[0])
         if key in seen:
             raise ValueError(f"{f} and {seen[key]} both map to sample key {key!r}; rename one")
         seen[key] = f
@@ -277,8 +519,7 @@ def _folder(root: Path, workers: int) -> Source:
 
     # Headers only: sizes, modes and formats without decoding, to plan the build. Unreadable
     # headers are collected (the writer reports them with the files that fail to decode).
-    with ThreadPoolExecutor(workers) as pool:
-        headers = list(pool.map(_image_header, files))
+    headers = _image_headers(files, workers)
     bad = {i: h for i, h in enumerate(headers) if isinstance(h, str)}
     good = [h for h in headers if not isinstance(h, str)]
     if not good:
@@ -286,24 +527,85 @@ def _folder(root: Path, workers: int) -> Source:
     headers = [(0, 0, "", "") if isinstance(h, str) else h for h in headers]
     sizes = np.array([(h, w) for h, w, _, _ in headers], np.int64).reshape(-1, 2)
     channels = 1 if all(mode in GRAY_MODES for _, _, mode, _ in good) else 3
-    return Source("folder", str(root), root.name, classes, keys, np.array(labels, np.int64), None,
-                  sizes, channels, load=lambda i: _open_image(files[i]), files=files,
-                  formats=[fmt for _, _, _, fmt in headers], bad=bad)
+    name = posixpath.basename(root.rstrip("/"))
+    if kind == "labels":
+        name = posixpath.basename(posixpath.dirname(root)) or posixpath.splitext(name)[0]
+    return Source(kind, root, name, classes, keys, np.array(labels, np.int64), None,
+                  sizes, channels, load=lambda i: open_image(files[i]), files=files,
+                  formats=[fmt for _, _, _, fmt in headers], bad=bad,
+                  splits=None if splits is None else np.array(splits, np.int8), layout=layout)
 
 
-def _image_header(path: str) -> tuple[int, int, str, str] | str:
-    """(height, width, mode, format) from the file's header, or why it cannot be read."""
+def read_file(path: str) -> bytes:
+    """A file's bytes: a local path, or a URL read with the storage retries."""
+    if "://" not in path:
+        with open(path, "rb") as f:
+            return f.read()
+    return read_bytes(path)
+
+
+def read_files(paths: list[str], end: int | None = None) -> list[bytes]:
+    """The files' bytes (up to byte `end`), in order. From an object store, one batch of
+    concurrent requests on the filesystem's event loop, retried as a whole on transient errors."""
+    if not paths or "://" not in paths[0]:
+        return [read_file(p) if end is None else _read_head(p, end) for p in paths]
+    fs, _ = filesystem(paths[0])
+    keys = [fs._strip_protocol(p) for p in paths]
+    if end is None:
+        found = retrying(lambda: fs.cat(keys, on_error="raise"), paths[0])
+        return [found[k] for k in keys]
+    starts, ends = [0] * len(keys), [end] * len(keys)
+    return retrying(lambda: fs.cat_ranges(keys, starts, ends, on_error="raise"), paths[0])
+
+
+def _read_head(path: str, end: int) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(end)
+
+
+def _image_headers(files: list[str], workers: int | Executor) -> list[tuple[int, int, str, str] | str]:
+    """_image_header of each file: locally on `workers` (threads, or a pool of processes).
+    From an object store, the first HEADER_BYTES of each file first, in batches, and whole
+    files only for the few whose header is longer."""
+    if "://" not in files[0]:
+        if isinstance(workers, Executor):
+            return list(workers.map(_image_header, files, chunksize=HEADER_BATCH))
+        with ThreadPoolExecutor(workers) as pool:
+            return list(pool.map(_image_header, files))
+    headers: list = []
+    for start in range(0, len(files), HEADER_BATCH):
+        batch = files[start:start + HEADER_BATCH]
+        heads = read_files(batch, HEADER_BYTES)
+        headers += [_image_header(path, head) for path, head in zip(batch, heads)]
+    return headers
+
+
+def _image_header(path: str, head: bytes | None = None) -> tuple[int, int, str, str] | str:
+    """(height, width, mode, format) from the file's header (`head`: its first bytes, when
+    already read), or why it cannot be read."""
     try:
-        with Image.open(path) as image:
-            check_image_size(image.height, image.width)  # before anything decodes it
-            return image.height, image.width, image.mode, image.format
+        if head is None:
+            return _header(path)
+        try:
+            return _header(io.BytesIO(head))
+        except Exception:
+            if len(head) < HEADER_BYTES:
+                raise  # that was the whole file
+            return _header(io.BytesIO(read_bytes(path)))
     except Exception as e:  # PIL raises many types for bad files
         return f"cannot read image {path}: {e}"
 
 
-def _open_image(path: str) -> Image.Image:
+def _header(file) -> tuple[int, int, str, str]:
+    with Image.open(file) as image:
+        check_image_size(image.height, image.width)  # before anything decodes it
+        return image.height, image.width, image.mode, image.format
+
+
+def open_image(path: str, data: bytes | None = None) -> Image.Image:
+    """The decoded image of a file (`data`: its bytes, when already read)."""
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(read_file(path) if data is None else data)) as image:
             image.load()
             return image
     except Exception as e:

@@ -1,10 +1,17 @@
 """`build`: a source dataset -> shards and DEST/manifest.json (docs/design.md).
 
-Split rule: the split is stratified per class, `round(n * fraction)` samples of each class
-for val and test, the rest for train. When the source has its own test split (IDX t10k,
-CIFAR test, npz x_test) that is the test split, unchanged, and val takes
-val / (train + val) of each class of the source's train part, so train:val keeps the
-configured ratio (0.7,0.2,0.1 -> 2/9 of train becomes val).
+Split rule: a source that comes split (pre-split folders, a label file with a split column)
+keeps its splits unless `split` is given. Otherwise the split is stratified per class,
+`round(n * fraction)` samples of each class for val and test, the rest for train. When the
+source has its own test split (IDX t10k, CIFAR test, npz x_test) that is the test split,
+unchanged, and val takes val / (train + val) of each class of the source's train part, so
+train:val keeps the configured ratio (0.7,0.2,0.1 -> 2/9 of train becomes val). A source's own test folder or
+test rows count as its test split here.
+
+Workers: image files' headers are read, and the files checked and encoded, in worker
+processes (shards/workers.py); array sources (IDX, CIFAR, npz) are encoded in threads.
+Shards are assembled, hashed and written by a thread pool in this process, in `_put_shard`:
+the one place a shard's bytes go to DEST.
 
 Rebuilds are idempotent: the same source and options give byte-identical shards, and a shard
 already at DEST with the same size and sha256 is not uploaded again. The manifest is written
@@ -15,29 +22,41 @@ left in place and listed in a warning: readers only read the shards the manifest
 from __future__ import annotations
 
 import hashlib
+import io
+import itertools
 import json
 import logging
 import os
 import posixpath
 import re
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
 
-from shardio.format import ENCODINGS, FORMAT, check_key, decode_image, encode_image, tar_size, write_tar
+from shardio.format import (
+    ENCODINGS,
+    FORMAT,
+    check_key,
+    decode_image,
+    encode_image,
+    tar_size,
+    write_tar,
+)
 from shardio.storage import filesystem, join, write_bytes_atomic
 
 from . import __version__
 from .progress import Progress
-from .sources import Source, open_source
+from .sources import SPLITS, Source, open_image, open_source, read_files
 from .stats import channel_stats, histogram
+from .workers import worker_pool
 
 log = logging.getLogger("shards")
 
-SPLITS = ("train", "val", "test")
+DEFAULT_SPLIT = (0.7, 0.2, 0.1)
 DEFAULT_SHARD_BYTES = 64 * 10**6
 IMBALANCE = 0.7  # warn when one class is more than this share of a split
 CHUNK = 256      # samples per encoding task: big enough to amortise the task overhead
@@ -45,6 +64,9 @@ KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # stored byte for 
 LOSSY = ("jpg", "webp")
 REENCODED_AS = {"JPEG": "jpeg", "PNG": "png", "WEBP": "webp"}  # when downscaled; other formats: png
 SKIPPED_LISTED = 100  # bad files named in the manifest (all are logged)
+WORKER_DIED = ("a build worker process died: out of memory, or, when shards.build is called from a "
+               "script, the script does not guard its top level with if __name__ == '__main__': "
+               "(the worker processes import it)")
 
 
 def default_workers() -> int:
@@ -52,86 +74,96 @@ def default_workers() -> int:
 
 
 def build(source: str | os.PathLike, dest: str | os.PathLike, *,
-          split: Sequence[float] = (0.7, 0.2, 0.1), seed: int = 0, encoding: str | None = None,
+          split: Sequence[float] | None = None, seed: int = 0, encoding: str | None = None,
           jpeg_quality: int = 90, shard_bytes: int | None = None,
           shard_samples: int | None = None, workers: int | None = None,
           resize: tuple[int, int] | None = None, channels: int | None = None,
           max_side: int | None = None, skip_bad: bool = False, progress: bool = True) -> dict:
     """Write `source` as shards under `dest` and return the manifest (also at dest/manifest.json).
 
-    Shards are cut at `shard_samples` samples or about `shard_bytes` bytes, whichever comes
-    first (default 64 MB). `channels` 1 or 3 forces grayscale or RGB; by default images
-    stay grayscale when all of them are. `resize` is (height, width); `max_side` downscales
-    the images whose longer side is above it. `encoding` None: "source" (keep each file's
-    bytes) for a folder of images of different sizes, else "raw". Every image file is decoded
-    first; bad ones fail the build, all named in one error, or with `skip_bad` are left out.
+    `split` (train, val, test fractions) re-splits; None keeps a split source's own splits
+    and splits any other 0.7, 0.2, 0.1. Shards are cut at `shard_samples` samples or about
+    `shard_bytes` bytes, whichever comes first (default 64 MB). `channels` 1 or 3 forces
+    grayscale or RGB; by default images stay grayscale when all of them are. `resize` is
+    (height, width); `max_side` downscales the images whose longer side is above it.
+    `encoding` None: "source" (keep each file's bytes) for a folder of images of different
+    sizes, else "raw". Every image file is decoded first; bad ones fail the build, all named
+    in one error, or with `skip_bad` are left out. With `workers` > 1, image files are read in
+    worker processes (shards/workers.py): a calling script needs `if __name__ == "__main__":`.
     """
-    fractions = check_fractions(split)
+    fractions = check_fractions(split) if split is not None else None
     _check_options(encoding, jpeg_quality, shard_bytes, shard_samples, resize, channels, max_side)
     if shard_bytes is None and shard_samples is None:
         shard_bytes = DEFAULT_SHARD_BYTES
     workers = workers or default_workers()
     dest = str(dest).rstrip("/")
 
-    src = open_source(source, workers)
-    for key in src.keys:
-        check_key(key)
-    sizes = stored_sizes(src.sizes, resize, max_side)
-    encoding = encoding or default_encoding(src, sizes, max_side)
-    if encoding == "source" and not src.files:
-        raise ValueError(f"{src.path}: encoding 'source' keeps image files' bytes, but a {src.kind} "
-                         "source has no image files; use raw, png or jpeg")
-    channels = channels or src.channels
-    image = _image_meta(src, encoding, sizes, channels)
-    keep = _keeps_bytes(src, encoding, sizes)
-    indices = assign_splits(src.labels, src.is_test, len(src.classes), fractions, seed)
+    processes = worker_pool(workers)  # started on first use: by image files only
+    pool = io_pool = None
+    try:  # every pool is shut down at the first error, even one in open_source
+        src = open_source(source, workers, processes)
+        for key in src.keys:
+            check_key(key)
+        if fractions is None and src.splits is None:
+            fractions = DEFAULT_SPLIT
+        sizes = stored_sizes(src.sizes, resize, max_side)
+        encoding = encoding or default_encoding(src, sizes, max_side)
+        if encoding == "source" and not src.files:
+            raise ValueError(f"{src.path}: encoding 'source' keeps image files' bytes, but a {src.kind} "
+                             "source has no image files; use raw, png or jpeg")
+        channels = channels or src.channels
+        image = _image_meta(src, encoding, sizes, channels)
+        keep = _keeps_bytes(src, encoding, sizes)
+        if fractions is None:
+            indices = given_splits(src.splits, seed)
+        else:
+            indices = assign_splits(src.labels, _own_test(src), len(src.classes), fractions, seed)
+        if src.layout:  # image files: say which layout was recognised (array sources have one)
+            log.info("%s", layout_line(src, fractions))
 
-    pool = ThreadPoolExecutor(workers)
-    try:
+        pool = processes if src.files and processes else ThreadPoolExecutor(workers)
+        io_pool = ThreadPoolExecutor(workers)
         bad, kept_hist = _check_files(pool, src, indices["train"], keep, channels, 2 * workers, progress)
         indices = _leave_out(bad, indices, src, skip_bad)
+        how = (encoding, channels, jpeg_quality)
 
-        def encode(chunk: np.ndarray) -> list[tuple]:
-            return [_encode(src, i, encoding, keep[i], channels, sizes[i], jpeg_quality) for i in chunk]
+        def encode(chunk: np.ndarray) -> Future:
+            return pool.submit(_encode_all, [_item(src, i, keep[i], sizes[i]) for i in chunk], how)
 
         def put(path: str, samples: list) -> tuple[dict, bool]:
-            data = write_tar(s[:4] for s in samples)
-            digest = hashlib.sha256(data).hexdigest()
-            written = not _same_file(join(dest, path), len(data), digest)
-            if written:
-                write_bytes_atomic(join(dest, path), data)
-            counts = np.bincount([s[1] for s in samples], minlength=len(src.classes))
-            entry = {"path": path, "count": len(samples), "bytes": len(data), "sha256": digest,
-                     "class_counts": counts.tolist()}
-            if image["height"] is None:
-                entry["sizes"] = [list(s[4]) for s in samples]
-            return entry, written
+            return _put_shard(dest, path, samples, len(src.classes), image["height"] is None)
 
         filesystem(dest)[0].invalidate_cache()  # another process may have changed DEST
         splits, written, hist = {}, 0, kept_hist
         total = sum(len(v) for v in indices.values())
         with Progress(total, "shards", progress) as bar:
             for name in SPLITS:
-                samples = _in_order(pool, encode, indices[name], ahead=2 * workers)
+                samples = itertools.chain.from_iterable(_in_order(encode, indices[name], 2 * workers))
                 if name == "train":
                     samples = _tally(samples, hist)
-                results = _put_all(pool, put, name, _cut(samples, shard_samples, shard_bytes),
+                results = _put_all(io_pool, put, name, _cut(samples, shard_samples, shard_bytes),
                                    2 * workers, bar)
                 written += sum(w for _, w in results)
                 counts = np.bincount(src.labels[indices[name]], minlength=len(src.classes))
                 splits[name] = {"count": len(indices[name]), "class_counts": counts.tolist(),
                                 "shards": [entry for entry, _ in results]}
-    except BaseException:
-        pool.shutdown(wait=True, cancel_futures=True)  # stop at the first error
+    except BaseException as e:
+        for p in (pool, io_pool, processes):
+            if p is not None:
+                p.shutdown(wait=True, cancel_futures=True)  # stop at the first error
+        if isinstance(e, BrokenProcessPool):
+            raise RuntimeError(WORKER_DIED) from e
         raise
-    pool.shutdown()
+    for p in (pool, io_pool, processes):
+        if p is not None:
+            p.shutdown()
 
     manifest = {
         "format": FORMAT,
         "tool_version": __version__,
         "source": src.describe(),
         "seed": seed,
-        "split_fractions": list(fractions),
+        "split_fractions": list(fractions) if fractions else None,  # None: the source's own splits
         "classes": src.classes,
         "encoding": encoding,
         **({"jpeg_quality": jpeg_quality} if encoding == "jpeg" else {}),
@@ -145,11 +177,52 @@ def build(source: str | os.PathLike, dest: str | os.PathLike, *,
     for message in manifest["warnings"]:
         log.warning("%s", message)
     _warn_stale(dest, manifest)
+    write_bytes_atomic(join(dest, TIMM_INFO), json.dumps(timm_info(manifest), indent=2).encode() + b"\n")
     write_bytes_atomic(join(dest, "manifest.json"), manifest_bytes(manifest))
     n_shards = sum(len(s["shards"]) for s in splits.values())
     log.info("%s: %d samples in %d shards (%d uploaded, %d already up to date)",
              dest, total, n_shards, written, n_shards - written)
     return manifest
+
+
+def _put_shard(dest: str, path: str, samples: list, num_classes: int, with_sizes: bool) -> tuple[dict, bool]:
+    """Write one shard (unless DEST already holds these bytes): its manifest entry, and
+    whether it was written. Everything written beside a shard belongs here."""
+    data = write_tar(s[:4] for s in samples)
+    digest = hashlib.sha256(data).hexdigest()
+    written = not _same_file(join(dest, path), len(data), digest)
+    if written:
+        write_bytes_atomic(join(dest, path), data)
+    counts = np.bincount([s[1] for s in samples], minlength=num_classes)
+    entry = {"path": path, "count": len(samples), "bytes": len(data), "sha256": digest,
+             "class_counts": counts.tolist()}
+    if with_sizes:
+        entry["sizes"] = [list(s[4]) for s in samples]
+    return entry, written
+
+
+TIMM_INFO = "_info.json"
+
+
+def timm_info(manifest: dict) -> dict:
+    """timm's dataset info (timm.data.readers.reader_wds), so `create_dataset("wds/NAME",
+    root=DEST, split="train")` reads our shards: per split its shards and their sample counts."""
+    return {"name": manifest["source"]["name"],
+            "splits": {name: {"name": name, "num_samples": split["count"],
+                              "filenames": [s["path"] for s in split["shards"]],
+                              "shard_lengths": [s["count"] for s in split["shards"]]}
+                       for name, split in manifest["splits"].items()}}
+
+
+def layout_line(src: Source, fractions: Sequence[float] | None) -> str:
+    """What build recognised, e.g. "layout: pre-split folders (train 9469, val 3925); 10 classes"."""
+    what = src.layout
+    if src.splits is not None:
+        counts = np.bincount(src.splits, minlength=len(SPLITS))
+        what += " (" + ", ".join(f"{name} {n}" for name, n in zip(SPLITS, counts) if n) + ")"
+        if fractions is not None:
+            what += ", re-split " + ",".join(f"{f:g}" for f in fractions)
+    return f"layout: {what}; {len(src.classes)} classes"
 
 
 def default_encoding(src: Source, sizes: np.ndarray, max_side: int | None) -> str:
@@ -196,23 +269,35 @@ def _check_files(pool, src: Source, train: np.ndarray, keep: np.ndarray, channel
     in_train[train] = True
     mode = "L" if channels == 1 else "RGB"
 
-    def check(chunk: np.ndarray) -> list[tuple[int, str | None, np.ndarray | None]]:
-        return [(i, *_check_file(src.files[i], mode, in_train[i] and keep[i])) for i in chunk]
+    def check(chunk: np.ndarray) -> Future:
+        files = [src.files[i] for i in chunk]
+        return pool.submit(_check_all, files, [bool(in_train[i] and keep[i]) for i in chunk], mode, channels)
 
     todo = _good(src)
     with Progress(len(todo), "check", progress) as bar:
-        for i, why, counts in _in_order(pool, check, todo, ahead):
-            if why:
-                bad[int(i)] = why
-            elif counts is not None:
-                hist += counts
-            bar.update(1)
+        chunks = _in_order(check, todo, ahead)
+        for start, (whys, counts) in zip(range(0, len(todo), CHUNK), chunks):
+            bad.update({int(todo[start + n]): why for n, why in enumerate(whys) if why})
+            hist += counts
+            bar.update(len(whys))
     return bad, hist
 
 
-def _check_file(path: str, mode: str, count: bool) -> tuple[str | None, np.ndarray | None]:
+def _check_all(files: list[str], count: list[bool], mode: str, channels: int) -> tuple[list, np.ndarray]:
+    """_check_file of each file (run in a worker): why each is bad (None: good), and the
+    summed histogram of the ones to `count` (one array back, not one per image)."""
+    hist, whys = np.zeros((channels, 256), np.int64), []
+    for path, data, n in zip(files, read_files(files), count):
+        why, counts = _check_file(path, data, mode, n)
+        whys.append(why)
+        if counts is not None:
+            hist += counts
+    return whys, hist
+
+
+def _check_file(path: str, data: bytes, mode: str, count: bool) -> tuple[str | None, np.ndarray | None]:
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(data)) as image:
             image.load()  # decodes it all: a truncated or corrupt file fails here
             return None, histogram(image.convert(mode)) if count else None
     except Exception as e:  # PIL raises many types for bad files
@@ -237,21 +322,37 @@ def _leave_out(bad: dict[int, str], indices: dict[str, np.ndarray], src: Source,
 
 
 def _skipped(src: Source, bad: dict[int, str]) -> dict:
+    root = posixpath.dirname(src.path) if src.kind == "labels" else src.path
     return {"count": len(bad),
-            "files": [os.path.relpath(src.files[i], src.path) for i in sorted(bad)[:SKIPPED_LISTED]]}
+            "files": [posixpath.relpath(src.files[i], root) for i in sorted(bad)[:SKIPPED_LISTED]]}
 
 
-def _encode(src: Source, i: int, encoding: str, keep: bool, channels: int, size: np.ndarray,
-            quality: int) -> tuple[str, int, str, bytes, tuple[int, int], np.ndarray | None]:
+def _item(src: Source, i: int, keep: bool, size: np.ndarray) -> tuple:
+    """What a worker needs to encode sample i: the file's name, or the image itself (arrays)."""
+    image = src.files[i] if src.files else src.load(i)
+    fmt = src.formats[i] if src.formats else None
+    return src.keys[i], int(src.labels[i]), (int(size[0]), int(size[1])), bool(keep), fmt, image
+
+
+def _encode_all(items: list[tuple], how: tuple[str, int, int]) -> list[tuple]:
+    """_encode of each item (run in a worker); files are read first, in parallel when remote."""
+    files = [image for *_, image in items if isinstance(image, str)]
+    data = iter(read_files(files))
+    return [_encode(*item, next(data) if isinstance(item[5], str) else None, *how) for item in items]
+
+
+def _encode(key: str, label: int, size: tuple[int, int], keep: bool, fmt: str | None,
+            image, data: bytes | None, encoding: str, channels: int, quality: int
+            ) -> tuple[str, int, str, bytes, tuple[int, int], np.ndarray | None]:
     """(key, label, member extension, bytes, (width, height), pixel histogram or None when
-    the source bytes are kept: _check_files counted those)."""
-    key, label, wh = src.keys[i], int(src.labels[i]), (int(size[1]), int(size[0]))
+    the source bytes are kept: _check_files counted those). `image` is a file's name (its
+    bytes in `data`) or an array."""
+    wh = (size[1], size[0])
     if keep:
-        with open(src.files[i], "rb") as f:
-            return key, label, KEPT_FORMATS[src.formats[i]], f.read(), wh, None
-    array = _conform(src.load(i), channels, (int(size[0]), int(size[1])))
+        return key, label, KEPT_FORMATS[fmt], data, wh, None
+    array = _conform(open_image(image, data) if data is not None else image, channels, size)
     if encoding == "source":  # a downscaled or non-JPEG/PNG/WebP file: re-encoded once
-        encoding = REENCODED_AS.get(src.formats[i], "png")
+        encoding = REENCODED_AS.get(fmt, "png")
     ext, data = encode_image(array, encoding, quality)
     if ext in LOSSY:  # the statistics are of the pixels a reader decodes
         array = decode_image(data, ext, {"channels": channels})
@@ -294,6 +395,21 @@ def manifest_bytes(manifest: dict) -> bytes:
     text = _NUMBER_LIST.sub(lambda m: "[" + ", ".join(re.split(r",\s*", m[1])) + "]", text)
     text = _PAIR_LIST.sub(lambda m: "[" + ", ".join(re.split(r"(?<=\]),\s*", m[1])) + "]", text)
     return (text + "\n").encode()
+
+
+def given_splits(splits: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+    """Sample indices per split as the source gives them, each split shuffled (seeded)."""
+    rng = np.random.default_rng(seed)
+    return {name: rng.permutation(np.flatnonzero(splits == n)) for n, name in enumerate(SPLITS)}
+
+
+def _own_test(src: Source) -> np.ndarray | None:
+    """The source's own test samples, which a re-split keeps as the test split."""
+    if src.is_test is not None:
+        return src.is_test
+    if src.splits is not None and (src.splits == SPLITS.index("test")).any():
+        return src.splits == SPLITS.index("test")
+    return None
 
 
 def check_fractions(split: Sequence[float]) -> tuple[float, float, float]:
@@ -377,15 +493,15 @@ def _conform(image: np.ndarray | Image.Image, channels: int, size) -> np.ndarray
     return array[:, :, None] if array.ndim == 2 else array
 
 
-def _in_order(pool: ThreadPoolExecutor, encode, indices: np.ndarray, ahead: int) -> Iterator:
-    """encode() over chunks of `indices` on the pool, at most `ahead` chunks in flight, in order."""
+def _in_order(submit: Callable[[np.ndarray], Future], indices: np.ndarray, ahead: int) -> Iterator:
+    """The result of submit() for each chunk of `indices`, at most `ahead` chunks in flight, in order."""
     pending: deque = deque()
     for start in range(0, len(indices), CHUNK):
-        pending.append(pool.submit(encode, indices[start:start + CHUNK]))
+        pending.append(submit(indices[start:start + CHUNK]))
         if len(pending) >= ahead:
-            yield from pending.popleft().result()
+            yield pending.popleft().result()
     while pending:
-        yield from pending.popleft().result()
+        yield pending.popleft().result()
 
 
 def _cut(samples: Iterator, max_samples: int | None, max_bytes: int | None) -> Iterator[list]:

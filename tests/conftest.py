@@ -491,3 +491,30 @@ def train_process(args: list[str], env: dict | None = None, timeout: int = 180) 
     if result.returncode != 0:
         raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stderr[-6000:]}")
     return result
+
+
+def write_image_tree(root: Path, counts: dict[str, int], seed: int = 0) -> dict[str, Path]:
+    """`counts[folder]` small images under root/folder (e.g. "train/cat": 3): JPEG and PNG,
+    12-24 px of random sizes. Returns {path relative to root: path}."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    written = {}
+    for folder, n in counts.items():
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            height, width = (int(v) for v in rng.integers(12, 25, 2))
+            ext = "jpg" if i % 2 else "png"
+            path = root / folder / f"{i:03d}.{ext}"
+            Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path)
+            written[f"{folder}/{path.name}"] = path
+    return written
+
+
+def upload_folder(local: Path, url: str) -> None:
+    """Copy a local folder to `url` (e.g. s3://bucket/prefix) through fsspec."""
+    from shardio.storage import filesystem
+
+    fs, path = filesystem(url)
+    fs.put(str(local) + "/", path, recursive=True)

@@ -378,8 +378,8 @@ def test_bad_inputs_give_clear_errors(tmp_path, capsys):
 
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "a.txt").write_text("hi")
-    (tmp_path / "table.csv").write_text("1,2")
-    for path in (tmp_path / "notes", tmp_path / "table.csv"):
+    (tmp_path / "table.npy").write_text("1,2")
+    for path in (tmp_path / "notes", tmp_path / "table.npy"):
         with pytest.raises(ValueError, match="cannot tell what dataset"):
             shards.build(path, dest)
 
