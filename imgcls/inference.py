@@ -36,11 +36,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from shardio.image import Encoded, image_array
+
 META_FORMAT = "imgcls.model/1"
 META_KEY = "imgcls"              # ONNX metadata_props / TFLite metadata name; TorchScript extra file is META_KEY + ".json"
 TORCHSCRIPT_SUFFIX = ".torchscript.pt"
 MODEL_FORMATS = ("checkpoint", "onnx", "torchscript", "tflite")
-MAX_PIXELS = 64_000_000          # an image header promising more is refused before it is decoded
 
 
 class UntrustedFormatError(ValueError):
@@ -294,28 +295,29 @@ def load_image(path, meta: dict) -> np.ndarray:
     """One image (a file name or a binary file object) as the model's input [C, H, W] float32:
     the model's channels (L or RGB), its size (the reader's evaluation resize and center crop
     when meta has image_size, else bilinear to `image`), then /255 and (x - mean) / std, as the
-    shard reader does. A header promising more than MAX_PIXELS is refused before decoding."""
+    shard reader does. Decoded by the reader's one decoder (shardio.image): JPEG, PNG and WebP
+    only (UnsupportedFormat otherwise), a header above MAX_PIXELS refused before decoding."""
     from PIL import Image
 
     from imgcls.augment import eval_resize_crop
-    from imgcls.data import image_tensor
 
-    image = meta["image"]
-    with Image.open(path) as im:
-        if im.width * im.height > MAX_PIXELS:
-            raise ValueError(f"{im.width}x{im.height} pixels, more than the {MAX_PIXELS:,} allowed")
-        # no EXIF rotation: the reader trains on the pixels as stored (as torchvision's and
-        # timm's loaders do), so predict must see them the same way
-        im = im.convert("L" if image["channels"] == 1 else "RGB")
-        size = (image["width"], image["height"])
-        if meta.get("image_size"):  # the reader's evaluation transform, on the same uint8 tensor
-            array = eval_resize_crop(image_tensor(im, im.mode), meta["image_size"], meta["crop_pct"])
-            array = array.numpy().astype(np.float32) / 255
-        else:
-            if None not in size and im.size != size:
-                im = im.resize(size, Image.BILINEAR)
-            array = np.asarray(im, dtype=np.float32) / 255
-            array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+    image, mode = meta["image"], "L" if meta["image"]["channels"] == 1 else "RGB"
+    if hasattr(path, "read"):
+        data = path.read()
+    else:
+        with open(path, "rb") as f:
+            data = f.read()
+    # no EXIF rotation: the reader trains on the pixels as stored (as torchvision's and
+    # timm's loaders do), so predict must see them the same way
+    pixels = Encoded(data).array(mode)
+    size = (image["width"], image["height"])
+    if meta.get("image_size"):  # the reader's evaluation transform, on the same uint8 tensor
+        tensor = eval_resize_crop(torch.from_numpy(pixels).permute(2, 0, 1), meta["image_size"], meta["crop_pct"])
+        pixels = tensor.permute(1, 2, 0).numpy()
+    elif None not in size and pixels.shape[1::-1] != size:
+        pil = Image.fromarray(pixels[:, :, 0] if mode == "L" else pixels)
+        pixels = image_array(pil.resize(size, Image.BILINEAR), mode)
+    array = pixels.astype(np.float32).transpose(2, 0, 1) / 255
     mean = np.asarray(meta["mean"], dtype=np.float32)[:, None, None]
     std = np.asarray(meta["std"], dtype=np.float32)[:, None, None]
     return (array - mean) / std
