@@ -71,6 +71,12 @@ class Encoded:
         self.size = self.image.size
         return self
 
+    def pil(self) -> Image.Image:
+        """PIL's (lazy) image of these bytes, opened by the one plugin of their format."""
+        if self.image is None:
+            self.image = _open(self.data, self.format)
+        return self.image
+
     def array(self, mode: str, scale: int = 1) -> np.ndarray:
         """HWC uint8 in `mode` (L or RGB), downscaled by `scale` (1, 2, 4, 8) when it is a JPEG."""
         width, height = self.size
@@ -82,7 +88,7 @@ class Encoded:
                                                    min_width=-(-width // scale) if scale > 1 else 0)
                     return array if array.ndim == 3 else array[:, :, None]
                 except ValueError:
-                    self.image = _open(self.data, "JPEG")
+                    self.pil()
             if scale > 1 and self.format == "JPEG":
                 self.image.draft(mode, (width // scale, height // scale))
             return image_array(self.image, mode)

@@ -9,17 +9,15 @@ the index, all named in one error.
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import posixpath
 import re
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from PIL import Image
 
-from shardio.format import (DECODED_FORMATS, FORMAT, check_image_size, check_key, decode_label,
-                            image_member, read_tar)
+from shardio.format import FORMAT, check_key, decode_label, image_member, read_tar
+from shardio.image import Encoded
 from shardio.storage import filesystem, join, read_bytes, write_bytes_atomic
 
 from . import __version__
@@ -140,8 +138,7 @@ def describe_shard(url: str, path: str, count_pixels: bool) -> dict:
 def _decode(data: bytes, count_pixels: bool) -> tuple[int, int, str, np.ndarray | None]:
     """(width, height, mode, histogram or None) of an encoded image, decoded in full."""
     try:
-        with Image.open(io.BytesIO(data), formats=DECODED_FORMATS) as image:
-            check_image_size(image.height, image.width)
+        with Encoded(data).pil() as image:  # the one decoder: format sniffed, size checked
             image.load()
             counts = None
             if count_pixels:
