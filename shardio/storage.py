@@ -154,6 +154,7 @@ def _outage_ended(url: str) -> None:
 def read_bytes(url: str, retry_s: float = DEFAULT_RETRY_S) -> bytes:
     """The whole file; transient errors are retried for up to `retry_s` (0: no retries)."""
     fs, path = filesystem(url)
+    fs.invalidate_cache(posixpath.dirname(path))  # another process may have written it since we listed
     return retrying(lambda: fs.cat_file(path), url, retry_s)
 
 
