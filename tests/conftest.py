@@ -448,10 +448,12 @@ while True:  # hold until killed; say so if the lease is lost
 """
 
 
-def start_lease_holder(run_dir: str, job_id: str, timeout_s: float, start_at: float = 0.0) -> subprocess.Popen:
+def start_lease_holder(run_dir: str, job_id: str, timeout_s: float, start_at: float = 0.0,
+                       prefix: tuple[str, ...] = ()) -> subprocess.Popen:
     """A separate python process that takes the run dir's lease and holds it until killed.
-    Its first stdout line is 'acquired' or 'held: <why>' (exit code 3)."""
-    return subprocess.Popen([sys.executable, "-c", LEASE_HOLDER, run_dir, job_id, str(timeout_s), str(start_at)],
+    Its first stdout line is 'acquired' or 'held: <why>' (exit code 3). `prefix`: a command
+    that runs it (say, in another PID namespace)."""
+    return subprocess.Popen([*prefix, sys.executable, "-c", LEASE_HOLDER, run_dir, job_id, str(timeout_s), str(start_at)],
                             cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

@@ -372,6 +372,25 @@ def test_a_killed_holder_on_this_host_is_taken_over_at_once(lease_dir):
     lease.release()
 
 
+# The holder in a new PID namespace (same hostname, as a container with host networking),
+# at a pid this namespace does not have.
+OTHER_PID_NAMESPACE = ("unshare", "--pid", "--fork", "--kill-child", "--mount-proc", "sh", "-c",
+                       'echo 99999 > /proc/sys/kernel/ns_last_pid && "$0" "$@"')
+
+
+def test_a_live_holder_in_another_pid_namespace_is_not_taken_for_dead(lease_dir):
+    if subprocess.run([*OTHER_PID_NAMESPACE, "true"], capture_output=True).returncode != 0:
+        pytest.skip("cannot create a PID namespace here (unshare needs root or user namespaces)")
+    holder = start_lease_holder(lease_dir, "2201", timeout_s=600, prefix=OTHER_PID_NAMESPACE)
+    try:
+        assert read_line(holder) == "acquired"
+        with pytest.raises(LeaseHeld, match="job 2201"):  # its pid is not ours to look up: wait
+            Lease(lease_dir, job_id="2202", timeout_s=600).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_a_requeue_of_the_same_job_takes_its_lease_back_at_once(lease_dir):
     holder = start_lease_holder(lease_dir, "3001", timeout_s=60)
     assert read_line(holder) == "acquired"
