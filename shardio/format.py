@@ -184,6 +184,8 @@ def read_tar(data: bytes) -> Iterator[dict]:
         if sample and sample["__key__"] != key:
             yield sample
             sample = {}
+        if ext in sample:  # `d.cls d.png d.cls d.png` is two samples under one key (webdataset refuses it too)
+            raise ValueError(f"sample {key}: member {name!r} appears twice in a row; keys must be unique")
         sample["__key__"] = key
         sample[ext] = payload
     if sample:

@@ -57,6 +57,8 @@ def index(url: str, split: str | None = None, classes: list[str] | None = None,
             bar.update(1)
     _check_samples(url, shards)
 
+    if not classes:
+        _check_label_range(url, shards)
     num_classes = len(classes) if classes else 1 + max(max(s["labels"], default=-1) for s in shards)
     classes = list(classes) if classes else [str(c) for c in range(num_classes)]
     _check_labels(url, shards, num_classes)
@@ -164,6 +166,19 @@ def _check_samples(url: str, shards: list[dict]) -> None:
             log.warning("%s", problem)
         more = f" and {len(problems) - 10} more (all logged above)" if len(problems) > 10 else ""
         raise ValueError(f"{len(problems)} bad sample(s) under {url}: {'; '.join(problems[:10])}{more}")
+
+
+def _check_label_range(url: str, shards: list[dict]) -> None:
+    """Without --classes the largest label sets the class count: refuse one that makes it far
+    wider than the labels in use (a stray `.cls` of 400000 would make a 400,000-way head)."""
+    used = {label for s in shards for label in s["labels"]}
+    if not used or max(used) < 2 * len(used) + 10:
+        return
+    shard, key, label = max(((s, k, lb) for s in shards for k, lb in zip(s["keys"], s["labels"])),
+                            key=lambda t: t[2])
+    raise ValueError(f"{join(url, shard['path'])}: sample {key}: label {label} would make {label + 1} classes, "
+                     f"but only {len(used)} distinct labels are used; fix the label, or pass --classes "
+                     "to name every class if the range is meant")
 
 
 def _check_labels(url: str, shards: list[dict], num_classes: int) -> None:

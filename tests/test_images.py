@@ -132,3 +132,27 @@ def test_the_clamped_eval_transform_keeps_the_center_crop():
     short = int(48 / 0.875)
     whole = TF.center_crop(resize_uint8(smooth, (short, short * 3 * MAX_ASPECT)), [48, 48])
     assert (ours.int() - whole.int()).abs().max() <= 3
+
+
+# ---- shards index: duplicate members, a stray label -------------------------------------
+def test_index_refuses_duplicate_members_naming_the_shard_and_key(tmp_path):
+    """`d.cls d.png d.cls d.png` used to be read as one sample, silently losing the other."""
+    root = tmp_path / "ds"
+    root.mkdir()
+    png = encoded("PNG")
+    (root / "train-000000.tar").write_bytes(write_tar([("a", 0, "png", png), ("d", 0, "png", png), ("d", 1, "png", png)]))
+    with pytest.raises(ValueError, match=r"train-000000.tar: not a readable tar: sample d: member 'd.cls' appears twice"):
+        shards.index(str(root), progress=False, workers=1)
+
+
+def test_a_stray_label_does_not_define_the_class_count(tmp_path):
+    """Without --classes, one `.cls` of 400000 used to make 400,000 classes."""
+    root = tmp_path / "ds"
+    root.mkdir()
+    png = encoded("PNG")
+    samples = [(f"s{i}", i % 3, "png", png) for i in range(6)] + [("stray", 400000, "png", png)]
+    (root / "train-000000.tar").write_bytes(write_tar(samples))
+    with pytest.raises(ValueError, match=r"train-000000.tar: sample stray: label 400000 would make 400001 classes, "
+                                         r"but only 4 distinct labels"):
+        shards.index(str(root), progress=False, workers=1)
+    assert not (root / "manifest.json").exists()
