@@ -95,7 +95,7 @@ class Encoded:
         except ValueError:
             raise
         except Exception as e:  # PIL raises many types for truncated or corrupt data
-            raise ValueError(f"cannot decode {self.format} image: {' '.join(str(e).split())}") from None
+            raise ValueError(f"cannot decode image ({self.format}): {' '.join(str(e).split())}") from None
 
 
 def decode(data: bytes, mode: str) -> np.ndarray:
@@ -116,7 +116,7 @@ def _open(data: bytes, fmt: str) -> Image.Image:
     try:
         return Image.open(io.BytesIO(data), formats=(fmt,))
     except Exception as e:  # PIL raises many types for bad data; callers want one
-        raise ValueError(f"cannot decode {fmt} image: {' '.join(str(e).split())}") from None
+        raise ValueError(f"cannot decode image ({fmt}): {' '.join(str(e).split())}") from None
 
 
 def _jpeg_header(data: bytes) -> tuple[int, int] | None:
