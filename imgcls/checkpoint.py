@@ -395,6 +395,12 @@ class Checkpointer:
         self._state = None  # the weights now live in the parts: don't hold a second copy
         return self.url
 
+    def fence(self) -> None:
+        """Before any write to the run dir (metrics, plots, config.yaml, resumes.jsonl):
+        LeaseLost if another job took it over. Ranks without the lease write nothing there."""
+        if self.lease is not None:
+            self.lease.check()
+
     def save(self, step: int, best: bool = False) -> None:
         snapshot = {name: part.state_dict() for name, part in self.parts.items()}
         snapshot["config"] = self.config

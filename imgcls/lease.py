@@ -301,19 +301,10 @@ class _S3Store:
             self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key,
                                        Body=json.dumps(record).encode(), **condition)
         except (FileExistsError, OSError) as e:
-            if _failed_condition(e):
+            if storage.failed_condition(e):
                 raise _Conflict() from e
             raise
 
     def delete(self, version: str | None) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(f"{self.bucket}/{self.key}")
-
-
-def _failed_condition(error: BaseException) -> bool:
-    """412 Precondition Failed, or 409 ConditionalRequestConflict (a concurrent conditional PUT)."""
-    if isinstance(error, FileExistsError):
-        return True
-    response = getattr(error.__cause__, "response", None) or {}
-    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    return status in (409, 412)

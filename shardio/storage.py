@@ -173,6 +173,36 @@ def write_bytes_atomic(url: str, data: bytes, retry_s: float = DEFAULT_RETRY_S) 
         retrying(lambda: fs.pipe_file(path, data), url, retry_s)
 
 
+class WriteConflict(OSError):
+    """A conditional PUT whose condition failed: another writer changed the object first."""
+
+
+def put_if(url: str, data: bytes, etag: str | None, retry_s: float = DEFAULT_RETRY_S) -> str:
+    """Object stores (S3): PUT `data` only if the object is still the version `etag` (None: only
+    if it does not exist: `If-Match` / `If-None-Match: *`); returns the new ETag, or raises
+    WriteConflict naming the URL. AWS S3 and moto honour both conditions."""
+    fs, path = filesystem(url)
+    bucket, key, _ = fs.split_path(path)
+    condition = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
+    try:
+        response = retrying(lambda: fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **condition),
+                            url, retry_s)
+    except OSError as e:
+        if failed_condition(e):
+            raise WriteConflict(f"{url}: another writer changed it (a conditional write failed)") from None
+        raise
+    return response["ETag"]
+
+
+def failed_condition(error: BaseException) -> bool:
+    """412 Precondition Failed, or 409 ConditionalRequestConflict (a concurrent conditional PUT)."""
+    if isinstance(error, FileExistsError):
+        return True
+    response = getattr(error.__cause__, "response", None) or {}
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return status in (409, 412)
+
+
 def _write_local_atomic(path: str, data: bytes) -> None:
     parent = os.path.dirname(path) or "."
     os.makedirs(parent, exist_ok=True)
@@ -183,9 +213,11 @@ def _write_local_atomic(path: str, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())  # the data is on disk before the name points at it
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+        if isinstance(e, OSError) and not e.filename:  # a full disk, a quota: say where
+            raise type(e)(e.errno, e.strerror, path) from e
         raise
     fsync_dir(parent)
 
