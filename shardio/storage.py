@@ -41,9 +41,13 @@ from fsspec.implementations.local import LocalFileSystem
 
 log = logging.getLogger(__name__)
 DEFAULT_RETRY_S = 60.0  # long enough for an endpoint restart or a network blip
+# The deadline of one attempt's connect, and of each read of its answer: a hung endpoint (it
+# accepts and never answers) used to hold one attempt for minutes (s3fs and botocore retried
+# inside it: 25 connections, 414 s with a 5 s budget).
+TIMEOUT_S = 10.0
 TEMP_FILE = re.compile(r"\.tmp-\d+$")
 _TRANSIENT_CODES = {"RequestTimeout", "SlowDown", "ServiceUnavailable", "InternalError", "Throttling"}
-_cache: dict[tuple[int, str], fsspec.AbstractFileSystem] = {}
+_cache: dict[tuple[int, str, float], fsspec.AbstractFileSystem] = {}
 # What sets the retry budget, in the outage warning; a tool with its own option names sets it.
 RETRY_SETTING = "the storage retry budget"
 
@@ -53,13 +57,20 @@ class StorageUnavailable(OSError):
 
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, path) for `url`; the filesystem is private to this process."""
+    """(filesystem, path) for `url`; the filesystem is private to this process. An S3 call
+    makes one attempt, bounded by TIMEOUT_S to connect and TIMEOUT_S per read: `retrying` is
+    the only retry loop, so a hung endpoint fails within its budget plus one timeout."""
     protocol = _protocol(url)
-    key = (os.getpid(), protocol)
+    key = (os.getpid(), protocol, TIMEOUT_S)
     fs = _cache.get(key)
     if fs is None:
         # skip_instance_cache: never reuse an instance (and its event loop) made before fork
-        fs = fsspec.filesystem(protocol, skip_instance_cache=True)
+        s3 = protocol in ("s3", "s3a")
+        options = {"config_kwargs": {"connect_timeout": TIMEOUT_S, "read_timeout": TIMEOUT_S,
+                                     "retries": {"max_attempts": 1}}} if s3 else {}
+        fs = fsspec.filesystem(protocol, skip_instance_cache=True, **options)
+        if s3:
+            fs.retries = 1  # no retries inside s3fs (5) and botocore (legacy: 5 more): ours only
         _cache[key] = fs
     return fs, fs._strip_protocol(url)
 
@@ -107,8 +118,8 @@ def retrying(fn, url: str, budget_s: float = DEFAULT_RETRY_S):
     """fn(), retried on transient errors with exponential backoff (0.5 s doubling to 8 s)
     until `budget_s` has passed; then StorageUnavailable naming `url`.
 
-    The budget bounds when the last attempt starts; an attempt itself may take a few more
-    seconds (botocore retries a refused connection on its own before it gives up).
+    The budget bounds when the last attempt starts; an attempt itself is bounded by
+    TIMEOUT_S (see `filesystem`): the call fails within the budget plus one timeout.
     """
     start = time.monotonic()
     retryer = tenacity.Retrying(retry=tenacity.retry_if_exception(is_transient),

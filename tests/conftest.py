@@ -427,6 +427,30 @@ def s3_outage(s3_endpoint, monkeypatch):
     proxy.close()
 
 
+@pytest.fixture
+def hung_endpoint():
+    """http://127.0.0.1:PORT of a TCP server that accepts connections and never answers (a hung
+    storage endpoint); yields (url, a list of the connections it accepted)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            with contextlib.suppress(socket.timeout, OSError):
+                accepted.append(server.accept()[0])
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}", accepted
+    stop.set()
+    thread.join()
+    for sock in accepted:
+        sock.close()
+    server.close()
+
+
 LEASE_HOLDER = """
 import sys, time
 from imgcls.lease import Lease, LeaseHeld, LeaseLost

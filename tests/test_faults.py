@@ -150,3 +150,30 @@ def test_status_runs_skips_an_unreadable_config_with_a_note(tmp_path):
     assert any(line.startswith("good ") and "0/3" in line for line in lines), out.stdout
     assert any(line.startswith("bad ") for line in lines), out.stdout
     assert any(line.strip().startswith(f"note: {tmp_path / 'bad' / 'config.yaml'} skipped") for line in lines)
+
+
+# ---- a hung storage endpoint ----------------------------------------------------------------
+HUNG_READ = """
+import sys, time
+from shardio import storage
+storage.TIMEOUT_S = 2.0
+start = time.monotonic()
+try:
+    storage.read_bytes("s3://bucket/data/train-000000.tar", retry_s=3)
+except storage.StorageUnavailable as e:
+    print(f"{time.monotonic() - start:.1f}", e)
+"""
+
+
+def test_a_hung_endpoint_fails_within_the_budget_plus_one_timeout_naming_the_url(hung_endpoint):
+    """An endpoint that accepts and never answers, with a 3 s budget: the read used to hang for
+    minutes inside one attempt (s3fs and botocore retrying at 15 s read timeouts)."""
+    url, accepted = hung_endpoint
+    env = {**os.environ, "PYTHONPATH": str(REPO), "AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "k",
+           "AWS_SECRET_ACCESS_KEY": "s", "AWS_DEFAULT_REGION": "us-east-1"}
+    out = subprocess.run([sys.executable, "-c", HUNG_READ], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=60)
+    seconds, message = out.stdout.split(" ", 1)
+    assert float(seconds) <= 3 + 2 + 2, out.stdout  # the budget, one timeout, scheduling slack
+    assert message.startswith("s3://bucket/data/train-000000.tar: storage unreachable"), message
+    assert 1 <= len(accepted) <= 3
