@@ -16,7 +16,7 @@ photo_uniforms of (seed 0, epoch 0, file name)) and returns a 224x224 uint8 imag
     keeps the box >= 224, then (1)'s resize;
 (4) PyTurboJPEG 1.x decode(scaling_factor), likewise (PyTurboJPEG 2 needs libjpeg-turbo 3;
     Debian 12 has 2.1);
-(5) imgcls.data.Encoded: the header by simplejpeg, the decode by simplejpeg downscaled only
+(5) shardio.image.Encoded: the header by simplejpeg, the decode by simplejpeg downscaled only
     by 1/2, 1/4, 1/8 (M/8 scales with other M measured slower than a full decode here), then
     (1)'s resize: the reader's path. Methods (0)-(4) get the size from the caller for free.
 Reps are interleaved (1, 2, 3, 4, 1, 2, ...); images/s is mean ± std over reps.
@@ -112,7 +112,7 @@ def pil_full(data, full, box):
 
 def pil_draft(data, full, box):
     from imgcls.augment import jpeg_scale
-    from imgcls.data import image_array
+    from shardio.image import image_array
 
     image = Image.open(io.BytesIO(data))
     scale = jpeg_scale(full[1], full[0], box[2], box[3], SIZE)
@@ -123,9 +123,9 @@ def pil_draft(data, full, box):
 
 def imgcls_decode(data, full, box):
     from imgcls.augment import jpeg_scale
-    from imgcls.data import Encoded
+    from shardio.image import Encoded
 
-    image = Encoded({"jpg": data}, {})  # the header, as the reader reads it
+    image = Encoded(data)  # the header, as the reader reads it
     scale = jpeg_scale(image.size[1], image.size[0], box[2], box[3], SIZE)
     return _resize(image.array("RGB", scale), image.size, box)
 

@@ -160,14 +160,27 @@ def resize_uint8(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", antialias=True)[0]
 
 
+# The evaluation transform resizes the whole image before cropping, so its cost follows the
+# aspect ratio (a 1x2000 PNG at 224 px: 256 x 512000 pixels, ~0.8 GB). Beyond this ratio the
+# source is first cut, centred, to it: a region that still holds the center crop (which covers
+# crop_pct of the shorter side), so the output changes only by rounding, and no transform
+# allocates more than MAX_ASPECT x (size / crop_pct)^2 pixels.
+MAX_ASPECT = 4
+
+
 def eval_resize_crop(image: torch.Tensor, size: int, crop_pct: float) -> torch.Tensor:
     """timm's evaluation transform on a CHW uint8 image: the shorter side resized to
     floor(size / crop_pct) (the longer in proportion, truncated, as torchvision's Resize),
-    then the center size x size. One function for the reader's evaluation, predict, serve
-    and export checks."""
+    then the center size x size. Sources longer than MAX_ASPECT x their shorter side are cut
+    to that first (centred). One function for the reader's evaluation, predict, serve and
+    export checks."""
     from torchvision.transforms.v2 import functional as TF
 
     height, width = image.shape[-2:]
+    keep = math.ceil(max(MAX_ASPECT, crop_pct + 1) * min(height, width))
+    if max(height, width) > keep:  # the box in source coordinates first, then resize only it
+        image = TF.center_crop(image, [min(height, keep), min(width, keep)])
+        height, width = image.shape[-2:]
     short = math.floor(size / crop_pct)
     new = (short, int(short * width / height)) if height <= width else (int(short * height / width), short)
     if new != (height, width):

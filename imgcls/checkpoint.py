@@ -4,8 +4,10 @@
      "ema": ..., "data": {"epoch", "position"}, "rng": [per rank], "progress": ...,
      "tracker": {"run_id", ...}, "ewc": {"fisher", "anchor"} (with ewc.previous)}
 
-Files are `RUN_DIR/checkpoints/step-00001234.pt` (any fsspec URL) plus `best.pt`, each with a
-sidecar `step-00001234.pt.sha256` in `sha256sum` format. Loading uses
+Files are `RUN_DIR/checkpoints/step-00001234.pt` (any fsspec URL) plus `best-00001234.pt`, each
+with a sidecar `step-00001234.pt.sha256` in `sha256sum` format, and `best.pt`: a small pointer
+(`{"format": "imgcls.pointer/1", "file": "best-00001234.pt"}`) that `load` follows, so
+`evaluate RUN_DIR/checkpoints/best.pt` loads the best. Loading uses
 torch.load(weights_only=True), so a checkpoint can never execute a pickle.
 
 What holds under faults:
@@ -21,6 +23,10 @@ What holds under faults:
   between the two writes) is harmless, and an older file of the same step under a new
   sidecar fails its check: it is moved aside, never loaded wrong. A checkpoint without a
   sidecar was written before checksums existed: it is loaded if it loads, with a note.
+- A verified file is never overwritten in place: a new best is written under its own name
+  and verified, then committed by one atomic write of the pointer, then older bests go. A
+  kill, a full disk or a quota error at any point leaves the pointer on the old best or the
+  new one, both complete and verified.
 - Pruning removes only checkpoints of lower steps than the one just written and verified
   (its size read back from storage): files of higher steps left by a crash never push good
   checkpoints out.
@@ -34,6 +40,7 @@ import contextlib
 import copy
 import hashlib
 import io
+import json
 import logging
 import posixpath
 import random
@@ -50,6 +57,10 @@ log = logging.getLogger(__name__)
 STEP_FILE = re.compile(r"step-(\d+)\.pt$")
 CHECKSUM_SUFFIX = ".sha256"
 CORRUPT_DIR = "corrupt"
+BEST_FILE = "best.pt"                # the pointer to the newest best-STEP.pt
+BEST_STEP_FILE = re.compile(r"best-(\d+)\.pt$")
+POINTER_FORMAT = "imgcls.pointer/1"
+OLD_BEST = re.compile(r"best-\d+\.pt(\.sha256)?|best\.pt\.sha256")  # best.pt.sha256: when best.pt was a file
 
 
 class CorruptCheckpoint(Exception):
@@ -120,9 +131,27 @@ def save(state: dict, run_dir: str, step: int, keep_last: int, best: bool = Fals
     url = step_url(run_dir, step)
     write_verified(url, data, retry_s)
     if best:
-        write_verified(storage.join(checkpoint_dir(run_dir), "best.pt"), data, retry_s)
+        save_best(run_dir, step, data, retry_s)
     prune(run_dir, step, keep_last, retry_s)
     return url
+
+
+def save_best(run_dir: str, step: int, data: bytes, retry_s: float = storage.DEFAULT_RETRY_S) -> str:
+    """best-STEP.pt (verified), then the one small write that commits it: the best.pt pointer;
+    then the older bests go. Either the old best or the new one always loads."""
+    directory = checkpoint_dir(run_dir)
+    name = f"best-{step:08d}.pt"
+    write_verified(storage.join(directory, name), data, retry_s)
+    pointer = json.dumps({"format": POINTER_FORMAT, "file": name}).encode()
+    storage.write_bytes_atomic(storage.join(directory, BEST_FILE), pointer, retry_s)
+    fs, path = storage.filesystem(directory)
+    names = storage.retrying(lambda: fs.ls(path, detail=False, refresh=True), directory, retry_s)
+    names = sorted(n.rsplit("/", 1)[-1] for n in names)  # each file before its sidecar
+    older = [n for n in names if OLD_BEST.fullmatch(n) and not n.startswith(name)]
+    for url in (storage.join(directory, n) for n in older):
+        with contextlib.suppress(FileNotFoundError):
+            storage.retrying(lambda: fs.rm_file(storage.filesystem(url)[1]), url, retry_s)
+    return storage.join(directory, name)
 
 
 def write_verified(url: str, data: bytes, retry_s: float = storage.DEFAULT_RETRY_S) -> None:
@@ -172,6 +201,9 @@ def load(url: str, retry_s: float = storage.DEFAULT_RETRY_S) -> dict:
     # the sidecar first: a checkpoint always goes (pruned, moved aside) before its sidecar
     expected = _expected_sha256(url, retry_s)
     data = storage.read_bytes(url, retry_s)
+    target = _pointer_target(data)
+    if target is not None:  # best.pt: the file it names
+        return load(storage.join(posixpath.dirname(url), target), retry_s)
     if expected is None:
         log.info("%s has no %s sidecar (written before checksums); loading it unverified", url, CHECKSUM_SUFFIX)
     elif hashlib.sha256(data).hexdigest() != expected:
@@ -180,6 +212,17 @@ def load(url: str, retry_s: float = storage.DEFAULT_RETRY_S) -> dict:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # complete bytes that do not load: truncated, empty, not a zip
         raise CorruptCheckpoint(f"{url}: not a loadable checkpoint ({len(data)} bytes): {e}") from e
+
+
+def _pointer_target(data: bytes) -> str | None:
+    """The file name a pointer (best.pt) holds; None for a checkpoint."""
+    if not data.startswith(b"{") or len(data) > 4096:
+        return None
+    with contextlib.suppress(ValueError, AttributeError):
+        pointer = json.loads(data)
+        if pointer.get("format") == POINTER_FORMAT and BEST_STEP_FILE.fullmatch(pointer.get("file", "")):
+            return pointer["file"]
+    return None
 
 
 def _expected_sha256(url: str, retry_s: float) -> str | None:
@@ -351,6 +394,12 @@ class Checkpointer:
             part.load_state_dict(self._state[name])
         self._state = None  # the weights now live in the parts: don't hold a second copy
         return self.url
+
+    def fence(self) -> None:
+        """Before any write to the run dir (metrics, plots, config.yaml, resumes.jsonl):
+        LeaseLost if another job took it over. Ranks without the lease write nothing there."""
+        if self.lease is not None:
+            self.lease.check()
 
     def save(self, step: int, best: bool = False) -> None:
         snapshot = {name: part.state_dict() for name, part in self.parts.items()}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import types
@@ -419,7 +420,10 @@ def apply_override(data: dict, override: str) -> None:
         node = node[part]
     if leaf not in node:
         raise unknown_key(key.strip(), node)
-    node[leaf] = yaml.safe_load(raw) if raw != "" else ""
+    try:
+        node[leaf] = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:  # a syntax error, or a tag that would construct an object
+        raise ConfigError(f"override {override!r}: not a valid YAML value: {' '.join(str(e).split())}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
@@ -430,7 +434,38 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         _merge(data, _read_yaml(Path(path)), str(path))
     for override in overrides:
         apply_override(data, override)
-    return absolute_paths(from_dict(data))
+    cfg = from_dict(data)
+    check_ranges(cfg)
+    return absolute_paths(cfg)
+
+
+# Values the types allow but a run cannot use: (key, allowed, what it must be).
+RANGES = (
+    ("data.batch_size", lambda v: v >= 1, "at least 1"),
+    ("data.eval_batch_size", lambda v: v >= 1, "at least 1"),
+    ("data.num_workers", lambda v: v >= 0, "0 or more"),
+    ("data.crop_pct", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("data.read_retry_s", lambda v: v >= 0, "0 or more"),
+    ("data.mean", lambda v: all(math.isfinite(x) for x in v), "finite numbers"),
+    ("data.std", lambda v: all(math.isfinite(x) and x > 0 for x in v), "finite numbers above 0"),
+    ("optim.lr", lambda v: math.isfinite(v) and v >= 0, "a finite number, 0 or more"),
+    ("optim.weight_decay", lambda v: math.isfinite(v) and v >= 0, "a finite number, 0 or more"),
+    ("train.epochs", lambda v: v >= 0, "0 or more"),
+    ("train.accum_steps", lambda v: v >= 1, "at least 1"),
+    ("train.log_every", lambda v: v >= 1, "at least 1"),
+    ("train.keep_last", lambda v: v >= 0, "0 or more"),
+    ("run.lease_timeout_s", lambda v: v > 0, "above 0"),
+    ("run.storage_retry_s", lambda v: v >= 0, "0 or more"),
+)
+
+
+def check_ranges(cfg: Config) -> None:
+    """ConfigError naming the first key whose value is out of its range (RANGES)."""
+    for key, ok, what in RANGES:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if not ok(value):
+            raise ConfigError(f"{key}={value!r}: must be {what}")
 
 
 # Config keys that name files or datasets: a relative local path is resolved against the
@@ -455,14 +490,22 @@ def absolute_paths(cfg: Config) -> Config:
     return cfg
 
 
-def _read_yaml(path: Path) -> dict:
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    """The file's mapping, merged over the file it `include`s (an include loop is an error)."""
+    if path.resolve() in chain:
+        loop = " -> ".join(str(p) for p in (*chain, path.resolve()))
+        raise ConfigError(f"config file {chain[-1]}: include loop: {loop}")
     try:
         content = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file {path} not found") from None
+    except yaml.YAMLError as e:  # a syntax error, or a tag that would construct an object
+        raise ConfigError(f"config file {path}: not valid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(content, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of keys, got {type(content).__name__}")
     base = content.pop("include", None)
     if base:
-        merged = _read_yaml(path.parent / base)
+        merged = _read_yaml(path.parent / base, (*chain, path.resolve()))
         _merge(merged, content, str(path), strict=False)
         return merged
     return content

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import io
 import json
 import logging
 import os
@@ -31,7 +30,6 @@ import threading
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
-import simplejpeg
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -41,7 +39,8 @@ from imgcls.augment import (InputTransform, PhotoTransform, crop_flip, draw_para
 from imgcls.config import DataConfig
 from imgcls.signals import keep_worker_through_cancel
 from shardio import storage
-from shardio.format import check_image_size, check_shard_paths, decode_label, decode_sample, read_tar
+from shardio.format import check_shard_paths, decode_label, decode_sample, read_tar
+from shardio.image import Encoded, image_array
 
 log = logging.getLogger(__name__)
 
@@ -482,7 +481,7 @@ class ShardReader(IterableDataset):
         key = sample.get("__key__", "?")
         try:
             label = decode_label(sample.get("cls"), self.num_classes)
-            image = Encoded(sample, self.manifest)
+            image = encoded(sample, self.manifest)
             mode = "L" if self.manifest["image"]["channels"] == 1 else "RGB"
             if not (self.augmenting and self.crop == "resized"):
                 array = image.array(mode)
@@ -556,72 +555,18 @@ def first_images(cfg: DataConfig, split: str, count: int, manifest: dict | None 
     return torch.cat(images)[:count]
 
 
-def image_array(image: Image.Image, mode: str) -> np.ndarray:
-    """HWC uint8 (writable) of a PIL image in `mode` (L or RGB); decodes a lazily opened one."""
-    if image.mode != mode:
-        image = image.convert(mode)
-    array = np.array(image)
-    return array[:, :, None] if array.ndim == 2 else array
-
-
 def image_tensor(image: Image.Image, mode: str) -> torch.Tensor:
     """CHW uint8 tensor of a PIL image in `mode`."""
     return torch.from_numpy(image_array(image, mode)).permute(2, 0, 1)
 
 
-class Encoded:
-    """One sample's encoded image with its header read: `size` (width, height), checked
-    against MAX_PIXELS before anything is decoded. A JPEG's header is read by simplejpeg
-    (~100x cheaper than PIL's Image.open, which was 15% of a 224 px sample's time)."""
-
-    def __init__(self, sample: dict, manifest: dict):
-        ext = next((e for e in PHOTO_MEMBERS if e in sample), None)
-        self.data, self.image = (sample[ext] if ext else None), None
-        header = _jpeg_header(self.data) if ext else None
-        if header is not None:
-            self.size = header
-        elif ext is None:
-            array, _ = decode_sample(sample, manifest)  # raw, fixed size
-            self.image = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
-            self.size = self.image.size
-        else:
-            try:
-                self.image = Image.open(io.BytesIO(self.data))  # reads the header only
-            except Exception as e:
-                raise ValueError(f"cannot decode {ext} image: {e}") from None
-            self.size = self.image.size
-        check_image_size(self.size[1], self.size[0])
-
-    def array(self, mode: str, scale: int = 1) -> np.ndarray:
-        """HWC uint8, downscaled by `scale` (1, 2, 4, 8) when it is a JPEG. JPEGs go through
-        simplejpeg (libjpeg-turbo, ~1.4x PIL's decode here: bench/decode.py); PIL decodes
-        what simplejpeg refuses (CMYK, unusual markers) and everything else."""
-        width, height = self.size
-        if self.image is None:
-            try:
-                array = simplejpeg.decode_jpeg(self.data, "rgb" if mode == "RGB" else "gray",
-                                               min_height=-(-height // scale) if scale > 1 else 0,
-                                               min_width=-(-width // scale) if scale > 1 else 0)
-                return array if array.ndim == 3 else array[:, :, None]
-            except ValueError:
-                try:
-                    self.image = Image.open(io.BytesIO(self.data))
-                except Exception as e:
-                    raise ValueError(f"cannot decode jpg image: {e}") from None
-        if scale > 1 and self.image.format == "JPEG":
-            self.image.draft(mode, (width // scale, height // scale))
-        return image_array(self.image, mode)
-
-
-def _jpeg_header(data: bytes) -> tuple[int, int] | None:
-    """(width, height) of a JPEG that simplejpeg reads, else None (PIL then tries)."""
-    if data[:2] != b"\xff\xd8":
-        return None
-    try:
-        height, width, _, _ = simplejpeg.decode_jpeg_header(data)
-    except ValueError:
-        return None
-    return width, height
+def encoded(sample: dict, manifest: dict) -> Encoded:
+    """A sample's image with its header read (shardio.image): its one encoded member, or a
+    raw fixed-size one, already decoded."""
+    ext = next((e for e in PHOTO_MEMBERS if e in sample), None)
+    if ext is None:
+        return Encoded.from_array(decode_sample(sample, manifest)[0])
+    return Encoded(sample[ext])
 
 
 def _as_is(batch: dict) -> dict:

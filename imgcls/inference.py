@@ -36,11 +36,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from shardio.image import MAX_PIXELS, Encoded, image_array
+
 META_FORMAT = "imgcls.model/1"
 META_KEY = "imgcls"              # ONNX metadata_props / TFLite metadata name; TorchScript extra file is META_KEY + ".json"
 TORCHSCRIPT_SUFFIX = ".torchscript.pt"
 MODEL_FORMATS = ("checkpoint", "onnx", "torchscript", "tflite")
-MAX_PIXELS = 64_000_000          # an image header promising more is refused before it is decoded
 
 
 class UntrustedFormatError(ValueError):
@@ -113,9 +114,7 @@ def tflite_metadata(flatbuffer: bytes) -> dict | None:
 
 def checkpoint_meta(state: dict, manifest: dict, weights: str, checkpoint_url: str, data_url: str) -> dict:
     from imgcls.config import from_dict
-    from imgcls.data import normalization
-
-    from imgcls.data import geometry
+    from imgcls.data import geometry, normalization
 
     cfg = from_dict(state["config"])
     image = manifest["image"]
@@ -290,78 +289,42 @@ def open_model(path: str, threads: int = 0, data_url: str = "", fmt: str = "") -
 
 
 # ---- images ---------------------------------------------------------------------------
-SERVED_FORMATS = ("JPEG", "PNG", "WEBP")  # docs/design.md: the only formats ever decoded
-
-
-class UnsupportedImageFormat(ValueError):
-    """An image, but in a format outside SERVED_FORMATS (serve answers 415)."""
-
-
-def open_image(path, max_pixels: int = MAX_PIXELS):
-    """The one place predict and serve open an image (a file name or a binary file object):
-    JPEG, PNG or WebP sniffed from the bytes, never the name; a header promising more than
-    `max_pixels` is refused before decoding. Other formats raise UnsupportedImageFormat,
-    naming the format from its magic bytes only (no other plugin parses anything)."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        im = Image.open(path, formats=SERVED_FORMATS)
-    except UnidentifiedImageError:
-        fmt = _sniff_format(path)
-        if fmt:
-            raise UnsupportedImageFormat(f"a {fmt} image; only {', '.join(SERVED_FORMATS)} are read") from None
-        raise
-    if im.width * im.height > max_pixels:
-        im.close()
-        raise ValueError(f"{im.width}x{im.height} pixels, more than the {max_pixels:,} allowed")
-    return im
-
-
-def _sniff_format(path) -> str:
-    from PIL import Image
-
-    if hasattr(path, "seek"):
-        path.seek(0)
-        prefix = path.read(64)
-    else:
-        with open(path, "rb") as f:
-            prefix = f.read(64)
-    Image.init()
-    for fmt, (_, accept) in Image.OPEN.items():
-        if accept and accept(prefix):
-            return fmt
-    return ""
-
-
 def load_image(path, meta: dict, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """One image (a file name or a binary file object) as the model's input [C, H, W] float32
-    (see `image_array`), opened by `open_image`."""
-    with open_image(path, max_pixels) as im:
-        return image_array(im, meta)
+    (`model_input`). Decoded by the reader's one decoder (shardio.image): JPEG, PNG and WebP
+    only, sniffed from the bytes (UnsupportedFormat otherwise: serve answers 415), a header
+    above `max_pixels` refused before decoding."""
+    if hasattr(path, "read"):
+        data = path.read()
+    else:
+        with open(path, "rb") as f:
+            data = f.read()
+    # no EXIF rotation: the reader trains on the pixels as stored (as torchvision's and
+    # timm's loaders do), so predict must see them the same way
+    return model_input(Encoded(data, max_pixels).array(model_mode(meta)), meta)
 
 
-def image_array(im, meta: dict) -> np.ndarray:
-    """A PIL image as the model's input [C, H, W] float32: the model's channels (L or RGB), its
-    size (the reader's evaluation resize and center crop when meta has image_size, else
-    bilinear to `image`), then /255 and (x - mean) / std, as the shard reader does."""
+def model_mode(meta: dict) -> str:
+    return "L" if meta["image"]["channels"] == 1 else "RGB"
+
+
+def model_input(pixels: np.ndarray, meta: dict) -> np.ndarray:
+    """HWC uint8 pixels in the model's mode as its input [C, H, W] float32: its size (the
+    reader's evaluation resize and center crop when meta has image_size, else bilinear to
+    `image`), then /255 and (x - mean) / std, as the shard reader does."""
     from PIL import Image
 
     from imgcls.augment import eval_resize_crop
-    from imgcls.data import image_tensor
 
     image = meta["image"]
-    # no EXIF rotation: the reader trains on the pixels as stored (as torchvision's and
-    # timm's loaders do), so predict must see them the same way
-    im = im.convert("L" if image["channels"] == 1 else "RGB")
     size = (image["width"], image["height"])
     if meta.get("image_size"):  # the reader's evaluation transform, on the same uint8 tensor
-        array = eval_resize_crop(image_tensor(im, im.mode), meta["image_size"], meta["crop_pct"])
-        array = array.numpy().astype(np.float32) / 255
-    else:
-        if None not in size and im.size != size:
-            im = im.resize(size, Image.BILINEAR)
-        array = np.asarray(im, dtype=np.float32) / 255
-        array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+        tensor = eval_resize_crop(torch.from_numpy(pixels).permute(2, 0, 1), meta["image_size"], meta["crop_pct"])
+        pixels = tensor.permute(1, 2, 0).numpy()
+    elif None not in size and pixels.shape[1::-1] != size:
+        pil = Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)
+        pixels = image_array(pil.resize(size, Image.BILINEAR), model_mode(meta))
+    array = pixels.astype(np.float32).transpose(2, 0, 1) / 255
     mean = np.asarray(meta["mean"], dtype=np.float32)[:, None, None]
     std = np.asarray(meta["std"], dtype=np.float32)[:, None, None]
     return (array - mean) / std

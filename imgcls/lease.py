@@ -12,7 +12,11 @@ and last renewed (unix seconds). A lease is taken:
 - from the same job id (SLURM_JOB_ID, or IMGCLS_JOB_ID): a requeued job takes its lease back
   at once. Two runs started by hand inside one SLURM allocation share a job id: pass job_id;
 - from any job once it has not been renewed for `timeout_s` (a frozen holder, a lost node);
-- at once from a holder on this host whose process is gone (SIGKILLed, crashed).
+- at once from a holder on this host whose process is gone (SIGKILLed, crashed): the record
+  names the process beyond (host, pid), by the boot id, the PID-namespace inode and the
+  process start time, so a holder in another PID namespace under the same hostname
+  (containers with host networking) or a reused pid is never taken for a dead one; such a
+  holder is taken over only at the renewal deadline, as etcd and Kubernetes leases are.
   Staleness compares the holder's clock with ours: node clocks must agree (NTP) to well
   within `timeout_s`.
 
@@ -181,7 +185,7 @@ class Lease:
 
     def _write(self, version) -> None:
         """Write our record over `version` (None: create); then read it back to be sure."""
-        record = {"job_id": self.job_id, "host": socket.gethostname(), "pid": os.getpid(),
+        record = {"job_id": self.job_id, "host": socket.gethostname(), "pid": os.getpid(), **identity(),
                   "token": self.token, "acquired": self._acquired, "renewed": time.time()}
         with contextlib.suppress(_Conflict):  # maybe a retried PUT whose first try went through
             storage.retrying(lambda: self._store.swap(version, record), self.url)
@@ -191,18 +195,47 @@ class Lease:
         self._renewed = time.monotonic()
 
 
-# ---- where the record lives ------------------------------------------------------------
-def _dead_here(record: dict) -> bool:
-    """The holder ran on this host and its process is gone (killed, crashed)."""
-    if record.get("host") != socket.gethostname():
-        return False
+# ---- who holds it ------------------------------------------------------------------------
+def identity(pid: int | None = None) -> dict:
+    """What names a process beyond (host, pid): a pid means something only in one PID
+    namespace on one boot, and its start time tells a reused pid. None where /proc lacks it."""
+    pid = pid or os.getpid()
+    return {"boot_id": _read("/proc/sys/kernel/random/boot_id"), "pid_ns": _pid_namespace(),
+            "start_time": _start_time(pid)}
+
+
+def _read(path: str) -> str | None:
     try:
-        os.kill(int(record["pid"]), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, another user's
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _pid_namespace() -> int | None:
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+
+
+def _start_time(pid: int) -> str | None:
+    """Clock ticks after boot when `pid` started (/proc/PID/stat field 22); None: no such process."""
+    stat = _read(f"/proc/{pid}/stat")
+    return stat.rsplit(")", 1)[1].split()[19] if stat else None
+
+
+def _dead_here(record: dict) -> bool:
+    """The holder ran in this host's boot and PID namespace, and its process is gone (killed,
+    crashed) or its pid is now another process's. Anything we cannot tell: not dead."""
+    mine = identity()
+    if (record.get("host") != socket.gethostname() or None in mine.values()
+            or record.get("boot_id") != mine["boot_id"] or record.get("pid_ns") != mine["pid_ns"]):
         return False
-    return False
+    return _start_time(int(record["pid"])) != record.get("start_time")
+
+
+# ---- where the record lives ------------------------------------------------------------
 
 
 def _is_s3(url: str) -> bool:
@@ -268,19 +301,10 @@ class _S3Store:
             self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key,
                                        Body=json.dumps(record).encode(), **condition)
         except (FileExistsError, OSError) as e:
-            if _failed_condition(e):
+            if storage.failed_condition(e):
                 raise _Conflict() from e
             raise
 
     def delete(self, version: str | None) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(f"{self.bucket}/{self.key}")
-
-
-def _failed_condition(error: BaseException) -> bool:
-    """412 Precondition Failed, or 409 ConditionalRequestConflict (a concurrent conditional PUT)."""
-    if isinstance(error, FileExistsError):
-        return True
-    response = getattr(error.__cause__, "response", None) or {}
-    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    return status in (409, 412)

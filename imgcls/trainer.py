@@ -303,6 +303,7 @@ class Trainer:
         self.progress = Progress()
         name = cfg.run.name or cfg.run.dir.rstrip("/").rsplit("/", 1)[-1]
         self.tracker = Tracker(cfg.track, cfg.run.dir, enabled=dist.is_main, name=name)
+        self.tracker.fence = self.checkpointer.fence  # every write to the run dir goes through the lease
         self.checkpointer.parts = {
             "model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler, "scaler": self.scaler,
             "data": self.reader, "progress": self.progress, "tracker": self.tracker, "rng": RNGState(dist.rank),
@@ -373,6 +374,7 @@ class Trainer:
         # on another layout (world size, workers) the reader reads what is left of this epoch
         self.steps_per_epoch[self.reader.epoch] = self.reader.batches_per_epoch() // self.cfg.train.accum_steps
         if self.dist.is_main:  # the other ranks are ended by torchrun/srun if this raises
+            self.checkpointer.fence()
             stalled = record_resume(self.cfg.run.dir, self.progress.step)
             if stalled > self.cfg.train.max_requeues:
                 raise RuntimeError(f"{self.cfg.run.dir}: resumed {stalled} times at step {self.progress.step} without "
@@ -399,11 +401,12 @@ class Trainer:
             return self.result("done", "already done")
         self.resume()
         if dist.is_main:
+            self.checkpointer.fence()
             save_config(cfg, storage.join(cfg.run.dir, "config.yaml"))
             log.info(self.describe())
         self.tracker.start(to_dict(cfg))
         if dist.is_main:
-            self.plots = EpochPlots(cfg.run.dir, self.classes, self.tracker.log_image)
+            self.plots = EpochPlots(cfg.run.dir, self.classes, self.tracker.log_image, self.checkpointer.fence)
         if dist.is_main and cfg.track.progress:
             self.report = ProgressReport(sum(self.steps_per_epoch), self.progress.step, cfg.train.epochs,
                                          cfg.track.progress_every_s)
@@ -606,8 +609,9 @@ class EpochPlots:
     request or at close, so wandb is never called from two threads; a drawing's error is
     raised there too."""
 
-    def __init__(self, run_dir: str, class_names: Sequence[str], log_image: Callable[[int, str, str], None]):
-        self.run_dir, self.class_names, self.log_image = run_dir, list(class_names), log_image
+    def __init__(self, run_dir: str, class_names: Sequence[str], log_image: Callable[[int, str, str], None],
+                 fence: Callable[[], None] = lambda: None):
+        self.run_dir, self.class_names, self.log_image, self.fence = run_dir, list(class_names), log_image, fence
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="imgcls-plots")
         self._futures: list[Future] = []
 
@@ -625,6 +629,7 @@ class EpochPlots:
     def _draw(self, records: list[dict], matrix, step: int) -> tuple[int, str]:
         from imgcls.plots import plot_confusion_matrix, plot_training_curves  # matplotlib: here, off the loop
 
+        self.fence()  # the lease: a job that lost the run dir draws nothing into it
         plot_training_curves(records, storage.join(self.run_dir, "training_curves.png"))
         full = {"classes": self.class_names, "matrix": matrix.tolist()}
         storage.write_bytes_atomic(storage.join(self.run_dir, "confusion_val.json"), json.dumps(full).encode())

@@ -29,6 +29,7 @@ from imgcls.cli import entry_point
 from jobs import ArgumentParser
 from imgcls.jsonl import read_jsonl
 from imgcls.lease import DEFAULT_TIMEOUT_S, LEASE_FILE, is_live
+from imgcls.tracking import read_metrics
 
 
 def sacct_state(job_id: str) -> str:
@@ -90,6 +91,8 @@ def find_run_dirs(root: str) -> list[str]:
         parent, base = posixpath.split(name)
         if base in RUN_FILES:
             found.add(parent)
+        elif posixpath.basename(parent) == "metrics" and base.endswith(".jsonl"):  # segments (object stores)
+            found.add(posixpath.dirname(parent))
         elif checkpoint.STEP_FILE.fullmatch(base) and posixpath.basename(parent) == "checkpoints":
             found.add(posixpath.dirname(parent))
     local = storage.is_local(root)
@@ -97,9 +100,9 @@ def find_run_dirs(root: str) -> list[str]:
 
 
 def run_state(run_dir: str) -> dict:
-    records = read_jsonl(storage.join(run_dir, "metrics.jsonl"))
+    records = read_metrics(run_dir)
     config_url, lease_url = storage.join(run_dir, "config.yaml"), storage.join(run_dir, LEASE_FILE)
-    config = yaml.safe_load(storage.read_bytes(config_url)) if storage.exists(config_url) else {}
+    config, note = _read_config(config_url)
     epochs = (config or {}).get("train", {}).get("epochs")
     validated = [r for r in records if "val/acc" in r]
     done = max((r["epoch"] for r in validated), default=0)  # a val record's epoch: epochs completed
@@ -114,7 +117,20 @@ def run_state(run_dir: str) -> dict:
     return {"run_dir": run_dir, "name": (config or {}).get("run", {}).get("name") or posixpath.basename(run_dir),
             "state": state, "epoch": done, "epochs": epochs, "step": records[-1]["step"] if records else 0,
             "train_loss": last_train.get("train/loss"),
-            "best_val_acc": max((r["val/acc"] for r in validated), default=None)}
+            "best_val_acc": max((r["val/acc"] for r in validated), default=None), "note": note}
+
+
+def _read_config(url: str) -> tuple[dict, str]:
+    """(the run's config, "") or ({}, why it was skipped): one bad run dir never hides the others."""
+    if not storage.exists(url):
+        return {}, ""
+    try:
+        config = yaml.safe_load(storage.read_bytes(url))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        return {}, f"{url} skipped: not valid YAML ({' '.join(str(e).split())[:120]})"
+    if not isinstance(config, dict):
+        return {}, f"{url} skipped: not a mapping"
+    return config, ""
 
 
 def print_run_states(rows: list[dict]) -> None:
@@ -124,6 +140,8 @@ def print_run_states(rows: list[dict]) -> None:
         best = f"{r['best_val_acc']:.4f}" if r["best_val_acc"] is not None else "-"
         epoch = f"{r['epoch']}/{r['epochs'] if r['epochs'] is not None else '?'}"
         print(f"{r['name'][:24]:24} {r['state']:9} {epoch:>7} {r['step']:>7} {loss:>7} {best:>8}  {r['run_dir']}")
+        if r["note"]:
+            print(f"  note: {r['note']}")
 
 
 def build_parser() -> ArgumentParser:

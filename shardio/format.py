@@ -13,17 +13,14 @@ from typing import Iterable, Iterator
 import numpy as np
 from PIL import Image
 
+from shardio.image import FORMATS as DECODED_FORMATS, MAX_PIXELS, Encoded, UnsupportedFormat, check_size  # noqa: F401 (re-exported)
+
 FORMAT = "imgcls.shards/1"
 # "source": each image keeps its source file's bytes (JPEG, PNG or WebP), so a shard's image
 # members have mixed extensions; the others re-encode every image.
 ENCODINGS = ("raw", "png", "jpeg", "source")
 EXTENSIONS = {"raw": "raw", "png": "png", "jpeg": "jpg", "webp": "webp"}  # encoding -> member extension
 SOURCE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # image members of a "source" shard
-# Only these are ever decoded: PIL opens dozens of formats, some with a history of exploits.
-DECODED_FORMATS = ("JPEG", "PNG", "WEBP")
-# A decoded image above this many pixels is refused from its header, before decoding: a
-# 140 kB PNG can claim 12000x12000 pixels (PIL itself warns at 89M and refuses at 179M).
-MAX_PIXELS = 1 << 26
 _KEY_OK = re.compile(r"[A-Za-z0-9_/-]+")
 _KEY_BAD_CHARS = re.compile(r"[^A-Za-z0-9_/-]")
 
@@ -69,19 +66,12 @@ def decode_image(data: bytes, ext: str, image_meta: dict) -> np.ndarray:
         return np.frombuffer(data, dtype=np.uint8).reshape(height, width, channels)
     if ext not in SOURCE_EXTENSIONS:
         raise ValueError(f"unknown image extension {ext!r}")
-    try:
-        image = Image.open(io.BytesIO(data), formats=DECODED_FORMATS)  # reads the header only
-    except Exception as e:  # PIL raises many types for bad data; callers want one
-        raise ValueError(f"cannot decode {ext} image: {e}") from None
-    with image:
-        check_image_size(image.height, image.width, height, width)
-        try:
-            array = np.asarray(image.convert("L" if channels == 1 else "RGB"))
-        except Exception as e:
-            raise ValueError(f"cannot decode {ext} image: {e}") from None
-    if array.ndim == 2:
-        array = array[:, :, None]
-    return array
+    try:  # the one decoder (shardio/image.py): the format is sniffed from the bytes, not `ext`
+        image = Encoded(data)
+    except UnsupportedFormat as e:
+        raise UnsupportedFormat(f"cannot decode {ext} image: {e}") from None
+    check_image_size(image.size[1], image.size[0], height, width)
+    return image.array("L" if channels == 1 else "RGB")
 
 
 def check_image_size(height: int, width: int, expected_height: int | None = None,
@@ -90,8 +80,7 @@ def check_image_size(height: int, width: int, expected_height: int | None = None
     at most MAX_PIXELS: checked before decoding, so a decompression bomb costs nothing."""
     if expected_height is not None and (height, width) != (expected_height, expected_width):
         raise ValueError(f"image is {height}x{width}, expected {expected_height}x{expected_width}")
-    if height * width > MAX_PIXELS:
-        raise ValueError(f"image is {height}x{width}: more than {MAX_PIXELS} pixels, refused before decoding")
+    check_size(width, height)
 
 
 def check_shard_paths(manifest: dict, where: str) -> None:
@@ -195,6 +184,8 @@ def read_tar(data: bytes) -> Iterator[dict]:
         if sample and sample["__key__"] != key:
             yield sample
             sample = {}
+        if ext in sample:  # `d.cls d.png d.cls d.png` is two samples under one key (webdataset refuses it too)
+            raise ValueError(f"sample {key}: member {name!r} appears twice in a row; keys must be unique")
         sample["__key__"] = key
         sample[ext] = payload
     if sample:

@@ -41,9 +41,13 @@ from fsspec.implementations.local import LocalFileSystem
 
 log = logging.getLogger(__name__)
 DEFAULT_RETRY_S = 60.0  # long enough for an endpoint restart or a network blip
+# The deadline of one attempt's connect, and of each read of its answer: a hung endpoint (it
+# accepts and never answers) used to hold one attempt for minutes (s3fs and botocore retried
+# inside it: 25 connections, 414 s with a 5 s budget).
+TIMEOUT_S = 10.0
 TEMP_FILE = re.compile(r"\.tmp-\d+$")
 _TRANSIENT_CODES = {"RequestTimeout", "SlowDown", "ServiceUnavailable", "InternalError", "Throttling"}
-_cache: dict[tuple[int, str], fsspec.AbstractFileSystem] = {}
+_cache: dict[tuple[int, str, float], fsspec.AbstractFileSystem] = {}
 # What sets the retry budget, in the outage warning; a tool with its own option names sets it.
 RETRY_SETTING = "the storage retry budget"
 
@@ -53,13 +57,20 @@ class StorageUnavailable(OSError):
 
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, path) for `url`; the filesystem is private to this process."""
+    """(filesystem, path) for `url`; the filesystem is private to this process. An S3 call
+    makes one attempt, bounded by TIMEOUT_S to connect and TIMEOUT_S per read: `retrying` is
+    the only retry loop, so a hung endpoint fails within its budget plus one timeout."""
     protocol = _protocol(url)
-    key = (os.getpid(), protocol)
+    key = (os.getpid(), protocol, TIMEOUT_S)
     fs = _cache.get(key)
     if fs is None:
         # skip_instance_cache: never reuse an instance (and its event loop) made before fork
-        fs = fsspec.filesystem(protocol, skip_instance_cache=True)
+        s3 = protocol in ("s3", "s3a")
+        options = {"config_kwargs": {"connect_timeout": TIMEOUT_S, "read_timeout": TIMEOUT_S,
+                                     "retries": {"max_attempts": 1}}} if s3 else {}
+        fs = fsspec.filesystem(protocol, skip_instance_cache=True, **options)
+        if s3:
+            fs.retries = 1  # no retries inside s3fs (5) and botocore (legacy: 5 more): ours only
         _cache[key] = fs
     return fs, fs._strip_protocol(url)
 
@@ -107,8 +118,8 @@ def retrying(fn, url: str, budget_s: float = DEFAULT_RETRY_S):
     """fn(), retried on transient errors with exponential backoff (0.5 s doubling to 8 s)
     until `budget_s` has passed; then StorageUnavailable naming `url`.
 
-    The budget bounds when the last attempt starts; an attempt itself may take a few more
-    seconds (botocore retries a refused connection on its own before it gives up).
+    The budget bounds when the last attempt starts; an attempt itself is bounded by
+    TIMEOUT_S (see `filesystem`): the call fails within the budget plus one timeout.
     """
     start = time.monotonic()
     retryer = tenacity.Retrying(retry=tenacity.retry_if_exception(is_transient),
@@ -154,6 +165,7 @@ def _outage_ended(url: str) -> None:
 def read_bytes(url: str, retry_s: float = DEFAULT_RETRY_S) -> bytes:
     """The whole file; transient errors are retried for up to `retry_s` (0: no retries)."""
     fs, path = filesystem(url)
+    fs.invalidate_cache(posixpath.dirname(path))  # another process may have written it since we listed
     return retrying(lambda: fs.cat_file(path), url, retry_s)
 
 
@@ -172,6 +184,36 @@ def write_bytes_atomic(url: str, data: bytes, retry_s: float = DEFAULT_RETRY_S) 
         retrying(lambda: fs.pipe_file(path, data), url, retry_s)
 
 
+class WriteConflict(OSError):
+    """A conditional PUT whose condition failed: another writer changed the object first."""
+
+
+def put_if(url: str, data: bytes, etag: str | None, retry_s: float = DEFAULT_RETRY_S) -> str:
+    """Object stores (S3): PUT `data` only if the object is still the version `etag` (None: only
+    if it does not exist: `If-Match` / `If-None-Match: *`); returns the new ETag, or raises
+    WriteConflict naming the URL. AWS S3 and moto honour both conditions."""
+    fs, path = filesystem(url)
+    bucket, key, _ = fs.split_path(path)
+    condition = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
+    try:
+        response = retrying(lambda: fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **condition),
+                            url, retry_s)
+    except OSError as e:
+        if failed_condition(e):
+            raise WriteConflict(f"{url}: another writer changed it (a conditional write failed)") from None
+        raise
+    return response["ETag"]
+
+
+def failed_condition(error: BaseException) -> bool:
+    """412 Precondition Failed, or 409 ConditionalRequestConflict (a concurrent conditional PUT)."""
+    if isinstance(error, FileExistsError):
+        return True
+    response = getattr(error.__cause__, "response", None) or {}
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return status in (409, 412)
+
+
 def _write_local_atomic(path: str, data: bytes) -> None:
     parent = os.path.dirname(path) or "."
     os.makedirs(parent, exist_ok=True)
@@ -182,9 +224,11 @@ def _write_local_atomic(path: str, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())  # the data is on disk before the name points at it
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+        if isinstance(e, OSError) and not e.filename:  # a full disk, a quota: say where
+            raise type(e)(e.errno, e.strerror, path) from e
         raise
     fsync_dir(parent)
 

@@ -9,17 +9,15 @@ the index, all named in one error.
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import posixpath
 import re
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from PIL import Image
 
-from shardio.format import (DECODED_FORMATS, FORMAT, check_image_size, check_key, decode_label,
-                            image_member, read_tar)
+from shardio.format import FORMAT, check_key, decode_label, image_member, read_tar
+from shardio.image import Encoded
 from shardio.storage import filesystem, join, read_bytes, write_bytes_atomic
 
 from . import __version__
@@ -59,6 +57,8 @@ def index(url: str, split: str | None = None, classes: list[str] | None = None,
             bar.update(1)
     _check_samples(url, shards)
 
+    if not classes:
+        _check_label_range(url, shards)
     num_classes = len(classes) if classes else 1 + max(max(s["labels"], default=-1) for s in shards)
     classes = list(classes) if classes else [str(c) for c in range(num_classes)]
     _check_labels(url, shards, num_classes)
@@ -140,8 +140,7 @@ def describe_shard(url: str, path: str, count_pixels: bool) -> dict:
 def _decode(data: bytes, count_pixels: bool) -> tuple[int, int, str, np.ndarray | None]:
     """(width, height, mode, histogram or None) of an encoded image, decoded in full."""
     try:
-        with Image.open(io.BytesIO(data), formats=DECODED_FORMATS) as image:
-            check_image_size(image.height, image.width)
+        with Encoded(data).pil() as image:  # the one decoder: format sniffed, size checked
             image.load()
             counts = None
             if count_pixels:
@@ -167,6 +166,19 @@ def _check_samples(url: str, shards: list[dict]) -> None:
             log.warning("%s", problem)
         more = f" and {len(problems) - 10} more (all logged above)" if len(problems) > 10 else ""
         raise ValueError(f"{len(problems)} bad sample(s) under {url}: {'; '.join(problems[:10])}{more}")
+
+
+def _check_label_range(url: str, shards: list[dict]) -> None:
+    """Without --classes the largest label sets the class count: refuse one that makes it far
+    wider than the labels in use (a stray `.cls` of 400000 would make a 400,000-way head)."""
+    used = {label for s in shards for label in s["labels"]}
+    if not used or max(used) < 2 * len(used) + 10:
+        return
+    shard, key, label = max(((s, k, lb) for s in shards for k, lb in zip(s["keys"], s["labels"])),
+                            key=lambda t: t[2])
+    raise ValueError(f"{join(url, shard['path'])}: sample {key}: label {label} would make {label + 1} classes, "
+                     f"but only {len(used)} distinct labels are used; fix the label, or pass --classes "
+                     "to name every class if the range is meant")
 
 
 def _check_labels(url: str, shards: list[dict], num_classes: int) -> None:

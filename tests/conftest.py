@@ -432,6 +432,30 @@ def s3_outage(s3_endpoint, monkeypatch):
     proxy.close()
 
 
+@pytest.fixture
+def hung_endpoint():
+    """http://127.0.0.1:PORT of a TCP server that accepts connections and never answers (a hung
+    storage endpoint); yields (url, a list of the connections it accepted)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            with contextlib.suppress(socket.timeout, OSError):
+                accepted.append(server.accept()[0])
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}", accepted
+    stop.set()
+    thread.join()
+    for sock in accepted:
+        sock.close()
+    server.close()
+
+
 LEASE_HOLDER = """
 import sys, time
 from imgcls.lease import Lease, LeaseHeld, LeaseLost
@@ -453,10 +477,12 @@ while True:  # hold until killed; say so if the lease is lost
 """
 
 
-def start_lease_holder(run_dir: str, job_id: str, timeout_s: float, start_at: float = 0.0) -> subprocess.Popen:
+def start_lease_holder(run_dir: str, job_id: str, timeout_s: float, start_at: float = 0.0,
+                       prefix: tuple[str, ...] = ()) -> subprocess.Popen:
     """A separate python process that takes the run dir's lease and holds it until killed.
-    Its first stdout line is 'acquired' or 'held: <why>' (exit code 3)."""
-    return subprocess.Popen([sys.executable, "-c", LEASE_HOLDER, run_dir, job_id, str(timeout_s), str(start_at)],
+    Its first stdout line is 'acquired' or 'held: <why>' (exit code 3). `prefix`: a command
+    that runs it (say, in another PID namespace)."""
+    return subprocess.Popen([*prefix, sys.executable, "-c", LEASE_HOLDER, run_dir, job_id, str(timeout_s), str(start_at)],
                             cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

@@ -57,10 +57,43 @@ def test_bit_flip_in_the_newest_is_skipped_with_a_warning_and_moved_aside(any_ru
 def test_a_checkpoint_matching_its_checksum_loads_and_the_sidecar_is_sha256sum_format(tmp_path):
     run_dir = str(tmp_path / "run")
     url = checkpoint.save(make_state(7), run_dir, 7, keep_last=1, best=True)
-    check = subprocess.run(["sha256sum", "-c", "step-00000007.pt.sha256", "best.pt.sha256"],
+    check = subprocess.run(["sha256sum", "-c", "step-00000007.pt.sha256", "best-00000007.pt.sha256"],
                            cwd=tmp_path / "run/checkpoints", capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
     assert checkpoint.load(url)["progress"]["step"] == 7
+
+
+# A real SIGKILL right before each write of a save with a new best (after the last: none).
+KILLED_BEST_SAVE = """
+import os, signal, sys, torch
+from imgcls import checkpoint
+from shardio import storage
+run_dir, kill_before = sys.argv[1], sys.argv[2]
+write = storage.write_bytes_atomic
+def write_or_die(url, data, retry_s=storage.DEFAULT_RETRY_S):
+    if url.endswith(kill_before):
+        os.kill(os.getpid(), signal.SIGKILL)
+    write(url, data, retry_s)
+storage.write_bytes_atomic = write_or_die
+checkpoint.save({"model": {"weight": torch.full((4096,), 2.0)}, "progress": {"step": 2}}, run_dir, 2, 3, best=True)
+"""
+
+
+@pytest.mark.parametrize("kill_before", ["best-00000002.pt", "/best.pt"])
+def test_a_kill_while_replacing_best_leaves_the_old_best_or_the_new_one(any_run_dir, kill_before):
+    """best.pt used to be overwritten in place after its new sidecar: a kill between the two
+    left the old file under the new digest. Now the old best loads until the pointer moves."""
+    checkpoint.save(make_state(1), any_run_dir, 1, keep_last=3, best=True)
+    out = subprocess.run([sys.executable, "-c", KILLED_BEST_SAVE, any_run_dir, kill_before],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
+    best = checkpoint.load(f"{any_run_dir}/checkpoints/best.pt")
+    assert best["progress"]["step"] == 1 and best["model"]["weight"][0] == 1
+    checkpoint.save(make_state(3), any_run_dir, 3, keep_last=3, best=True)  # the next best replaces it
+    assert checkpoint.load(f"{any_run_dir}/checkpoints/best.pt")["progress"]["step"] == 3
+    names = sorted(p.rsplit("/", 1)[-1] for p in storage.filesystem(any_run_dir)[0].ls(
+        storage.filesystem(f"{any_run_dir}/checkpoints")[1], detail=False, refresh=True))
+    assert [n for n in names if n.startswith("best")] == ["best-00000003.pt", "best-00000003.pt.sha256", "best.pt"]
 
 
 def test_empty_high_step_files_never_push_good_checkpoints_out(tmp_path):
@@ -337,6 +370,25 @@ def test_a_killed_holder_on_this_host_is_taken_over_at_once(lease_dir):
     lease = Lease(lease_dir, job_id="2102", timeout_s=600).acquire()  # its pid is gone: no wait
     lease.check()
     lease.release()
+
+
+# The holder in a new PID namespace (same hostname, as a container with host networking),
+# at a pid this namespace does not have.
+OTHER_PID_NAMESPACE = ("unshare", "--pid", "--fork", "--kill-child", "--mount-proc", "sh", "-c",
+                       'echo 99999 > /proc/sys/kernel/ns_last_pid && "$0" "$@"')
+
+
+def test_a_live_holder_in_another_pid_namespace_is_not_taken_for_dead(lease_dir):
+    if subprocess.run([*OTHER_PID_NAMESPACE, "true"], capture_output=True).returncode != 0:
+        pytest.skip("cannot create a PID namespace here (unshare needs root or user namespaces)")
+    holder = start_lease_holder(lease_dir, "2201", timeout_s=600, prefix=OTHER_PID_NAMESPACE)
+    try:
+        assert read_line(holder) == "acquired"
+        with pytest.raises(LeaseHeld, match="job 2201"):  # its pid is not ours to look up: wait
+            Lease(lease_dir, job_id="2202", timeout_s=600).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_a_requeue_of_the_same_job_takes_its_lease_back_at_once(lease_dir):

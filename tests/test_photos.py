@@ -17,9 +17,10 @@ from PIL import Image
 from imgcls import checkpoint
 from imgcls.augment import PhotoTransform, jpeg_scale, photo_uniforms, resized_crop_box
 from imgcls.config import AugmentConfig, DataConfig
-from imgcls.data import PHOTO_MEMBERS, DataError, Encoded, ShardReader, read_manifest
+from imgcls.data import PHOTO_MEMBERS, DataError, ShardReader, read_manifest
 from imgcls.inference import load_image
 from shardio.format import read_tar, write_tar
+from shardio.image import Encoded
 
 from .conftest import PHOTO_RUN, REPO, build_photo_folder, needs_fashion_mnist, torchrun
 
@@ -104,7 +105,7 @@ def test_downscaled_jpeg_decode_keeps_the_crop():
     u, v = np.ones(6), np.zeros(51)
 
     def crop(box, scale):
-        array = Encoded({"jpg": buf.getvalue()}, {}).array("RGB", scale)
+        array = Encoded(buf.getvalue()).array("RGB", scale)
         assert array.shape == (384 // scale, 512 // scale, 3)
         return transform.apply(array, (512, 384), box, u, v).numpy().astype(int)
 
@@ -247,7 +248,7 @@ def test_encoded_members_of_any_source_format_decode_like_pil(fmt, ext):
     rng = np.random.default_rng(0)
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(buf, format=fmt, quality=90)
-    image = Encoded({ext: buf.getvalue()}, {})
+    image = Encoded(buf.getvalue())
     assert image.size == (40, 30)
     expected = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
     assert np.array_equal(image.array("RGB"), expected)

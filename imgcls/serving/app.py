@@ -41,12 +41,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import SummaryMetricFamily
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from imgcls.inference import UnsupportedImageFormat, image_array, load_image, top_classes
+from imgcls.inference import load_image, model_input, model_mode, top_classes
 from imgcls.serving import protocol
 from imgcls.serving.batching import Batcher
 from imgcls.serving.guards import DecodePool, image_bytes, read_body
 from imgcls.serving.monitor import Monitor, MonitorCollector
 from imgcls.serving.repository import ModelVersion, NotFound, Repository, log
+from shardio.image import UnsupportedFormat, foreign_format, image_array
 
 QUANTILES = (0.5, 0.9, 0.99)
 SERVING_MAX_PIXELS = 16_000_000   # below the shard builder's 64 Mpx: a decode costs at most ~50 MB
@@ -191,22 +192,19 @@ class Server:
     def _decode(self, data: bytes, meta: dict) -> np.ndarray:
         if not data:
             raise HTTPException(400, "empty image")
-        from PIL import UnidentifiedImageError
-
         try:
             return load_image(io.BytesIO(data), meta, self.options.max_pixels)
-        except UnsupportedImageFormat as e:
-            raise HTTPException(415, str(e)) from None
-        except UnidentifiedImageError:
-            raise HTTPException(400, f"not an image in JPEG, PNG or WebP ({len(data)} bytes)") from None
-        except Exception as e:  # noqa: BLE001 - PIL raises many kinds for truncated or oversized images
+        except UnsupportedFormat as e:  # an image of another format: 415; other bytes: 400
+            raise HTTPException(415 if foreign_format(data) else 400, str(e)) from None
+        except ValueError as e:  # the decoder's one error type for truncated or oversized images
             raise HTTPException(400, f"cannot read the image: {e}") from None
 
     @staticmethod
     def _from_pixels(pixels: np.ndarray, meta: dict) -> np.ndarray:
         from PIL import Image
 
-        return image_array(Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels), meta)
+        image = Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)
+        return model_input(image_array(image, model_mode(meta)), meta)
 
     async def decode_all(self, version: ModelVersion, fn, rows: list) -> list[np.ndarray]:
         batcher = version.serving.batcher
