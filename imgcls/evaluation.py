@@ -129,17 +129,23 @@ def evaluate_checkpoint(checkpoint_url: str, split: str = "test", data_url: str 
     result = {"checkpoint": checkpoint_url, "split": split, "weights": weights, "views": "+".join(views),
               **metrics, **curves.to_json(classes), "per_class": confusion.to_json(classes)}
     if dist.is_main:
-        from imgcls.plots import plot_confusion_matrix, plot_pr_curves
-
         out = out_dir or storage.join(run_dir_of(checkpoint_url), "eval", split)
-        storage.write_bytes_atomic(storage.join(out, "report.txt"), report.encode())
-        storage.write_bytes_atomic(storage.join(out, "metrics.json"), json.dumps(result, indent=2).encode())
-        storage.write_bytes_atomic(storage.join(out, "confusion.json"), json.dumps(
-            {"classes": classes, "matrix": confusion.matrix.tolist()}).encode())
-        plot_confusion_matrix(confusion.matrix.numpy(), classes, storage.join(out, "confusion.png"))  # any URL
-        plot_pr_curves(curves, classes, storage.join(out, "pr_curves.png"))
+        write_report(out, result, report, confusion, curves, classes)
         result["out_dir"] = out
         result["report"] = report
     del model
     distributed.shutdown()
     return result
+
+
+def write_report(out: str, result: dict, report: str, confusion, curves, classes: list[str]) -> None:
+    """report.txt, metrics.json, confusion.json, confusion.png and pr_curves.png in OUT (any URL).
+    The confusion matrix and the curves may still be on the device: each leaves it here."""
+    from imgcls.plots import plot_confusion_matrix, plot_pr_curves
+
+    storage.write_bytes_atomic(storage.join(out, "report.txt"), report.encode())
+    storage.write_bytes_atomic(storage.join(out, "metrics.json"), json.dumps(result, indent=2).encode())
+    storage.write_bytes_atomic(storage.join(out, "confusion.json"), json.dumps(
+        {"classes": classes, "matrix": confusion.matrix.cpu().tolist()}).encode())
+    plot_confusion_matrix(confusion, classes, storage.join(out, "confusion.png"))
+    plot_pr_curves(curves, classes, storage.join(out, "pr_curves.png"))

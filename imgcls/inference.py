@@ -218,7 +218,7 @@ class Predictor:
     def from_torch(cls, module: torch.nn.Module, meta: dict, kind: str = "pytorch") -> Predictor:
         def run(images):
             with torch.inference_mode():
-                return module(torch.from_numpy(images)).float().numpy()
+                return module(torch.from_numpy(images)).float().cpu().numpy()
         return cls(run, meta, kind)
 
     @classmethod
@@ -310,7 +310,7 @@ def load_image(path, meta: dict) -> np.ndarray:
         size = (image["width"], image["height"])
         if meta.get("image_size"):  # the reader's evaluation transform, on the same uint8 tensor
             array = eval_resize_crop(image_tensor(im, im.mode), meta["image_size"], meta["crop_pct"])
-            array = array.numpy().astype(np.float32) / 255
+            array = array.cpu().numpy().astype(np.float32) / 255
         else:
             if None not in size and im.size != size:
                 im = im.resize(size, Image.BILINEAR)

@@ -486,3 +486,22 @@ def train_process(args: list[str], env: dict | None = None, timeout: int = 180) 
     if result.returncode != 0:
         raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stderr[-6000:]}")
     return result
+
+
+def on_device(tensor):
+    """`tensor` as a stand-in for a CUDA tensor at the host boundary, on a machine without one:
+    numpy() and np.asarray() refuse it with torch's own CUDA message until .cpu() (or
+    .to("cpu")) brings it over; every other op keeps it "on the device"."""
+    import torch
+
+    class DeviceTensor(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            if func in (torch.Tensor.numpy, torch.Tensor.__array__):
+                raise TypeError("can't convert cuda:0 device type tensor to numpy. Use Tensor.cpu() to copy "
+                                "the tensor to host memory first.")
+            result = super().__torch_function__(func, types, args, kwargs or {})
+            to_host = func is torch.Tensor.cpu or (func is torch.Tensor.to and "cpu" in map(str, args[1:]))
+            return result.as_subclass(torch.Tensor) if to_host and isinstance(result, torch.Tensor) else result
+
+    return tensor.as_subclass(DeviceTensor)
