@@ -125,7 +125,10 @@ class ModelConfig:
     torchvision classification model by name | timm/<name> (any timm model)."""
     small_stem: str | bool = "auto"
     """For inputs of 64 px and less: ResNets get a 3x3 stride-1 stem and no maxpool, MobileNetV3
-    and EfficientNet-Lite0 a stride-1 stem. auto: on when the input side is at most 64 px."""
+    and EfficientNet-Lite0 a stride-1 stem. auto: on when the input side is at most 64 px and no
+    model.pretrained weights are loaded (their own stem is kept at any size; a fresh ResNet stem
+    would throw their first conv away): set true to get the small stem over pretrained weights.
+    The start-up line says which stem was chosen and why."""
     se: bool = False
     """Squeeze-and-excitation in simple_cnn stages and ResNet-18/34 blocks."""
     dropout: float = 0.0

@@ -68,10 +68,13 @@ def model_from_checkpoint(state: dict, manifest: dict, use_ema: bool = True):
     from imgcls.data import input_size
     from imgcls.models import build_model
 
+    from imgcls.models.zoo import stem_choice
+
     cfg = from_dict(state["config"])
+    size = input_size(cfg.data, manifest)
+    cfg.model.small_stem = stem_choice(cfg.model, size)[0]  # the stem it was trained with, pretrained or not
     cfg.model.pretrained = ""  # every weight is in the checkpoint; the original file need not exist here
-    model = build_model(cfg.model, len(manifest["classes"]), manifest["image"]["channels"],
-                        input_size(cfg.data, manifest))
+    model = build_model(cfg.model, len(manifest["classes"]), manifest["image"]["channels"], size)
     if cfg.prune.sparsity > 0:  # the state holds weight_orig/weight_mask: load into a masked model
         from imgcls.pruning import apply_pruning, make_permanent
         apply_pruning(model, cfg.prune)
