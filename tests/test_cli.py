@@ -30,6 +30,14 @@ def test_every_job_has_help(name):
     ("export", ["/nonexistent/best.pt"], "error: /nonexistent/best.pt: no such file or directory"),
     ("train", ["data.url=/nonexistent/ds"], "error: no shard manifest at /nonexistent/ds/manifest.json"),
     ("train", [], "error: data.url is empty: set data.url=PATH_OR_URL"),
+    # enumerated keys are checked when the config is read, not at first use on a queued job's ranks
+    ("train", ["--print-config", "optim.name=adam"], "error: optim.name=adam: expected one of sgd, adamw; did you mean adamw?"),
+    ("train", ["--print-config", "train.precision=fp8"], "error: train.precision=fp8: expected one of auto, bf16, fp16, fp32"),
+    ("train", ["--print-config", "run.device=gpu"], "error: run.device=gpu: expected one of auto, cuda, cpu"),
+    ("submit", ["--cluster", "debug", "data.url=/nonexistent/ds", "schedule.name=linear", "data.augment.crop=none"],
+     "error: schedule.name=linear: expected one of cosine, step, constant"),
+    ("submit", ["--cluster", "debug", "data.url=/nonexistent/ds", "data.augment.crop=random"],
+     "error: data.augment.crop=random: expected one of auto, resized, pad, none"),
 ])
 def test_a_users_mistake_is_one_line(name, args, line):
     out = job(name, *args)
