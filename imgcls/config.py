@@ -125,7 +125,7 @@ class ModelConfig:
     """simple_cnn | fast_cnn | tutorial_cnn | resnet18 | resnet34 | efficientnet_lite0 | any
     torchvision classification model by name | timm/<name> (any timm model)."""
     small_stem: Literal["auto", True, False] = "auto"
-    """For inputs of 64 px and less: ResNets get a 3x3 stride-1 stem and no maxpool, MobileNetV3
+    """auto | true | false. For inputs of 64 px and less: ResNets get a 3x3 stride-1 stem and no maxpool, MobileNetV3
     and EfficientNet-Lite0 a stride-1 stem. auto: on when the input side is at most 64 px and no
     model.pretrained weights are loaded (their own stem is kept at any size; a fresh ResNet stem
     would throw their first conv away): set true to get the small stem over pretrained weights.
@@ -166,7 +166,7 @@ class OptimConfig:
     base_batch: int = 256
     """The batch size `lr` is given for."""
     momentum: float = 0.9
-    """SGD momentum (AdamW: beta1)."""
+    """SGD momentum. AdamW ignores it: its betas are torch's defaults (0.9, 0.999)."""
     nesterov: bool = True
     """SGD: Nesterov momentum."""
     weight_decay: float = 5e-4
@@ -198,7 +198,8 @@ class TrainConfig:
     accum_steps: int = 1
     """Micro-batches per optimizer step."""
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    """auto (bf16 on CPU, fp16 on CUDA) | bf16 | fp16 | fp32."""
+    """auto (bf16 on CPUs and on GPUs that support it, Ampere and newer; else fp16 with a
+    GradScaler) | bf16 | fp16 | fp32. The start-up line names the one chosen."""
     label_smoothing: float = 0.0
     """Cross-entropy label smoothing."""
     focal_gamma: float = 0.0
