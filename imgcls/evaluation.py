@@ -95,13 +95,14 @@ def run_dir_of(checkpoint_url: str) -> str:
 
 
 def evaluate_checkpoint(checkpoint_url: str, split: str = "test", data_url: str = "", use_ema: bool = True,
-                        out_dir: str = "") -> dict:
+                        out_dir: str = "", device: str = "auto") -> dict:
     """Evaluate a checkpoint on a split; rank 0 writes report.txt, metrics.json, confusion.json,
     confusion.png and pr_curves.png to OUT_DIR (default RUN_DIR/eval/SPLIT). The report and
-    metrics.json hold the average precision per class. Works under torchrun or alone."""
+    metrics.json hold the average precision per class. Works under torchrun or alone; `device`
+    as jobs/evaluate.py's --device (auto: this rank's GPU when CUDA is usable)."""
     from imgcls.config import from_dict
 
-    dist = distributed.init_distributed()
+    dist = distributed.init_distributed(device, device_key="--device ")
     state = checkpoint.load(checkpoint_url)
     cfg = from_dict(state["config"])
     if data_url:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import sys
 
 from imgcls.cli import entry_point
-from jobs import ArgumentParser
+from jobs import ArgumentParser, add_device_argument
 from imgcls.inference import MODEL_FORMATS, open_model
 
 
@@ -38,6 +38,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--data", default="", help="checkpoints only: shard dataset URL for the class names "
                                                    "(default: the checkpoint's data.url)")
     parser.add_argument("--threads", type=int, default=0, help="torch/onnxruntime/LiteRT threads; 0: their default")
+    add_device_argument(parser)
     return parser
 
 
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from imgcls.serving import create_app
 
-    model = open_model(args.model, args.threads, args.data, args.format)
+    model = open_model(args.model, args.threads, args.data, args.format, args.device)
     app = create_app(model, args.model, args.max_batch, args.max_wait_ms, args.top_k, int(args.max_body_mb * 2**20))
     print(f"serving {args.model} ({model.kind}, {len(model.meta['classes'])} classes) on "
           f"http://{args.host}:{args.port}", flush=True)

@@ -45,6 +45,17 @@ def test_a_users_mistake_is_one_line(name, args, line):
     assert out.stderr.strip().splitlines()[-1].startswith(line), out.stderr
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the error where CUDA is not usable")
+@pytest.mark.parametrize("name, args", [("predict", ["best.pt", "cat.png"]), ("evaluate", ["best.pt"]),
+                                        ("serve", ["best.pt", "--port", "1"])])
+def test_inference_on_cuda_without_cuda_is_one_line(name, args):
+    """--device cuda insists, as training's run.device=cuda does, before any file is read."""
+    out = job(name, *args, "--device", "cuda")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert out.stderr.strip().splitlines()[-1].startswith(
+        "error: --device cuda, but CUDA is not usable here (torch.cuda.is_available() is False"), out.stderr
+
+
 def test_a_split_that_does_not_exist_is_one_line(bands_checkpoint):
     out = job("evaluate", bands_checkpoint, "--split", "tset")
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
