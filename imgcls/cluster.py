@@ -174,9 +174,11 @@ def installed_packages(repo: Path = REPO) -> list[str]:
     The snapshot takes them from here, so a package added there is carried by every job."""
     import configparser
 
-    setup = configparser.ConfigParser()
+    setup = configparser.ConfigParser(interpolation=None)
     setup.read(repo / "setup.cfg")
     include = setup.get("options.packages.find", "include", fallback="").split()
+    if not include:  # a job without its packages would run whatever the environment holds
+        raise RuntimeError(f"{repo / 'setup.cfg'}: no [options.packages.find] include to snapshot")
     return sorted({pattern.split(".")[0] for pattern in include})
 
 
