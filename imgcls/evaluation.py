@@ -67,7 +67,6 @@ def model_from_checkpoint(state: dict, manifest: dict, use_ema: bool = True):
     from imgcls.config import from_dict
     from imgcls.data import input_size
     from imgcls.models import build_model
-
     from imgcls.models.zoo import stem_choice
 
     cfg = from_dict(state["config"])

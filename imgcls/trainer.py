@@ -389,7 +389,8 @@ class Trainer:
         counts = ", ".join(f"{s} {v['count']}" for s, v in self.manifest["splits"].items())
         start = (f"resuming at step {self.progress.step} (epoch {self.reader.epoch}, batch {self.reader.position})"
                  if self.progress.restarts else "fresh")
-        stem = "" if cfg.model.name in self.OWN_STEMS else f"{cfg.model.name} with {describe_stem(cfg.model, input_size(cfg.data, self.manifest))}; "
+        stem = ("" if cfg.model.name in self.OWN_STEMS else
+                f"{cfg.model.name} with {describe_stem(cfg.model, input_size(cfg.data, self.manifest))}; ")
         return (f"device {device} ({name}); world size {dist.world_size}, backend {dist.backend}; {stem}precision "
                 f"{precision_name(self.dtype)}; batch {cfg.data.batch_size} per rank x accum {cfg.train.accum_steps} "
                 f"x {dist.world_size} ranks = {effective_batch(cfg, dist.world_size)}; lr {self.lr:g} "

@@ -140,7 +140,8 @@ def stem_choice(cfg, input_size: int) -> tuple[bool, str]:
         return small, f"auto: {input_size or 'unknown'} px input {'<=' if small else '>'} {SMALL_INPUT}"
     if not isinstance(setting, bool):
         raise ValueError(f"model.small_stem={setting!r}: expected auto, true or false")
-    return setting, f"model.small_stem={str(setting).lower()}" + (" over pretrained weights" if setting and cfg.pretrained else "")
+    over = " over pretrained weights" if setting and cfg.pretrained else ""
+    return setting, f"model.small_stem={str(setting).lower()}{over}"
 
 
 def describe_stem(cfg, input_size: int) -> str:
