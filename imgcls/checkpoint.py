@@ -106,7 +106,7 @@ def _numpy_state_to_tensors(state: dict) -> dict:
 
 def _numpy_state_from_tensors(state: dict) -> dict:
     inner = state["state"]
-    return {**state, "state": {"key": inner["key"].numpy().astype(np.uint32), "pos": inner["pos"]}}
+    return {**state, "state": {"key": inner["key"].cpu().numpy().astype(np.uint32), "pos": inner["pos"]}}
 
 
 def checkpoint_dir(run_dir: str) -> str:

@@ -66,9 +66,7 @@ class TrainTask:
         cfg = from_dict(self.config)
         is_main = configure_logging()
         if is_main:
-            import imgcls
-
-            log.info("running the code in %s", Path(imgcls.__file__).parent.parent)
+            log.info("running the code in %s", code_origins())
             record_attempt(cfg.run.dir)
         result = train(cfg)
         if result["status"] == "stopped" and wants_requeue(result["reason"]) and "SLURM_JOB_ID" in os.environ:
@@ -167,7 +165,25 @@ def make_executor(cluster: str, logs: Path, opts: SlurmOptions):
     return executor
 
 
-SNAPSHOT = ("imgcls", "shards", "jobs", "configs", "slurm", "setup.cfg", "pyproject.toml")
+REPO = Path(__file__).resolve().parents[1]
+SNAPSHOT_DATA = ("configs", "slurm", "setup.cfg", "pyproject.toml")  # read by the job besides the packages
+
+
+def installed_packages(repo: Path = REPO) -> list[str]:
+    """The top-level packages the project installs: setup.cfg's [options.packages.find] include.
+    The snapshot takes them from here, so a package added there is carried by every job."""
+    import configparser
+
+    setup = configparser.ConfigParser(interpolation=None)
+    setup.read(repo / "setup.cfg")
+    include = setup.get("options.packages.find", "include", fallback="").split()
+    if not include:  # a job without its packages would run whatever the environment holds
+        raise RuntimeError(f"{repo / 'setup.cfg'}: no [options.packages.find] include to snapshot")
+    return sorted({pattern.split(".")[0] for pattern in include})
+
+
+def snapshot_names(repo: Path = REPO) -> list[str]:
+    return [*installed_packages(repo), *SNAPSHOT_DATA]
 
 
 def snapshot_code(run_dir: Path) -> Path:
@@ -177,11 +193,10 @@ def snapshot_code(run_dir: Path) -> Path:
 
     code = run_dir / "code"
     if not code.exists():
-        repo = Path(__file__).resolve().parents[1]
         tmp = run_dir / "code.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        for name in SNAPSHOT:
-            source = repo / name
+        for name in snapshot_names():
+            source = REPO / name
             if source.is_dir():
                 shutil.copytree(source, tmp / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
             elif source.exists():
@@ -189,6 +204,18 @@ def snapshot_code(run_dir: Path) -> Path:
                 shutil.copy2(source, tmp / name)
         tmp.rename(code)
     return code
+
+
+def code_origins() -> str:
+    """'DIR (pkg, pkg, ...)' for each folder the project's packages are imported from: in a job,
+    RUN_DIR/code alone; a package from anywhere else would mean mixed code."""
+    import importlib
+
+    origins: dict[str, list[str]] = {}
+    for name in installed_packages():
+        where = str(Path(importlib.import_module(name).__file__).resolve().parents[1])
+        origins.setdefault(where, []).append(name)
+    return "; ".join(f"{where} ({', '.join(names)})" for where, names in origins.items())
 
 
 @dataclass

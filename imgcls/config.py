@@ -17,6 +17,7 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
+from typing import Literal
 from pathlib import Path
 
 import yaml
@@ -36,7 +37,7 @@ class RunConfig:
     """Seeds the model init, the data order and every augmentation draw."""
     deterministic: bool = False
     """torch.use_deterministic_algorithms: bitwise-exact resume on CPU, slower on GPUs."""
-    device: str = "auto"
+    device: Literal["auto", "cuda", "cpu"] = "auto"
     """auto (this rank's GPU when CUDA is usable, else CPU) | cuda | cpu."""
     dist_timeout_min: float = 10.0
     """Process-group timeout: a collective waiting longer fails the job."""
@@ -58,7 +59,7 @@ class AugmentConfig:
 
     enabled: bool = True
     """False: training images get the evaluation transform."""
-    crop: str = "auto"
+    crop: Literal["auto", "resized", "pad", "none"] = "auto"
     """resized (RandomResizedCrop to data.image_size) | pad (shift within zero padding, for small
     fixed-size images) | none | auto (pad for fixed-size data read at its own size, else resized)."""
     scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
@@ -77,7 +78,7 @@ class AugmentConfig:
     """Colour jitter: a contrast factor in [1-c, 1+c]."""
     saturation: float = 0.0
     """Colour jitter: a saturation factor in [1-s, 1+s] (RGB only)."""
-    auto_augment: str = ""
+    auto_augment: Literal["", "trivial", "randaugment"] = ""
     """"" | trivial (TrivialAugmentWide) | randaugment (RandAugment, 2 ops at magnitude 9)."""
     erasing: float = 0.0
     """Random erasing: the probability that a rectangle of each image is replaced by noise."""
@@ -124,9 +125,12 @@ class ModelConfig:
     name: str = "simple_cnn"
     """simple_cnn | fast_cnn | tutorial_cnn | resnet18 | resnet34 | efficientnet_lite0 | any
     torchvision classification model by name | timm/<name> (any timm model)."""
-    small_stem: str | bool = "auto"
-    """For inputs of 64 px and less: ResNets get a 3x3 stride-1 stem and no maxpool, MobileNetV3
-    and EfficientNet-Lite0 a stride-1 stem. auto: on when the input side is at most 64 px."""
+    small_stem: Literal["auto", True, False] = "auto"
+    """auto | true | false. For inputs of 64 px and less: ResNets get a 3x3 stride-1 stem and no maxpool, MobileNetV3
+    and EfficientNet-Lite0 a stride-1 stem. auto: on when the input side is at most 64 px and no
+    model.pretrained weights are loaded (their own stem is kept at any size; a fresh ResNet stem
+    would throw their first conv away): set true to get the small stem over pretrained weights.
+    The start-up line says which stem was chosen and why."""
     se: bool = False
     """Squeeze-and-excitation in simple_cnn stages and ResNet-18/34 blocks."""
     dropout: float = 0.0
@@ -136,7 +140,7 @@ class ModelConfig:
     """simple_cnn: stages of width/2, width, 2*width; fast_cnn: blocks of multiplier * width."""
     block_multipliers: list = field(default_factory=lambda: list(FAST_CNN_MULTIPLIERS))
     """fast_cnn only: each block's width in units of `width`."""
-    norm: str = "batch"
+    norm: Literal["batch", "group", "none"] = "batch"
     """simple_cnn and ResNet-18/34 only: batch | group | none."""
     pretrained: str = ""
     """Path or URL of a state_dict, one of our checkpoints ({"model": ...}), a torchvision or timm
@@ -156,14 +160,14 @@ class ModelConfig:
 class OptimConfig:
     """The optimizer."""
 
-    name: str = "sgd"
+    name: Literal["sgd", "adamw"] = "sgd"
     """sgd | adamw."""
     lr: float = 0.1
     """The learning rate at base_batch; scaled linearly to the effective batch."""
     base_batch: int = 256
     """The batch size `lr` is given for."""
     momentum: float = 0.9
-    """SGD momentum (AdamW: beta1)."""
+    """SGD momentum. AdamW ignores it: its betas are torch's defaults (0.9, 0.999)."""
     nesterov: bool = True
     """SGD: Nesterov momentum."""
     weight_decay: float = 5e-4
@@ -174,7 +178,7 @@ class OptimConfig:
 class ScheduleConfig:
     """The learning-rate schedule, counted in samples so a resume on another world size keeps it."""
 
-    name: str = "cosine"
+    name: Literal["cosine", "step", "constant"] = "cosine"
     """cosine | step | constant."""
     warmup_epochs: float = 0.0
     """Linear warmup from 0, in epochs (fractions allowed)."""
@@ -194,13 +198,14 @@ class TrainConfig:
     """Passes over the training split."""
     accum_steps: int = 1
     """Micro-batches per optimizer step."""
-    precision: str = "auto"
-    """auto (bf16 on CPU, fp16 on CUDA) | bf16 | fp16 | fp32."""
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """auto (bf16 on CPUs and on GPUs that support it, Ampere and newer; else fp16 with a
+    GradScaler) | bf16 | fp16 | fp32. The start-up line names the one chosen."""
     label_smoothing: float = 0.0
     """Cross-entropy label smoothing."""
     focal_gamma: float = 0.0
     """> 0: focal loss instead of cross-entropy."""
-    class_weights: str = ""
+    class_weights: Literal["", "balanced"] = ""
     """"" (every sample counts the same) | balanced (inverse-frequency weights from the manifest's
     training class counts)."""
     mixup_alpha: float = 0.0
@@ -280,7 +285,7 @@ class PruneConfig:
 
     sparsity: float = 0.0
     """Fraction of weights (or channels) set to zero; 0: off."""
-    method: str = "unstructured"
+    method: Literal["unstructured", "channel"] = "unstructured"
     """unstructured (L1 per weight) | channel (L2 per output channel)."""
 
 
@@ -304,7 +309,7 @@ class HPOConfig:
 class TrackConfig:
     """Experiment tracking, progress and plots."""
 
-    wandb: str = "auto"
+    wandb: Literal["auto", "online", "offline", "disabled"] = "auto"
     """auto (online with an API key and a server that answers, else offline) | online | offline |
     disabled."""
     project: str = "imgcls"
@@ -393,6 +398,8 @@ def _coerce(value, hint, key):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         (item,) = typing.get_args(hint) or (typing.Any,)
         return [_coerce(v, item, key) for v in value] if item is not typing.Any else value
+    if origin is Literal:
+        return _choice(value, typing.get_args(hint), key)
     if origin in (typing.Union, types.UnionType):
         return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
@@ -405,6 +412,21 @@ def _coerce(value, hint, key):
     if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
         raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
     return value
+
+
+def _choice(value, choices: tuple, key: str):
+    """An enumerated key is checked where the config is read (--print-config, submit), not at
+    first use on every rank of a queued job. `True == 1`: compared with the type."""
+    if any(type(value) is type(c) and value == c for c in choices):
+        return value
+    names = ", ".join(_yaml_word(c) for c in choices)
+    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    raise ConfigError(f"{key}={_yaml_word(value)}: expected one of {names}{hint}")
+
+
+def _yaml_word(value) -> str:
+    return '""' if value == "" else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def apply_override(data: dict, override: str) -> None:
@@ -639,7 +661,8 @@ def reference_markdown() -> str:
                 sections.insert(0, (hint, f"{name}.{f.name}"))  # a nested section follows its parent
                 continue
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            kind = getattr(hint, "__name__", str(hint))
+            kind = (" &#124; ".join(_yaml_word(c) for c in typing.get_args(hint)) if typing.get_origin(hint) is Literal
+                    else getattr(hint, "__name__", str(hint)))
             lines.append(f"| `{name}.{f.name}` | {kind} | `{json.dumps(default)}` | {docs[f.name].replace('|', '&#124;')} |")
         lines.append("")
     return "\n".join(lines)

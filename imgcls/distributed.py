@@ -93,17 +93,17 @@ def env_ranks() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
-def resolve_device(setting: str, local_rank: int = 0) -> torch.device:
-    """`run.device`: auto takes this rank's GPU when CUDA is usable, else the CPU; cuda
-    insists (a one-line error rather than a silent CPU run)."""
+def resolve_device(setting: str, local_rank: int = 0, key: str = "run.device=") -> torch.device:
+    """`run.device` (or a tool's `--device `, as `key` names it): auto takes this rank's GPU
+    when CUDA is usable, else the CPU; cuda insists (a one-line error rather than a silent CPU run)."""
     if setting not in DEVICES:
-        raise DeviceError(f"run.device={setting!r}: expected one of {', '.join(DEVICES)}")
+        raise DeviceError(f"{key}{setting!r}: expected one of {', '.join(DEVICES)}")
     if setting == "cpu" or (setting == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise DeviceError("run.device=cuda, but CUDA is not usable here (torch.cuda.is_available() is False: "
+        raise DeviceError(f"{key}cuda, but CUDA is not usable here (torch.cuda.is_available() is False: "
                           f"torch {torch.__version__}, built for CUDA {torch.version.cuda or 'none'}; "
-                          "check the driver and the wheel, or use run.device=auto|cpu)")
+                          f"check the driver and the wheel, or use {key}auto|cpu)")
     if local_rank >= torch.cuda.device_count():
         raise DeviceError(f"local rank {local_rank} has no GPU: this node has {torch.cuda.device_count()}; "
                           "start one process per GPU")
@@ -116,12 +116,13 @@ def backend_for(device: torch.device) -> str:
     return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
 
 
-def init_distributed(device: str = "auto", timeout_minutes: float = 10, always_init: bool = False) -> DistInfo:
+def init_distributed(device: str = "auto", timeout_minutes: float = 10, always_init: bool = False,
+                     device_key: str = "run.device=") -> DistInfo:
     """Pick the device and join the process group (when there are several processes, or
     `always_init`). `timeout_minutes` bounds every collective: a rank that never arrives
     fails the job instead of hanging it."""
     rank, world_size, local_rank = env_ranks()
-    info = DistInfo(rank, world_size, local_rank, resolve_device(device, local_rank))
+    info = DistInfo(rank, world_size, local_rank, resolve_device(device, local_rank, device_key))
     if info.device.type == "cuda":
         torch.cuda.set_device(info.device)
     if (world_size > 1 or always_init) and not dist.is_initialized():

@@ -67,11 +67,13 @@ def model_from_checkpoint(state: dict, manifest: dict, use_ema: bool = True):
     from imgcls.config import from_dict
     from imgcls.data import input_size
     from imgcls.models import build_model
+    from imgcls.models.zoo import stem_choice
 
     cfg = from_dict(state["config"])
+    size = input_size(cfg.data, manifest)
+    cfg.model.small_stem = stem_choice(cfg.model, size)[0]  # the stem it was trained with, pretrained or not
     cfg.model.pretrained = ""  # every weight is in the checkpoint; the original file need not exist here
-    model = build_model(cfg.model, len(manifest["classes"]), manifest["image"]["channels"],
-                        input_size(cfg.data, manifest))
+    model = build_model(cfg.model, len(manifest["classes"]), manifest["image"]["channels"], size)
     if cfg.prune.sparsity > 0:  # the state holds weight_orig/weight_mask: load into a masked model
         from imgcls.pruning import apply_pruning, make_permanent
         apply_pruning(model, cfg.prune)
@@ -92,13 +94,14 @@ def run_dir_of(checkpoint_url: str) -> str:
 
 
 def evaluate_checkpoint(checkpoint_url: str, split: str = "test", data_url: str = "", use_ema: bool = True,
-                        out_dir: str = "") -> dict:
+                        out_dir: str = "", device: str = "auto") -> dict:
     """Evaluate a checkpoint on a split; rank 0 writes report.txt, metrics.json, confusion.json,
     confusion.png and pr_curves.png to OUT_DIR (default RUN_DIR/eval/SPLIT). The report and
-    metrics.json hold the average precision per class. Works under torchrun or alone."""
+    metrics.json hold the average precision per class. Works under torchrun or alone; `device`
+    as jobs/evaluate.py's --device (auto: this rank's GPU when CUDA is usable)."""
     from imgcls.config import from_dict
 
-    dist = distributed.init_distributed()
+    dist = distributed.init_distributed(device, device_key="--device ")
     state = checkpoint.load(checkpoint_url)
     cfg = from_dict(state["config"])
     if data_url:
@@ -129,17 +132,23 @@ def evaluate_checkpoint(checkpoint_url: str, split: str = "test", data_url: str 
     result = {"checkpoint": checkpoint_url, "split": split, "weights": weights, "views": "+".join(views),
               **metrics, **curves.to_json(classes), "per_class": confusion.to_json(classes)}
     if dist.is_main:
-        from imgcls.plots import plot_confusion_matrix, plot_pr_curves
-
         out = out_dir or storage.join(run_dir_of(checkpoint_url), "eval", split)
-        storage.write_bytes_atomic(storage.join(out, "report.txt"), report.encode())
-        storage.write_bytes_atomic(storage.join(out, "metrics.json"), json.dumps(result, indent=2).encode())
-        storage.write_bytes_atomic(storage.join(out, "confusion.json"), json.dumps(
-            {"classes": classes, "matrix": confusion.matrix.tolist()}).encode())
-        plot_confusion_matrix(confusion.matrix.numpy(), classes, storage.join(out, "confusion.png"))  # any URL
-        plot_pr_curves(curves, classes, storage.join(out, "pr_curves.png"))
+        write_report(out, result, report, confusion, curves, classes)
         result["out_dir"] = out
         result["report"] = report
     del model
     distributed.shutdown()
     return result
+
+
+def write_report(out: str, result: dict, report: str, confusion, curves, classes: list[str]) -> None:
+    """report.txt, metrics.json, confusion.json, confusion.png and pr_curves.png in OUT (any URL).
+    The confusion matrix and the curves may still be on the device: each leaves it here."""
+    from imgcls.plots import plot_confusion_matrix, plot_pr_curves
+
+    storage.write_bytes_atomic(storage.join(out, "report.txt"), report.encode())
+    storage.write_bytes_atomic(storage.join(out, "metrics.json"), json.dumps(result, indent=2).encode())
+    storage.write_bytes_atomic(storage.join(out, "confusion.json"), json.dumps(
+        {"classes": classes, "matrix": confusion.matrix.cpu().tolist()}).encode())
+    plot_confusion_matrix(confusion, classes, storage.join(out, "confusion.png"))
+    plot_pr_curves(curves, classes, storage.join(out, "pr_curves.png"))

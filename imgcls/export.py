@@ -190,8 +190,8 @@ def read_samples(meta: dict, split: str, limit: int = 0, data_url: str = "",
     images, labels, count = [], [], 0
     with TaskProgress(f"read {split} samples", min(limit or reader.split_count(), reader.split_count())) as progress:
         for batch in reader:
-            images.append(reader.transform(batch).numpy())
-            labels.append(batch["label"].numpy())
+            images.append(reader.transform(batch).cpu().numpy())
+            labels.append(batch["label"].cpu().numpy())
             count += len(batch["label"])
             progress.update(len(batch["label"]))
             if limit and count >= limit:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import statistics
 import time
 import warnings
@@ -37,6 +38,8 @@ import numpy as np
 import torch
 
 from shardio.image import MAX_PIXELS, Encoded, image_array
+
+log = logging.getLogger(__name__)
 
 META_FORMAT = "imgcls.model/1"
 META_KEY = "imgcls"              # ONNX metadata_props / TFLite metadata name; TorchScript extra file is META_KEY + ".json"
@@ -195,13 +198,27 @@ def is_torchscript(path: str | Path) -> bool:
         return False
 
 
-def onnx_session(path: str | Path, threads: int = 0):
+def onnx_providers(device: torch.device) -> list[str]:
+    """onnxruntime's CUDA execution provider for a CUDA device when it has one (the
+    onnxruntime-gpu wheel, `pip install -e .[deploy-gpu]`), else the CPU, said in one log line."""
+    import onnxruntime as ort
+
+    if device.type != "cuda":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    log.warning("onnxruntime %s has no CUDAExecutionProvider (install onnxruntime-gpu: pip install -e .[deploy-gpu]): "
+                "the ONNX model runs on the CPU", ort.__version__)
+    return ["CPUExecutionProvider"]
+
+
+def onnx_session(path: str | Path, threads: int = 0, device: torch.device = torch.device("cpu")):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads  # 0: onnxruntime's default (one per physical core)
     options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), options, providers=onnx_providers(device))
 
 
 class Predictor:
@@ -214,15 +231,19 @@ class Predictor:
         return self.run(np.ascontiguousarray(images, dtype=np.float32))
 
     @classmethod
-    def from_torch(cls, module: torch.nn.Module, meta: dict, kind: str = "pytorch") -> Predictor:
+    def from_torch(cls, module: torch.nn.Module, meta: dict, kind: str = "pytorch",
+                   device: torch.device = torch.device("cpu")) -> Predictor:
+        module = module.to(device)
+
         def run(images):
             with torch.inference_mode():
-                return module(torch.from_numpy(images)).float().numpy()
+                return module(torch.from_numpy(images).to(device)).float().cpu().numpy()
         return cls(run, meta, kind)
 
     @classmethod
-    def from_onnx(cls, path: str | Path, meta: dict | None = None, threads: int = 0) -> Predictor:
-        session = onnx_session(path, threads)
+    def from_onnx(cls, path: str | Path, meta: dict | None = None, threads: int = 0,
+                  device: torch.device = torch.device("cpu")) -> Predictor:
+        session = onnx_session(path, threads, device)
         name = session.get_inputs()[0].name
         return cls(lambda images: session.run(None, {name: images})[0], meta or read_meta(path), "onnx")
 
@@ -272,20 +293,26 @@ def model_format(path: str, fmt: str = "") -> str:
     return "checkpoint"
 
 
-def open_model(path: str, threads: int = 0, data_url: str = "", fmt: str = "") -> Predictor:
-    """A Predictor for a checkpoint (local path or URL), an ONNX, a TorchScript or a TFLite file.
+def open_model(path: str, threads: int = 0, data_url: str = "", fmt: str = "", device: str = "cpu") -> Predictor:
+    """A Predictor for a checkpoint (local path or URL), an ONNX, a TorchScript or a TFLite file,
+    on `device` (auto | cpu | cuda, as a tool's --device; TFLite runs on the CPU).
     The format comes from `fmt` or the file name (see the module docstring), never from the contents."""
+    from imgcls.distributed import resolve_device
+
     if threads:
         torch.set_num_threads(threads)
     fmt = model_format(path, fmt)
+    where = resolve_device(device, key="--device ")
     if fmt == "onnx":
-        return Predictor.from_onnx(path, threads=threads)
+        return Predictor.from_onnx(path, threads=threads, device=where)
     if fmt == "tflite":
+        if where.type == "cuda":
+            log.warning("the LiteRT interpreter runs on the CPU: --device %s does not apply to a TFLite model", device)
         return Predictor.from_tflite(path, threads=threads)
     if fmt == "torchscript":
-        return Predictor.from_torch(load_torchscript(path), read_meta(path), "torchscript")
+        return Predictor.from_torch(load_torchscript(path), read_meta(path), "torchscript", where)
     model, meta = load_checkpoint_model(path, data_url)
-    return Predictor.from_torch(model, meta)
+    return Predictor.from_torch(model, meta, device=where)
 
 
 # ---- images ---------------------------------------------------------------------------
@@ -320,7 +347,7 @@ def model_input(pixels: np.ndarray, meta: dict) -> np.ndarray:
     size = (image["width"], image["height"])
     if meta.get("image_size"):  # the reader's evaluation transform, on the same uint8 tensor
         tensor = eval_resize_crop(torch.from_numpy(pixels).permute(2, 0, 1), meta["image_size"], meta["crop_pct"])
-        pixels = tensor.permute(1, 2, 0).numpy()
+        pixels = tensor.permute(1, 2, 0).cpu().numpy()
     elif None not in size and pixels.shape[1::-1] != size:
         pil = Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)
         pixels = image_array(pil.resize(size, Image.BILINEAR), model_mode(meta))

@@ -160,7 +160,7 @@ class ConfusionMatrix:
         """Everything as plain Python numbers and lists, ready for json.dumps."""
         names = self._names(class_names)
         p, r, f1 = self.precision.tolist(), self.recall.tolist(), self.f1.tolist()
-        support, predicted = self.support.tolist(), self.matrix.sum(0).tolist()
+        support, predicted = self.support.tolist(), self.matrix.sum(0).cpu().tolist()
         return {
             "num_samples": self.total,
             "accuracy": self.accuracy,
@@ -172,7 +172,7 @@ class ConfusionMatrix:
                                  "support": support[i], "predicted": predicted[i]}
                           for i, name in enumerate(names)},
             "undefined_set_to_zero": self._undefined(names),
-            "confusion_matrix": self.matrix.tolist(),
+            "confusion_matrix": self.matrix.cpu().tolist(),
         }
 
 

@@ -35,7 +35,7 @@ from imgcls.data import DataError, ShardReader, first_images, input_size, read_m
 from imgcls.evaluation import evaluate, model_from_checkpoint
 from imgcls.jsonl import parse_jsonl
 from imgcls.losses import balanced_class_weights, classification_loss, distillation_loss, mix_batch
-from imgcls.models import apply_unfreeze_schedule, build_model
+from imgcls.models import apply_unfreeze_schedule, build_model, describe_stem
 from imgcls.precision import autocast, precision_name, resolve_precision
 from imgcls.progress import ProgressReport
 from imgcls.signals import StopRequest, wants_requeue
@@ -382,6 +382,8 @@ class Trainer:
             log.info("resumed from %s at step %d (epoch %d, %d samples of it read, batch %d of this layout)", url,
                      self.progress.step, self.reader.epoch, self.reader.samples, self.reader.position)
 
+    OWN_STEMS = ("simple_cnn", "fast_cnn", "tutorial_cnn")  # model.small_stem does not apply
+
     def describe(self) -> str:
         """The start-up line: what runs where, at which batch and learning rate, from where."""
         cfg, dist, device = self.cfg, self.dist, self.device
@@ -389,7 +391,9 @@ class Trainer:
         counts = ", ".join(f"{s} {v['count']}" for s, v in self.manifest["splits"].items())
         start = (f"resuming at step {self.progress.step} (epoch {self.reader.epoch}, batch {self.reader.position})"
                  if self.progress.restarts else "fresh")
-        return (f"device {device} ({name}); world size {dist.world_size}, backend {dist.backend}; precision "
+        stem = ("" if cfg.model.name in self.OWN_STEMS else
+                f"{cfg.model.name} with {describe_stem(cfg.model, input_size(cfg.data, self.manifest))}; ")
+        return (f"device {device} ({name}); world size {dist.world_size}, backend {dist.backend}; {stem}precision "
                 f"{precision_name(self.dtype)}; batch {cfg.data.batch_size} per rank x accum {cfg.train.accum_steps} "
                 f"x {dist.world_size} ranks = {effective_batch(cfg, dist.world_size)}; lr {self.lr:g} "
                 f"(optim.lr {cfg.optim.lr:g} at base batch {cfg.optim.base_batch}); samples: {counts}; {start}")

@@ -28,3 +28,10 @@ def add_output_argument(parser, help: str, default: str = "") -> None:
     parser.add_argument("--output", default=default, help=help)
     parser.add_argument("--out", dest="output", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
+
+
+def add_device_argument(parser) -> None:
+    """--device, as training's run.device: auto takes the GPU when CUDA is usable; cuda without
+    CUDA is a one-line error, not a silent CPU run."""
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: CUDA when usable, else the CPU (default: %(default)s)")

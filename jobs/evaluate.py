@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 
 from imgcls.cli import entry_point
-from jobs import ArgumentParser, add_output_argument
+from jobs import ArgumentParser, add_device_argument, add_output_argument
 from imgcls.evaluation import evaluate_checkpoint
 from imgcls.tracking import configure_logging
 
@@ -22,6 +22,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--data", default="", help="shard dataset URL (default: the checkpoint's data.url)")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights even when EMA weights exist")
     add_output_argument(parser, "output dir (default: RUN_DIR/eval/SPLIT)")
+    add_device_argument(parser)
     return parser
 
 
@@ -30,7 +31,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
     is_main = configure_logging()
-    result = evaluate_checkpoint(args.checkpoint, args.split, args.data, not args.no_ema, args.output)
+    result = evaluate_checkpoint(args.checkpoint, args.split, args.data, not args.no_ema, args.output,
+                                 device=args.device)
     if is_main:
         print(result["report"])
         summary = {k: result[k] for k in ("split", "weights", "views", "count", "acc", "balanced_acc", "top5", "macro_f1",

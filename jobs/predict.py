@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from imgcls.cli import entry_point
-from jobs import ArgumentParser
+from jobs import ArgumentParser, add_device_argument
 from imgcls.inference import MODEL_FORMATS, load_image, open_model, softmax, top_classes
 
 
@@ -94,6 +94,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--data", default="", help="checkpoints only: shard dataset URL for the class names "
                                                    "(default: the checkpoint's data.url)")
     parser.add_argument("--threads", type=int, default=0, help="torch/onnxruntime/LiteRT threads; 0: their default")
+    add_device_argument(parser)
     parser.add_argument("--format", choices=MODEL_FORMATS, default="",
                         help="the model's format (default: from its name; torchscript runs the file's code)")
     return parser
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     files = image_files(args.images)
     if not files:
         parser.error("no image files found")
-    model = open_model(args.model, args.threads, args.data, args.format)
+    model = open_model(args.model, args.threads, args.data, args.format, args.device)
     results = predict(model, files, args.top_k, args.batch_size)
     if args.output:
         write_output(args.output, results, args.model, min(args.top_k, len(model.meta["classes"])))

@@ -25,7 +25,7 @@ from __future__ import annotations
 import sys
 
 from imgcls.cli import entry_point
-from jobs import ArgumentParser
+from jobs import ArgumentParser, add_device_argument
 from imgcls.inference import MODEL_FORMATS, open_model
 
 
@@ -66,6 +66,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--data", default="", help="checkpoints only: shard dataset URL for the class names "
                                                    "(default: the checkpoint's data.url)")
     parser.add_argument("--threads", type=int, default=0, help="torch/onnxruntime/LiteRT threads; 0: their default")
+    add_device_argument(parser)
     return parser
 
 
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         traffic = parse_traffic(args.traffic)
     except ValueError as e:
         parser.error(str(e))
-    repo = Repository(args.model, lambda path: open_model(path, args.threads, args.data, args.format),
+    repo = Repository(args.model, lambda path: open_model(path, args.threads, args.data, args.format, args.device),
                       args.name, traffic)
     options = Options(args.max_batch, args.max_wait_ms, args.top_k, int(args.max_body_mb * 2**20),
                       args.read_timeout_s, args.max_pixels, args.decode_workers, args.max_queue, args.window,

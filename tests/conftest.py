@@ -544,3 +544,22 @@ def upload_folder(local: Path, url: str) -> None:
 
     fs, path = filesystem(url)
     fs.put(str(local) + "/", path, recursive=True)
+
+
+def on_device(tensor):
+    """`tensor` as a stand-in for a CUDA tensor at the host boundary, on a machine without one:
+    numpy() and np.asarray() refuse it with torch's own CUDA message until .cpu() (or
+    .to("cpu")) brings it over; every other op keeps it "on the device"."""
+    import torch
+
+    class DeviceTensor(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            if func in (torch.Tensor.numpy, torch.Tensor.__array__):
+                raise TypeError("can't convert cuda:0 device type tensor to numpy. Use Tensor.cpu() to copy "
+                                "the tensor to host memory first.")
+            result = super().__torch_function__(func, types, args, kwargs or {})
+            to_host = func is torch.Tensor.cpu or (func is torch.Tensor.to and "cpu" in map(str, args[1:]))
+            return result.as_subclass(torch.Tensor) if to_host and isinstance(result, torch.Tensor) else result
+
+    return tensor.as_subclass(DeviceTensor)

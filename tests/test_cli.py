@@ -30,11 +30,30 @@ def test_every_job_has_help(name):
     ("export", ["/nonexistent/best.pt"], "error: /nonexistent/best.pt: no such file or directory"),
     ("train", ["data.url=/nonexistent/ds"], "error: no shard manifest at /nonexistent/ds/manifest.json"),
     ("train", [], "error: data.url is empty: set data.url=PATH_OR_URL"),
+    # enumerated keys are checked when the config is read, not at first use on a queued job's ranks
+    ("train", ["--print-config", "optim.name=adam"], "error: optim.name=adam: expected one of sgd, adamw; did you mean adamw?"),
+    ("train", ["--print-config", "train.precision=fp8"], "error: train.precision=fp8: expected one of auto, bf16, fp16, fp32"),
+    ("train", ["--print-config", "run.device=gpu"], "error: run.device=gpu: expected one of auto, cuda, cpu"),
+    ("submit", ["--cluster", "debug", "data.url=/nonexistent/ds", "schedule.name=linear", "data.augment.crop=none"],
+     "error: schedule.name=linear: expected one of cosine, step, constant"),
+    ("submit", ["--cluster", "debug", "data.url=/nonexistent/ds", "data.augment.crop=random"],
+     "error: data.augment.crop=random: expected one of auto, resized, pad, none"),
 ])
 def test_a_users_mistake_is_one_line(name, args, line):
     out = job(name, *args)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
     assert out.stderr.strip().splitlines()[-1].startswith(line), out.stderr
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the error where CUDA is not usable")
+@pytest.mark.parametrize("name, args", [("predict", ["best.pt", "cat.png"]), ("evaluate", ["best.pt"]),
+                                        ("serve", ["best.pt", "--port", "1"])])
+def test_inference_on_cuda_without_cuda_is_one_line(name, args):
+    """--device cuda insists, as training's run.device=cuda does, before any file is read."""
+    out = job(name, *args, "--device", "cuda")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert out.stderr.strip().splitlines()[-1].startswith(
+        "error: --device cuda, but CUDA is not usable here (torch.cuda.is_available() is False"), out.stderr
 
 
 def test_a_split_that_does_not_exist_is_one_line(bands_checkpoint):

@@ -243,3 +243,37 @@ def test_sweep_is_one_job_array_with_a_run_dir_per_task(slurm_cluster, dataset, 
     assert widths == [4, 8]
     rows = status(tmp_path)
     assert sorted(r["job_id"] for r in rows) == sorted(job_ids) and {r["state"] for r in rows} == {"COMPLETED"}
+
+
+def test_requeued_job_runs_its_snapshot_after_the_checkout_changed(slurm_cluster, dataset, tmp_path):
+    """The checkout is a copy of this repo, first on the job's path as an editable install would
+    be; after the submit its shardio is broken: the requeued job must not notice."""
+    import shutil
+
+    checkout = tmp_path / "checkout"
+    for name in ("imgcls", "shardio", "shards", "jobs", "configs", "slurm", "setup.cfg", "pyproject.toml"):
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, checkout / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, checkout / name)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": str(checkout)}
+    run_dir = tmp_path / "run"
+    out = subprocess.run([sys.executable, str(checkout / "jobs" / "submit.py"), "--time", "10",
+                          *job_config(dataset, run_dir, epochs=12, wandb="disabled")],
+                         cwd=checkout, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-4000:]
+    job = out.stdout.split("\n")[0].split()[1]
+    wait_for(lambda: logged_step(run_dir) >= 10, 120, "the job to train 10 steps")
+
+    init = checkout / "shardio" / "__init__.py"
+    init.write_text("raise ImportError('the checkout changed after the submit')\n" + init.read_text())
+    broken = subprocess.run([sys.executable, "-c", "import shardio"], cwd=tmp_path, env=env, capture_output=True)
+    assert broken.returncode != 0  # the checkout's shardio is really broken on the job's path
+    slurm_cluster.run("scancel", "--signal=USR2", job)  # checkpoint, requeue, start again
+    assert wait_state(slurm_cluster, job, {"COMPLETED", "FAILED", "CANCELLED"}, 240) == "COMPLETED", \
+        log_tail(run_dir, job)
+    assert len(attempts(run_dir)) >= 2
+    origins = [line.split("running the code in ", 1)[1] for line in job_log(run_dir, job).splitlines()
+               if "running the code in " in line]
+    assert origins and set(origins) == {f"{run_dir / 'code'} (imgcls, jobs, shardio, shards)"}, origins

@@ -98,3 +98,41 @@ def test_the_photos_recipe_loads_and_shares_nothing_with_fashion_mnist():
     photos, fashion = load_config("configs/photos.yaml"), load_config("configs/fashion_mnist.yaml")
     assert photos.data.image_size == 224 and photos.model.pretrained == "imagenet"
     assert photos.data.mean != fashion.data.mean and photos.model.whiten_images == 0
+
+
+def test_every_enumerated_key_is_checked_at_load_and_its_doc_names_the_choices():
+    import typing
+
+    from imgcls.config import Config, field_docs, from_dict
+
+    checked = []
+    for section in ("run", "data", "data.augment", "model", "optim", "schedule", "train", "prune", "track"):
+        cls = type(eval(f"cfg.{section}", {"cfg": Config()}))
+        for name, hint in typing.get_type_hints(cls).items():
+            if typing.get_origin(hint) is typing.Literal:
+                key = f"{section}.{name}"
+                with pytest.raises(ConfigError, match=f"^{key}=nonsense: expected one of "):
+                    load_config(None, [f"{key}=nonsense"])
+                checked.append(key)
+                for choice in typing.get_args(hint):
+                    assert f"{choice}".lower() in field_docs(cls)[name].lower(), (key, choice)
+    assert {"run.device", "data.augment.crop", "model.small_stem", "optim.name", "schedule.name", "train.precision",
+            "track.wandb"} <= set(checked)
+    with pytest.raises(ConfigError, match="model.small_stem=1: expected one of auto, true, false"):
+        from_dict({"model": {"small_stem": 1}})  # True == 1, but 1 is no choice
+
+
+def test_the_optimizer_and_precision_docs_say_what_the_code_does():
+    import torch
+
+    from imgcls.config import OptimConfig, TrainConfig, field_docs
+    from imgcls.precision import resolve_precision
+    from imgcls.trainer import make_optimizer
+
+    cfg = load_config(None, ["optim.name=adamw", "optim.momentum=0.5"])
+    optimizer = make_optimizer(cfg, torch.nn.Linear(2, 2), lr=0.1)
+    assert optimizer.param_groups[0]["betas"] == (0.9, 0.999)  # momentum does not reach AdamW...
+    assert "AdamW ignores it" in field_docs(OptimConfig)["momentum"]  # ...and the doc says so
+    assert resolve_precision("auto", torch.device("cpu")) == torch.bfloat16
+    doc = field_docs(TrainConfig)["precision"]
+    assert "fp16 on CUDA" not in doc and "bf16 on CPUs and on GPUs that support it" in doc

@@ -98,5 +98,27 @@ def test_gpu_check_runs_its_checks_on_cpu(tmp_path):
     assert {"train bf16 python", "train fp16 torchrun", "stop + resume bitwise", "evaluate", "export onnx"} <= set(checks)
     assert "backend gloo" in checks["train bf16 torchrun"]["startup"]  # a group at world size 1
     assert checks["stop + resume bitwise"]["differing_tensors"] == []
+    # the input path a user meets: source JPEGs, RandomResizedCrop in the workers, against in-memory images
+    (jpeg,) = [row for name, row in checks.items() if name.startswith("input: 32px from source JPEGs")]
+    assert jpeg["jpeg_images_per_s"][0] > 0 and jpeg["jpeg_vs_in_memory"] > 0 and jpeg["num_workers"] >= 1
     speed = next(row for name, row in checks.items() if name.startswith("speed"))
     assert speed["bare_images_per_s"][0] > 0 and speed["trainer_images_per_s"][0] > 0
+
+
+def test_gpu_check_fits_its_time_budget_and_carries_what_the_device_lacks():
+    """The GPU machine is lent for ~15 minutes: the check's docstring gives its budget, and the
+    prepare script names the wheels (the device venv lacks tenacity and simplejpeg)."""
+    doc = (REPO / "bench" / "gpu_check.py").read_text()
+    prepare = (REPO / "bench" / "gpu_check_prepare.sh").read_text()
+    assert "Time budget" in doc and "8 minutes on one H100" in doc
+    assert "tenacity==" in prepare and "simplejpeg==" in prepare and "--python-version 3.12" in prepare
+    command = next(line for line in prepare.splitlines() if "--no-index" in line)
+    assert ".gpu-wheels/*.whl" in command and "bench/gpu_check.py" in command
+    assert "/.gpu-wheels/" in (REPO / ".gitignore").read_text().splitlines()
+
+
+def test_the_gpu_docs_show_no_gpu_number_they_did_not_measure():
+    readme = (REPO / "docs" / "gpus.md").read_text()
+    startup = [line for line in readme.splitlines() if line.startswith("device cuda")]
+    assert startup and all("GPU NAME" in line for line in startup)  # a format with placeholders
+    assert "What ran on a GPU: nothing yet." in readme

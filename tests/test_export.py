@@ -257,3 +257,18 @@ def test_tflite_export_of_fast_cnn_whose_global_max_pool_litert_cannot_lower(tmp
         expected = model(torch.from_numpy(images)).numpy()
     assert np.abs(Predictor.from_tflite(path)(images) - expected).max() < 1e-4
     assert any(isinstance(m, torch.nn.AdaptiveMaxPool2d) for m in model.modules()), "the model itself was changed"
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="checks the CPU fallback")
+def test_onnx_on_a_cuda_device_without_onnxruntime_gpu_runs_on_the_cpu_with_one_line(onnx_export, reference, caplog):
+    from imgcls.inference import Predictor, onnx_providers
+
+    _, _, images, _, logits = reference
+    with caplog.at_level("INFO", logger="imgcls.inference"):
+        assert onnx_providers(torch.device("cpu")) == ["CPUExecutionProvider"]
+        assert caplog.records == []
+        predictor = Predictor.from_onnx(onnx_export["path"], device=torch.device("cuda"))
+    assert [r.getMessage() for r in caplog.records] == [
+        f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (install onnxruntime-gpu: pip install -e "
+        ".[deploy-gpu]): the ONNX model runs on the CPU"]
+    np.testing.assert_allclose(predictor(images[:8]), logits[:8], atol=1e-4)

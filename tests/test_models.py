@@ -1,4 +1,5 @@
 import logging
+import os
 import subprocess
 import sys
 
@@ -12,6 +13,8 @@ from imgcls.models import (apply_unfreeze_schedule, build_model,
                            efficientnet_lite0_weights, freeze_backbone, head_name,
                            head_parameters, load_pretrained)
 from torchvision.ops import SqueezeExcitation
+
+from tests.conftest import REPO, SMALL
 
 NAMES = ["simple_cnn", "resnet18", "resnet34", "mobilenet_v3_small", "efficientnet_lite0",
          "shufflenet_v2_x0_5"]
@@ -349,3 +352,26 @@ def test_timm_models_by_name_with_weights_from_a_local_file(tmp_path):
         assert model(torch.randn(2, 3, 64, 64)).shape == (2, 7)
     with pytest.raises(ValueError, match="unknown timm model 'resnet10'; did you mean timm/resnet10t"):
         build_model(ModelConfig(name="timm/resnet10"), 7, 3)
+
+
+def test_small_stem_auto_keeps_the_pretrained_stem_at_any_size(tmp_path, bands_dataset):
+    """An ImageNet ResNet-18 fine-tuned on 32 px images keeps its pretrained first conv under
+    auto; the small stem over pretrained weights is only taken when asked for."""
+    from imgcls.config import ModelConfig
+
+    source = build("resnet18", in_channels=3, small_stem=False)
+    weights = tmp_path / "resnet18.pth"
+    torch.save(source.state_dict(), weights)
+    tuned = build_model(ModelConfig(name="resnet18", pretrained=str(weights)), 10, 3, input_size=32)
+    assert tuned.conv1.stride == (2, 2) and torch.equal(tuned.conv1.weight, source.conv1.weight)
+    assert not isinstance(tuned.maxpool, nn.Identity)
+    asked = build_model(ModelConfig(name="resnet18", pretrained=str(weights), small_stem=True), 10, 3, input_size=32)
+    assert asked.conv1.kernel_size == (3, 3) and isinstance(asked.maxpool, nn.Identity)
+
+    # the start-up line says which stem and why
+    out = subprocess.run([sys.executable, str(REPO / "jobs" / "train.py"), f"data.url={bands_dataset}",
+                          f"run.dir={tmp_path / 'run'}", *SMALL, "model.name=resnet18", f"model.pretrained={weights}",
+                          "train.max_steps=1"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "backend none; resnet18 with own stem (auto: kept for the pretrained weights); precision" in out.stderr

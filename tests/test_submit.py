@@ -40,7 +40,8 @@ def test_local_cluster_two_tasks_ddp_from_the_code_snapshot(dataset, tmp_path):
     assert [r["status"] for r in results] == ["done", "done"]
     assert results[0]["step"] == results[1]["step"] > 0
     logs = "".join(p.read_text() for p in (run_dir / "logs").glob("*_0_log.err"))
-    assert f"running the code in {run_dir / 'code'}" in logs
+    # every package from the snapshot, none from the checkout (PYTHONPATH names it in the job too)
+    assert f"running the code in {run_dir / 'code'} (imgcls, jobs, shardio, shards)\n" in logs
     with pytest.raises(AssertionError, match="already holds a submitted run"):
         submit("--cluster", "local", f"data.url={dataset}", f"run.dir={run_dir}", *TINY)
 
@@ -54,6 +55,19 @@ def test_sweep_gives_each_task_its_own_run_dir(dataset, tmp_path):
         config = (run_dir / f"sweep-{i:03d}" / "config.yaml").read_text()
         assert f"lr: {lr}" in config
         assert (run_dir / f"sweep-{i:03d}" / "checkpoints").is_dir()
+
+
+def test_snapshot_carries_every_package_setup_cfg_installs(tmp_path):
+    from setuptools import find_packages
+
+    from imgcls.cluster import installed_packages, snapshot_code
+
+    installed = {name.split(".")[0] for name in find_packages(str(REPO), include=["imgcls*", "shards*", "shardio*", "jobs"])}
+    assert set(installed_packages()) == installed and "shardio" in installed
+    code = snapshot_code(tmp_path)
+    for name in installed:
+        assert (code / name / "__init__.py").exists(), name
+    assert (code / "shardio" / "storage.py").exists() and (code / "setup.cfg").exists()
 
 
 def test_sweep_grid_and_hostlists():

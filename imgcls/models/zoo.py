@@ -112,7 +112,7 @@ def build_model(cfg, num_classes: int, in_channels: int, input_size: int = 0) ->
     ModelConfig's attributes."""
     _check(cfg)
     model = _create(cfg, num_classes, in_channels)
-    _adapt(model, cfg, in_channels, small_stem(cfg, input_size))
+    _adapt(model, cfg, in_channels, stem_choice(cfg, input_size)[0])
     if cfg.pretrained:
         load_pretrained(model, efficientnet_lite0_weights() if cfg.pretrained == "imagenet"
                         else cfg.pretrained)
@@ -127,13 +127,27 @@ def build_model(cfg, num_classes: int, in_channels: int, input_size: int = 0) ->
     return model
 
 
-def small_stem(cfg, input_size: int) -> bool:
-    """model.small_stem, with auto resolved by the input size."""
-    if cfg.small_stem == "auto":
-        return input_size <= SMALL_INPUT
-    if not isinstance(cfg.small_stem, bool):
-        raise ValueError(f"model.small_stem={cfg.small_stem!r}: expected auto, true or false")
-    return cfg.small_stem
+def stem_choice(cfg, input_size: int) -> tuple[bool, str]:
+    """(small stem?, why): model.small_stem with auto resolved. Under pretrained weights auto
+    keeps the network's own stem at any size: a fresh small stem would throw their first conv
+    away. Else auto takes the small stem for inputs of SMALL_INPUT px and less (0: unknown,
+    taken as small)."""
+    setting = cfg.small_stem
+    if setting == "auto":
+        if cfg.pretrained:
+            return False, "auto: kept for the pretrained weights"
+        small = input_size <= SMALL_INPUT
+        return small, f"auto: {input_size or 'unknown'} px input {'<=' if small else '>'} {SMALL_INPUT}"
+    if not isinstance(setting, bool):
+        raise ValueError(f"model.small_stem={setting!r}: expected auto, true or false")
+    over = " over pretrained weights" if setting and cfg.pretrained else ""
+    return setting, f"model.small_stem={str(setting).lower()}{over}"
+
+
+def describe_stem(cfg, input_size: int) -> str:
+    """'small stem (why)' or 'own stem (why)', for the start-up line."""
+    small, why = stem_choice(cfg, input_size)
+    return f"{'small' if small else 'own'} stem ({why})"
 
 
 def _check(cfg) -> None:
