@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
+    from imgcls.distributed import resolve_device
     from imgcls.serving import Options, create_app
     from imgcls.serving.guards import deadline_protocol
     from imgcls.serving.repository import Repository, parse_traffic
@@ -90,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         traffic = parse_traffic(args.traffic)
     except ValueError as e:
         parser.error(str(e))
+    resolve_device(args.device, key="--device ")  # cuda without CUDA: one line before any model loads
     repo = Repository(args.model, lambda path: open_model(path, args.threads, args.data, args.format, args.device),
                       args.name, traffic)
     options = Options(args.max_batch, args.max_wait_ms, args.top_k, int(args.max_body_mb * 2**20),
