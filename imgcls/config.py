@@ -122,7 +122,11 @@ class ModelConfig:
 
     name: str = "simple_cnn"
     """simple_cnn | fast_cnn | tutorial_cnn | resnet18 | resnet34 | efficientnet_lite0 | any
-    torchvision classification model by name | timm/<name> (any timm model)."""
+    torchvision classification model by name | timm/<name> (any timm model) | package.module:factory
+    (your own: factory(num_classes, in_channels, **kwargs) returns the nn.Module; its module must be
+    importable, e.g. on PYTHONPATH, and jobs/submit.py copies it into the job's code snapshot)."""
+    kwargs: dict = field(default_factory=dict)
+    """model.name=package.module:factory only: keyword arguments for the factory, e.g. {depth: 3}."""
     small_stem: str | bool = "auto"
     """For inputs of 64 px and less: ResNets get a 3x3 stride-1 stem and no maxpool, MobileNetV3
     and EfficientNet-Lite0 a stride-1 stem. auto: on when the input side is at most 64 px."""
