@@ -171,6 +171,13 @@ class OptimConfig:
     """SGD: Nesterov momentum."""
     weight_decay: float = 5e-4
     """Decoupled for AdamW, L2 for SGD."""
+    head_lr_mult: float = 1.0
+    """The head's (the last nn.Linear's) learning rate, as a multiple of lr: e.g. lr=0.01 with
+    head_lr_mult=10 fine-tunes the backbone at 1/10 of the head's rate."""
+    layer_decay: float = 1.0
+    """Layer-wise lr decay (timm's): the stage k steps below the head trains at lr x layer_decay**k
+    (stages: timm's group_matcher for timm/ models, else the top-level blocks; see
+    imgcls.models.parts). 1: off. Layers unfrozen later train at their own stage's rate."""
 
 
 @dataclass

@@ -36,6 +36,7 @@ from imgcls.evaluation import evaluate, model_from_checkpoint
 from imgcls.jsonl import parse_jsonl
 from imgcls.losses import balanced_class_weights, classification_loss, distillation_loss, mix_batch
 from imgcls.models import apply_unfreeze_schedule, build_model
+from imgcls.models.parts import param_groups
 from imgcls.precision import autocast, precision_name, resolve_precision
 from imgcls.progress import ProgressReport
 from imgcls.signals import StopRequest, wants_requeue
@@ -97,11 +98,13 @@ def effective_lr(cfg: Config, world_size: int) -> float:
 
 
 def make_optimizer(cfg: Config, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
-    # No weight decay on biases and norm weights (1-d tensors), as is standard.
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    """No weight decay on biases and norm weights (1-d tensors), as is standard; a learning rate
+    per part with optim.head_lr_mult and optim.layer_decay (imgcls.models.parts)."""
+    o = cfg.optim
+    if not (o.head_lr_mult > 0 and 0 < o.layer_decay <= 1):
+        raise ConfigError(f"optim.head_lr_mult={o.head_lr_mult} must be > 0 and optim.layer_decay={o.layer_decay} "
+                          "in (0, 1]")
+    groups = param_groups(model, lr, o.weight_decay, o.head_lr_mult, o.layer_decay)
     if cfg.optim.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov)
     if cfg.optim.name == "adamw":
@@ -534,7 +537,7 @@ class Trainer:
         window = self.window
         loss_sum, correct, seen = distributed.all_reduce(window["totals"].clone()).tolist()
         record = {"epoch": epoch, "train/loss": loss_sum / seen, "train/acc": correct / seen,
-                  "train/lr": self.scheduler.get_last_lr()[0],
+                  "train/lr": self.lr * self.scheduler.factor(),  # optim.lr's, scaled (parts: x their multiplier)
                   "train/images_per_s": seen / (time.perf_counter() - window["time"])}
         if window["bad"]:
             record["data/bad_samples"] = window["bad"]
