@@ -48,7 +48,12 @@ NO_STEP = 2 ** 52  # "no non-finite step yet" in the flags' max-reduce (exact in
 
 
 class NonFiniteLoss(FloatingPointError):
-    pass
+    """A non-finite loss or gradient norm, named with its step."""
+
+
+def first_bad(first: torch.Tensor, value: torch.Tensor, step: int) -> torch.Tensor:
+    """`first` (NO_STEP until then), or `step` if `value` is the first non-finite one: on the device."""
+    return torch.where(~torch.isfinite(value) & (first == NO_STEP), float(step), first)
 
 
 @dataclass
@@ -226,6 +231,17 @@ def forward_backward(ddp, micro_batches: list[MicroBatch], scaler, autocast_ctx,
     return totals
 
 
+def clip_grad_norm(model: torch.nn.Module, optimizer, scaler, max_norm: float) -> torch.Tensor:
+    """The gradient's total norm before clipping, on the device (no host sync), and clipping to
+    `max_norm` when > 0. Under fp16 the gradients are unscaled first, so the norm and the clip
+    threshold are in true units (the scaler then skips a step whose gradient overflowed)."""
+    scaler.unscale_(optimizer)  # nothing to do without fp16
+    params = [p for p in model.parameters() if p.grad is not None]
+    if max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return torch.nn.utils.get_total_norm([p.grad for p in params])
+
+
 # Tests only: IMGCLS_CRASH_AFTER_BATCHES=N hard-kills rank 0 after the backward of its N-th
 # micro-batch in this process (like SIGKILL or a lost node: no cleanup, no checkpoint).
 _CRASH_AFTER = int(os.environ.get("IMGCLS_CRASH_AFTER_BATCHES", 0))
@@ -319,6 +335,7 @@ class Trainer:
         self.plots = None  # rank 0's EpochPlots
         self.window = self._new_window()
         self.first_bad_step = torch.full((), NO_STEP, dtype=torch.float64, device=device)
+        self.first_bad_grad = torch.full((), NO_STEP, dtype=torch.float64, device=device)  # the gradient norm's
 
     # ---- wiring ------------------------------------------------------------------------
     def _set_backend_flags(self) -> None:
@@ -500,9 +517,7 @@ class Trainer:
         """One optimizer step; its loss and accuracy are added to the window on the device."""
         totals = forward_backward(ddp, micro_batches, self.scaler, self.autocast, objective=self.objective,
                                   distributed_enabled=self.dist.enabled)
-        if self.cfg.train.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        norm = clip_grad_norm(self.model, self.optimizer, self.scaler, self.cfg.train.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -512,10 +527,22 @@ class Trainer:
         self.progress.step += 1
         self.reader.position += len(micro_batches)
         self.window["totals"] += totals
-        bad = ~torch.isfinite(totals[0]) & (self.first_bad_step == NO_STEP)
-        self.first_bad_step = torch.where(bad, float(self.progress.step), self.first_bad_step)
+        self.first_bad_step = first_bad(self.first_bad_step, totals[0], self.progress.step)
+        self.note_gradient(norm.to(self.device, torch.float64))
         if self.report is not None:
             self.report.update(self.progress.step)
+
+    def note_gradient(self, norm: torch.Tensor) -> None:
+        """The step's gradient norm, on the device: the window's sum, count and max of the finite
+        ones, and the step of the first non-finite one (under fp16 an overflow is the scaler's
+        business: it skips that step and lowers its scale)."""
+        if not self.scaler.is_enabled():
+            self.first_bad_grad = first_bad(self.first_bad_grad, norm, self.progress.step)
+        finite = torch.isfinite(norm)
+        counted = torch.where(finite, norm, 0.0)
+        grad = self.window["grad"]
+        grad[:2] += torch.stack([counted, finite.double()])
+        grad[2] = torch.maximum(grad[2], counted)
 
     def sync_due(self, step: int, last: bool) -> bool:
         train = self.cfg.train
@@ -523,13 +550,14 @@ class Trainer:
 
     def sync_flags(self) -> bool:
         """All ranks agree on the flags, and the host reads them: raises NonFiniteLoss naming
-        the first step whose loss was not finite; returns whether a stop was requested."""
-        flags = torch.stack([NO_STEP - self.first_bad_step,
+        the first step whose loss (or gradient norm) was not finite; returns whether a stop was
+        requested."""
+        flags = torch.stack([NO_STEP - self.first_bad_step, NO_STEP - self.first_bad_grad,
                              torch.tensor(float(self.stop.requested), dtype=torch.float64, device=self.device)])
-        no_bad_step, stop = distributed.all_reduce(flags, "max").tolist()  # max: the earliest bad step
-        if no_bad_step > 0:
-            step = int(NO_STEP - no_bad_step)
-            raise NonFiniteLoss(f"non-finite loss at step {step} (epoch {self.reader.epoch}); "
+        no_bad_step, no_bad_grad, stop = distributed.all_reduce(flags, "max").tolist()  # max: the earliest bad step
+        if max(no_bad_step, no_bad_grad) > 0:  # the earlier of the two: a bad gradient makes a bad loss next
+            what, no_bad = max(("loss", no_bad_step), ("gradient norm", no_bad_grad), key=lambda bad: bad[1])
+            raise NonFiniteLoss(f"non-finite {what} at step {int(NO_STEP - no_bad)} (epoch {self.reader.epoch}); "
                                 "the last good checkpoint is kept")
         return stop > 0
 
@@ -539,6 +567,9 @@ class Trainer:
         record = {"epoch": epoch, "train/loss": loss_sum / seen, "train/acc": correct / seen,
                   "train/lr": self.lr * self.scheduler.factor(),  # optim.lr's, scaled (parts: x their multiplier)
                   "train/images_per_s": seen / (time.perf_counter() - window["time"])}
+        grad_sum, grad_count, grad_max = window["grad"].tolist()
+        if grad_count:  # before clipping; the same on every rank (the gradients are all-reduced)
+            record.update({"train/grad_norm": grad_sum / grad_count, "train/grad_norm_max": grad_max})
         if window["bad"]:
             record["data/bad_samples"] = window["bad"]
         self.tracker.log(self.progress.step, record)
@@ -548,6 +579,7 @@ class Trainer:
 
     def _new_window(self) -> dict:
         return {"totals": torch.zeros(3, dtype=torch.float64, device=self.device), "bad": 0,
+                "grad": torch.zeros(3, dtype=torch.float64, device=self.device),
                 "time": time.perf_counter()}
 
     def end_epoch(self) -> str:

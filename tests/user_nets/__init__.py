@@ -17,3 +17,17 @@ class TinyNet(nn.Module):
 
 def tiny_net(num_classes: int, in_channels: int, width: int = 8) -> nn.Module:
     return TinyNet(num_classes, in_channels, width)
+
+
+def inf_grad_net(num_classes: int, in_channels: int, good_steps: int = 12) -> nn.Module:
+    """TinyNet whose head gets an infinite gradient from backward pass good_steps + 1 on, while
+    its loss stays finite: what a non-finite gradient norm check must catch."""
+    model = TinyNet(num_classes, in_channels, 4)
+    calls = [0]
+
+    def poison(grad):
+        calls[0] += 1
+        return grad * float("inf") if calls[0] > good_steps else grad
+
+    model.head.weight.register_hook(poison)
+    return model
