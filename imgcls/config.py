@@ -80,6 +80,13 @@ class AugmentConfig:
     """"" | trivial (TrivialAugmentWide) | randaugment (RandAugment, 2 ops at magnitude 9)."""
     erasing: float = 0.0
     """Random erasing: the probability that a rectangle of each image is replaced by noise."""
+    ops: list = field(default_factory=list)
+    """An ordered list of ops, each with a probability p (default 0.5), run per sample after the
+    above: {op: NAME, p: P, ...} with NAME one of hflip, vflip, rotate90, transpose, translate
+    (frac), zoom_out (scale: [1, s]), gauss_noise (std: [lo, hi] of the 0-255 range), gauss_blur
+    (sigma: [lo, hi] px), blur, median_blur, motion_blur (size: the largest odd kernel); or
+    {one_of: [ops...], p: P} applying one of them, weighted by their p (as A.OneOf). See
+    imgcls.augment_ops."""
 
 
 @dataclass

@@ -245,7 +245,9 @@ class ShardReader(IterableDataset):
         self.augmenting = train and cfg.augment.enabled
         try:
             self.photo = PhotoTransform(cfg.augment, self.size, seed)
-        except ValueError as e:  # an unknown auto_augment
+            if self.augmenting:
+                self.photo.ops.check_shape(*self._shape_hwc()[:2])
+        except ValueError as e:  # an unknown auto_augment or augmentation op
             raise DataError(str(e)) from None
         self.epoch, self.position = 0, 0
         self.consumed: list[dict] = []  # earlier layouts' segments of this epoch (elastic resume)
