@@ -12,8 +12,9 @@ Albumentations' `A.Compose` and `A.OneOf` compose them, e.g.
 Every op has a probability `p` (default 0.5); a one-of group applies with its own `p` one of
 its ops, chosen with weights in proportion to their `p` (as A.OneOf). They run per sample in
 the loader worker on CHW uint8 images (after the crop, flip and auto-augment, before erasing),
-where the exact integer ops (flips, rotate90, transpose, translate) are indexing and the rest
-cost what bench/loader.py --ops shows. Every draw comes from the sample's photo uniforms of
+where the exact integer ops (flips, rotate90, transpose, translate) are indexing, the blurs
+are PIL's C filters, and `bench/loader.py --ops` shows what each costs per image (a 224 px
+photo: a blur or the noise a few ms, median_blur the most). Every draw comes from the sample's photo uniforms of
 (seed, epoch, key): each op owns a fixed slot of them, so a resumed run sees the same images.
 """
 from __future__ import annotations
@@ -49,6 +50,15 @@ def _filter(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     c = x.shape[0]
     padded = F.pad(x[None].float(), (k // 2,) * 4, mode="reflect")
     return _to_uint8(F.conv2d(padded, kernel.expand(c, 1, k, k), groups=c)[0])
+
+
+def _pil_filter(x: torch.Tensor, image_filter) -> torch.Tensor:
+    """A PIL ImageFilter over CHW uint8: PIL's C filters are ~50x an unfold-and-median here."""
+    from PIL import Image
+
+    channels = [x.permute(1, 2, 0).numpy()] if x.shape[0] == 3 else [c.numpy() for c in x]
+    out = [np.array(Image.fromarray(np.ascontiguousarray(c)).filter(image_filter)) for c in channels]
+    return torch.from_numpy(out[0]).permute(2, 0, 1).contiguous() if x.shape[0] == 3 else torch.from_numpy(np.stack(out))
 
 
 def vflip(x, w):
@@ -102,28 +112,24 @@ def gauss_noise(x, w, std=(0.01, 0.05)):
 
 
 def gauss_blur(x, w, sigma=(0.1, 2.0)):
-    """A Gaussian blur, sigma drawn from `sigma` px; the kernel spans +-3 sigma."""
-    s = _between(w[1], sigma)
-    radius = min(max(1, math.ceil(3 * s)), (min(x.shape[-2:]) - 1) // 2)
-    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    g = torch.exp(-t ** 2 / (2 * s * s))
-    g /= g.sum()
-    return _filter(x, torch.outer(g, g))
+    """A Gaussian blur, sigma drawn from `sigma` px (PIL's GaussianBlur: three box passes)."""
+    from PIL import ImageFilter
+
+    return _pil_filter(x, ImageFilter.GaussianBlur(float(_between(w[1], sigma))))
 
 
 def blur(x, w, size: int = 7):
     """A box blur (A.Blur), its odd size drawn from [3, size]."""
-    k = _odd_size(w[1], size)
-    return _filter(x, torch.full((k, k), 1.0 / (k * k)))
+    from PIL import ImageFilter
+
+    return _pil_filter(x, ImageFilter.BoxBlur(_odd_size(w[1], size) // 2))
 
 
 def median_blur(x, w, size: int = 5):
     """A median filter (A.MedianBlur), its odd size drawn from [3, size]."""
-    k = _odd_size(w[1], size)
-    c, h, wd = x.shape
-    padded = F.pad(x[None].float(), (k // 2,) * 4, mode="reflect")
-    patches = F.unfold(padded, k).view(c, k * k, h, wd)
-    return patches.median(dim=1).values.to(torch.uint8)
+    from PIL import ImageFilter
+
+    return _pil_filter(x, ImageFilter.MedianFilter(_odd_size(w[1], size)))
 
 
 def motion_blur(x, w, size: int = 7):
