@@ -213,13 +213,16 @@ class TrainConfig:
     """Micro-batches per optimizer step."""
     precision: str = "auto"
     """auto (bf16 on CPU, fp16 on CUDA) | bf16 | fp16 | fp32."""
+    loss: str = ""
+    """ce (softmax cross-entropy) | bce | focal | asl (sigmoid losses over one-hot or multi-hot
+    targets: binary cross-entropy, focal, asymmetric); empty: bce for a multi-label dataset, else ce."""
     label_smoothing: float = 0.0
-    """Cross-entropy label smoothing."""
+    """Label smoothing (sigmoid losses: targets t(1-e) + e/classes, as timm's BCE)."""
     focal_gamma: float = 0.0
-    """> 0: focal loss instead of cross-entropy."""
+    """> 0: focal loss instead of cross-entropy; train.loss=focal: the focusing gamma (0: 2)."""
     class_weights: str = ""
     """"" (every sample counts the same) | balanced (inverse-frequency weights from the manifest's
-    training class counts)."""
+    training class counts; sigmoid losses: each class's positives weighted by negatives/positives)."""
     mixup_alpha: float = 0.0
     """> 0: Mixup with Beta(alpha, alpha)."""
     cutmix_alpha: float = 0.0

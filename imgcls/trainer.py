@@ -34,7 +34,8 @@ from imgcls.config import Config, ConfigError, redacted, save_config, to_dict
 from imgcls.data import DataError, ShardReader, first_images, input_size, read_manifest
 from imgcls.evaluation import evaluate, model_from_checkpoint
 from imgcls.jsonl import parse_jsonl
-from imgcls.losses import balanced_class_weights, classification_loss, distillation_loss, mix_batch
+from imgcls.losses import (balanced_class_weights, classification_loss, distillation_loss, mix_batch, multilabel_loss,
+                           one_hot_targets, positive_weights, resolve_loss)
 from imgcls.models import apply_unfreeze_schedule, build_model
 from imgcls.models.parts import param_groups
 from imgcls.precision import autocast, precision_name, resolve_precision
@@ -182,13 +183,19 @@ class Objective:
     forward_backward divides by their number: once per optimizer step, on every rank alike."""
 
     def __init__(self, train_cfg=None, distill_cfg=None, teacher: torch.nn.Module | None = None, penalty=None,
-                 class_weights: torch.Tensor | None = None):
+                 class_weights: torch.Tensor | None = None, loss: str = "ce"):
         self.label_smoothing = train_cfg.label_smoothing if train_cfg else 0.0
         self.focal_gamma = train_cfg.focal_gamma if train_cfg else 0.0
+        self.loss = loss or "ce"  # resolve_loss's: ce, or a sigmoid loss over one-hot/multi-hot targets
         self.distill, self.teacher, self.penalty, self.class_weights = distill_cfg, teacher, penalty, class_weights
 
     def __call__(self, logits, images, labels, mix: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
         def loss_for(targets):
+            if self.loss != "ce":
+                smooth, classes = self.label_smoothing, logits.shape[1]
+                targets = one_hot_targets(targets, classes) * (1 - smooth) + smooth / classes
+                return multilabel_loss(logits, targets, self.loss, pos_weight=self.class_weights,
+                                       focal_gamma=self.focal_gamma or 2.0)
             return classification_loss(logits, targets, label_smoothing=self.label_smoothing,
                                        focal_gamma=self.focal_gamma, class_weights=self.class_weights)
         loss = loss_for(labels)
@@ -226,7 +233,7 @@ def forward_backward(ddp, micro_batches: list[MicroBatch], scaler, autocast_ctx,
             scaler.scale(loss / accum).backward()
         _maybe_inject_fault()
         totals[0] += loss.detach().double() * len(batch.labels)
-        totals[1] += (logits.argmax(1) == batch.labels).sum()
+        totals[1] += correct(logits, batch.labels)
         totals[2] += len(batch.labels)
     return totals
 
@@ -240,6 +247,14 @@ def clip_grad_norm(model: torch.nn.Module, optimizer, scaler, max_norm: float) -
     if max_norm > 0:
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
     return torch.nn.utils.get_total_norm([p.grad for p in params])
+
+
+def correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Top-1 hits; for multi-hot labels [B, C], samples whose every label is right at logit 0
+    (probability 0.5): subset accuracy."""
+    if labels.ndim == 2:
+        return ((logits > 0) == labels.bool()).all(1).sum()
+    return (logits.argmax(1) == labels).sum()
 
 
 # Tests only: IMGCLS_CRASH_AFTER_BATCHES=N hard-kills rank 0 after the backward of its N-th
@@ -319,6 +334,10 @@ class Trainer:
             self.model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.train.ema_decay),
             use_buffers=True) if cfg.train.ema_decay > 0 else None)
         self.ewc = self._ewc()
+        try:
+            self.loss_kind = resolve_loss(cfg.train.loss, self.manifest.get("task", ""))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         self.progress = Progress()
         name = cfg.run.name or cfg.run.dir.rstrip("/").rsplit("/", 1)[-1]
         self.tracker = Tracker(cfg.track, cfg.run.dir, enabled=dist.is_main, name=name)
@@ -329,7 +348,7 @@ class Trainer:
             **({"ewc": self.ewc} if self.ewc is not None else {})}
         self.objective = Objective(cfg.train, cfg.distill, self._teacher(),
                                    penalty=self.ewc.penalty if self.ewc is not None else None,
-                                   class_weights=self._class_weights())
+                                   class_weights=self._class_weights(), loss=self.loss_kind)
         self.compiled = torch.compile(self.model) if cfg.train.compile else self.model
         self.report: ProgressReport | None = None
         self.plots = None  # rank 0's EpochPlots
@@ -364,7 +383,12 @@ class Trainer:
             raise ConfigError(f"train.class_weights={kind!r}: expected balanced or empty")
         if not kind:
             return None
-        weights = balanced_class_weights(self.manifest["splits"]["train"]["class_counts"])
+        train = self.manifest["splits"]["train"]
+        if self.loss_kind != "ce":  # sigmoid losses: a positive weight per class
+            weights = positive_weights(train["class_counts"], train["count"])
+            log.info("positive weights (balanced): %s", " ".join(f"{w:.3g}" for w in weights.tolist()))
+            return weights.to(self.device)
+        weights = balanced_class_weights(train["class_counts"])
         log.info("class weights (balanced): %s", " ".join(f"{w:.3g}" for w in weights.tolist()))
         return weights.to(self.device)
 
