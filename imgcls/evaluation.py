@@ -45,6 +45,36 @@ def evaluate(model, reader: ShardReader, device, autocast, num_classes: int, *, 
             "macro_f1": confusion.macro_f1, "count": int(totals[2].item()), "confusion": confusion}
 
 
+def evaluate_multilabel(model, reader: ShardReader, device, autocast, num_classes: int, *, threshold: float = -1.0,
+                        loss: str = "bce", channels_last: bool = False) -> dict:
+    """A multi-label split: the sigmoid loss, mAP, subset accuracy ("acc": every label right), and
+    per-class precision/recall/F1 and micro/macro F1 at `threshold` (< 0: the one with the best
+    micro F1 on this split, as validation chooses it). Every rank reads its own shards; the PR
+    counts and sums are reduced at the end, as in `evaluate`."""
+    from imgcls.losses import multilabel_loss
+
+    model.eval()
+    curves = PrecisionRecallCurves(num_classes, device=device)
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, exact matches at 0.5, count
+    with torch.no_grad():
+        for batch in reader.loader(pin_memory=device.type == "cuda"):
+            images = reader.transform(batch, device, channels_last)
+            targets = batch["label"].to(device, non_blocking=True)
+            with autocast():
+                logits = model(images).float()
+            totals[0] += multilabel_loss(logits, targets, loss) * len(targets)
+            totals[1] += ((logits > 0) == targets.bool()).all(1).sum()
+            totals[2] += len(targets)
+            curves.update(torch.sigmoid(logits), targets)
+    model.train()
+    distributed.all_reduce(totals)
+    distributed.all_reduce(curves.counts)
+    count = max(1.0, totals[2].item())
+    chosen = curves.best_threshold() if threshold < 0 else threshold
+    return {"loss": totals[0].item() / count, "acc": totals[1].item() / count, "count": int(totals[2].item()),
+            **curves.multilabel_metrics(chosen), "curves": curves}
+
+
 def tta_logits(model, images: torch.Tensor, *, flip: bool = False, shift: bool = False) -> torch.Tensor:
     """fp32 logits averaged over test-time views, as airbench does: with `flip`, the image and
     its mirror image; with `shift`, half of that plus a quarter each for the same views of the

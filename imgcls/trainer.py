@@ -32,7 +32,7 @@ from imgcls import distributed
 from imgcls.checkpoint import Checkpointer, RNGState
 from imgcls.config import Config, ConfigError, redacted, save_config, to_dict
 from imgcls.data import DataError, ShardReader, first_images, input_size, read_manifest
-from imgcls.evaluation import evaluate, model_from_checkpoint
+from imgcls.evaluation import evaluate, evaluate_multilabel, model_from_checkpoint
 from imgcls.jsonl import parse_jsonl
 from imgcls.losses import (balanced_class_weights, classification_loss, distillation_loss, mix_batch, multilabel_loss,
                            one_hot_targets, positive_weights, resolve_loss)
@@ -65,6 +65,7 @@ class Progress:
     best: float = -math.inf      # best value of train.early_stop_metric
     bad_epochs: int = 0          # epochs since `best` improved
     restarts: int = 0            # how many times this run was resumed
+    threshold: float = 0.5       # multi-label: the probability threshold chosen on val (micro F1)
 
     def state_dict(self) -> dict:
         return dict(vars(self))
@@ -635,6 +636,8 @@ class Trainer:
         if self.val_reader is None:
             return None
         val_model = self.ema.module if self.ema is not None else self.model
+        if self.val_reader.multilabel:
+            return self.validate_multilabel(val_model, epoch)
         metrics = evaluate(val_model, self.val_reader, self.device, self.autocast, len(self.classes),
                            channels_last=self.cfg.model.channels_last)
         confusion = metrics.pop("confusion")
@@ -647,6 +650,19 @@ class Trainer:
             if time.monotonic() - self.last_plot >= self.cfg.track.plots_every_s:
                 self.plots.submit(self.tracker.records, confusion.matrix, self.progress.step)
                 self.unplotted, self.last_plot = None, time.monotonic()
+        return record
+
+    def validate_multilabel(self, val_model, epoch: int) -> dict:
+        """mAP and F1 on val; the threshold with the best micro F1 is kept for evaluate and predict."""
+        metrics = evaluate_multilabel(val_model, self.val_reader, self.device, self.autocast, len(self.classes),
+                                      loss=self.loss_kind, channels_last=self.cfg.model.channels_last)
+        metrics.pop("curves")
+        self.progress.threshold = metrics["threshold"]
+        record = {"epoch": epoch, **{f"val/{k}": v for k, v in metrics.items() if not k.endswith("_per_class")}}
+        self.tracker.log(self.progress.step, record)
+        if self.dist.is_main:
+            log.info("epoch %d: val mAP %.4f micro F1 %.4f at threshold %.3f, exact match %.4f (%d samples)", epoch,
+                     metrics["map"], metrics["micro_f1"], metrics["threshold"], metrics["acc"], metrics["count"])
         return record
 
     def save(self, best: bool = False) -> None:

@@ -103,3 +103,34 @@ def test_a_sigmoid_loss_trains_single_label_data_with_positive_weights_and_mixup
     assert "positive weights (balanced): 3.33 3.03 2.85 2.83" in out.stderr  # negatives / positives per class
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r for r in records if "val/acc" in r][-1]["val/acc"] > 0.6  # four classes: chance is 0.25
+
+
+@pytest.fixture(scope="module")
+def multilabel_dataset(tmp_path_factory) -> str:
+    from tests.conftest import build_multilabel_bands
+
+    return build_multilabel_bands(tmp_path_factory.mktemp("multilabel"))
+
+
+def test_multi_label_shards_train_with_bce_by_default_and_validate_map_and_threshold(multilabel_dataset, tmp_path):
+    from imgcls import checkpoint
+    from imgcls.config import DataConfig
+    from imgcls.data import ShardReader
+
+    reader = ShardReader(DataConfig(url=multilabel_dataset, batch_size=50, num_workers=0), "train")
+    batch = next(iter(reader.loader()))
+    assert batch["label"].shape == (50, 4) and set(batch["label"].unique().tolist()) == {0.0, 1.0}
+    assert (batch["label"].sum(1) > 1).any() and (batch["label"].sum(1) == 0).any()  # several labels, or none
+
+    run_dir = tmp_path / "run"
+    out = train_process(["--config", "", f"data.url={multilabel_dataset}", f"run.dir={run_dir}", *TINY_RUN,
+                         "train.epochs=3", "optim.lr=0.2", "train.mixup_alpha=0.2", "train.class_weights=balanced"])
+    assert "val mAP" in out.stderr and "positive weights (balanced)" in out.stderr
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in records if "val/map" in r][-1]
+    assert last["val/map"] > 0.7 and last["val/micro_f1"] > 0.6 and 0 < last["val/threshold"] < 1  # chance: ~0.35
+    state = torch.load(checkpoint.list_checkpoints(str(run_dir))[-1], weights_only=False)
+    assert state["progress"]["threshold"] == last["val/threshold"]
+    with pytest.raises(AssertionError, match="needs a sigmoid loss"):
+        train_process(["--config", "", f"data.url={multilabel_dataset}", f"run.dir={tmp_path / 'ce'}", *TINY_RUN,
+                       "train.loss=ce"])
