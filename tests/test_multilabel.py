@@ -134,3 +134,39 @@ def test_multi_label_shards_train_with_bce_by_default_and_validate_map_and_thres
     with pytest.raises(AssertionError, match="needs a sigmoid loss"):
         train_process(["--config", "", f"data.url={multilabel_dataset}", f"run.dir={tmp_path / 'ce'}", *TINY_RUN,
                        "train.loss=ce"])
+
+
+def test_multi_label_evaluate_export_and_predict_every_label_over_the_threshold(multilabel_dataset, tmp_path):
+    """evaluate at the val threshold, ONNX export unchanged, predict (on the ONNX file) listing
+    every label over the threshold."""
+    from imgcls import checkpoint
+    from imgcls.export import read_samples
+    from imgcls.inference import load_checkpoint_model
+    from tests.conftest import job, last_json, save_test_images
+
+    run_dir = tmp_path / "run"
+    train_process(["--config", "", f"data.url={multilabel_dataset}", f"run.dir={run_dir}", *TINY_RUN,
+                   "train.epochs=2", "optim.lr=0.2", "train.loss=focal"])
+    ckpt = checkpoint.list_checkpoints(str(run_dir))[-1]
+    threshold = torch.load(ckpt, weights_only=False)["progress"]["threshold"]
+    stdout, _, _ = job("evaluate", ckpt, "--output", str(tmp_path / "eval"))
+    assert "avg prec" in stdout and f"at threshold {threshold:.3f}" in stdout
+    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert saved["task"] == "multilabel" and saved["threshold"] == threshold and set(saved["per_class"]) == {"0", "1", "2", "3"}
+    assert saved["map"] > 0.6 and 0 <= saved["per_class"]["0"]["f1"] <= 1
+
+    stdout, _, code = job("export", ckpt, "--format", "onnx", "--check-samples", "64", "--threads", "1")
+    assert code == 0
+    onnx_path = last_json(stdout)["path"]
+    model, meta = load_checkpoint_model(ckpt)
+    images, labels = read_samples(meta, "test", limit=8)
+    paths = save_test_images(tmp_path / "images", images, meta, 8)
+    out_json = tmp_path / "pred.json"
+    _, _, code = job("predict", onnx_path, *map(str, paths), "--output", str(out_json))
+    assert code == 0
+    predictions = json.loads(out_json.read_text())["predictions"]
+    with torch.no_grad():
+        probs = torch.sigmoid(model(torch.from_numpy(images))).numpy()
+    for record, p in zip(predictions, probs):
+        expected = sorted(int(i) for i in np.flatnonzero(p >= threshold))
+        assert sorted(label["index"] for label in record["labels"]) == expected
