@@ -58,7 +58,9 @@ def _pil_filter(x: torch.Tensor, image_filter) -> torch.Tensor:
 
     channels = [x.permute(1, 2, 0).numpy()] if x.shape[0] == 3 else [c.numpy() for c in x]
     out = [np.array(Image.fromarray(np.ascontiguousarray(c)).filter(image_filter)) for c in channels]
-    return torch.from_numpy(out[0]).permute(2, 0, 1).contiguous() if x.shape[0] == 3 else torch.from_numpy(np.stack(out))
+    if x.shape[0] == 3:
+        return torch.from_numpy(out[0]).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(np.stack(out))
 
 
 def vflip(x, w):
@@ -183,8 +185,9 @@ class Pipeline:
             raise ValueError(f"{where}.op={name!r}: expected one of {', '.join(OPS)}")
         fn = OPS[name]
         known = fn.__code__.co_varnames[2:fn.__code__.co_argcount]
-        if set(entry) - set(known):
-            raise ValueError(f"{where}: {name} takes {', '.join(('p', *known))}, not {', '.join(sorted(set(entry) - set(known)))}")
+        unknown = sorted(set(entry) - set(known))
+        if unknown:
+            raise ValueError(f"{where}: {name} takes {', '.join(('p', *known))}, not {', '.join(unknown)}")
         self.names.add(name)
         return ("op", p, slot, fn, entry)
 

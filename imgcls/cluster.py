@@ -204,7 +204,8 @@ def carry_user_code(code: Path, configs: list[Config]) -> dict[str, str]:
         top = name.partition(":")[0].split(".")[0]
         spec = importlib.util.find_spec(top)
         if spec is None or not (spec.origin or spec.submodule_search_locations):
-            raise ConfigError(f"model.name={name!r}: cannot find module {top!r}; put the directory holding it on PYTHONPATH")
+            raise ConfigError(f"model.name={name!r}: cannot find module {top!r}; "
+                              "put the directory holding it on PYTHONPATH")
         source = Path(spec.submodule_search_locations[0] if spec.submodule_search_locations else spec.origin)
         origins[top] = str(source)
         target = code / source.name

@@ -186,7 +186,8 @@ def _multilabel_checkpoint(model, reader, state, cfg, dist, autocast_ctx, classe
 
     threshold = state["progress"].get("threshold", 0.5)
     metrics = evaluate_multilabel(model, reader, dist.device, autocast_ctx, len(classes), threshold=threshold,
-                                  loss=resolve_loss(cfg.train.loss, "multilabel"), channels_last=cfg.model.channels_last)
+                                  loss=resolve_loss(cfg.train.loss, "multilabel"),
+                                  channels_last=cfg.model.channels_last)
     curves = metrics.pop("curves")
     per_class = {name: {"average_precision": ap, "precision": p, "recall": r, "f1": f, "support": n}
                  for name, ap, p, r, f, n in zip(classes, curves.average_precision.tolist(),

@@ -221,7 +221,8 @@ def user_factory(name: str):
 def _user_model(cfg, num_classes: int, in_channels: int) -> nn.Module:
     factory = user_factory(cfg.name)
     model = factory(num_classes, in_channels, **cfg.kwargs)
-    log.info("%s comes from %s", cfg.name, getattr(importlib.import_module(cfg.name.partition(":")[0]), "__file__", "?"))
+    module = importlib.import_module(cfg.name.partition(":")[0])
+    log.info("%s comes from %s", cfg.name, getattr(module, "__file__", "?"))
     if not isinstance(model, nn.Module):
         raise ValueError(f"model.name={cfg.name!r} returned a {type(model).__name__}, not a torch.nn.Module")
     return model
