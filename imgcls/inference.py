@@ -338,7 +338,9 @@ def labels_over(probs: np.ndarray, classes: list[str], threshold: float) -> list
 
 def class_probs(logits: np.ndarray, meta: dict) -> np.ndarray:
     """Softmax over the classes, or a sigmoid per class for a multi-label model."""
-    return 1 / (1 + np.exp(-logits)) if meta.get("task") == "multilabel" else softmax(logits)
+    if meta.get("task") == "multilabel":
+        return np.exp(-np.logaddexp(0, -logits))  # the sigmoid, without overflow
+    return softmax(logits)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
