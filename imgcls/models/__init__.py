@@ -31,8 +31,8 @@ Freezing works by toggling `requires_grad`, never by rebuilding the model:
 from imgcls.models.freezing import apply_unfreeze_schedule, freeze_backbone, head_name, head_parameters
 from imgcls.models.weights import LoadReport, adapt_input_channels, load_pretrained
 from imgcls.models.zoo import (OWN_MODELS, UnknownModel, build_model, describe_stem, efficientnet_lite0_weights,
-                               torchvision_models)
+                               is_user_model, torchvision_models)
 
 __all__ = ["apply_unfreeze_schedule", "freeze_backbone", "head_name", "head_parameters", "LoadReport",
            "adapt_input_channels", "load_pretrained", "OWN_MODELS", "UnknownModel", "build_model",
-           "efficientnet_lite0_weights", "torchvision_models"]
+           "efficientnet_lite0_weights", "describe_stem", "is_user_model", "torchvision_models"]
