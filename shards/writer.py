@@ -15,11 +15,9 @@ left in place and listed in a warning: readers only read the shards the manifest
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import posixpath
-import re
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Sequence
@@ -27,7 +25,9 @@ from typing import Iterator, Sequence
 import numpy as np
 from PIL import Image
 
+from shardio import shard
 from shardio.format import ENCODINGS, FORMAT, check_key, decode_image, encode_image, tar_size, write_tar
+from shardio.manifest import shard_entries, write as write_manifest
 from shardio.storage import filesystem, join, write_bytes_atomic
 
 from . import __version__
@@ -96,15 +96,14 @@ def build(source: str | os.PathLike, dest: str | os.PathLike, *,
 
         def put(path: str, samples: list) -> tuple[dict, bool]:
             data = write_tar(s[:4] for s in samples)
-            digest = hashlib.sha256(data).hexdigest()
-            written = not _same_file(join(dest, path), len(data), digest)
+            index = shard.Index.of(data, [s[1] for s in samples], [s[4] for s in samples])
+            written = not _same_file(join(dest, path), len(data), index.shard_sha256)
             if written:
                 write_bytes_atomic(join(dest, path), data)
+            shard.write_index(join(dest, path), index)  # beside the shard: offsets, labels, sizes, CRCs
             counts = np.bincount([s[1] for s in samples], minlength=len(src.classes))
-            entry = {"path": path, "count": len(samples), "bytes": len(data), "sha256": digest,
-                     "class_counts": counts.tolist()}
-            if image["height"] is None:
-                entry["sizes"] = [list(s[4]) for s in samples]
+            entry = {"path": path, "count": len(samples), "bytes": len(data), "sha256": index.shard_sha256,
+                     "class_counts": counts.tolist(), "index": shard.index_path(path)}
             return entry, written
 
         filesystem(dest)[0].invalidate_cache()  # another process may have changed DEST
@@ -145,7 +144,7 @@ def build(source: str | os.PathLike, dest: str | os.PathLike, *,
     for message in manifest["warnings"]:
         log.warning("%s", message)
     _warn_stale(dest, manifest)
-    write_bytes_atomic(join(dest, "manifest.json"), manifest_bytes(manifest))
+    write_manifest(dest, manifest)
     n_shards = sum(len(s["shards"]) for s in splits.values())
     log.info("%s: %d samples in %d shards (%d uploaded, %d already up to date)",
              dest, total, n_shards, written, n_shards - written)
@@ -284,18 +283,6 @@ def _check_options(encoding, jpeg_quality, shard_bytes, shard_samples, resize, c
         raise ValueError("give resize (every image to one size) or max_side (downscale the big ones), not both")
 
 
-_NUMBER_LIST = re.compile(r"\[\s*(-?[\d.]+(?:,\s*-?[\d.]+)*)\s*\]")
-_PAIR_LIST = re.compile(r"\[\s*(\[\d+, \d+\](?:,\s*\[\d+, \d+\])*)\s*\]")
-
-
-def manifest_bytes(manifest: dict) -> bytes:
-    text = json.dumps(manifest, indent=2, ensure_ascii=False)
-    # Lists of numbers (class counts) and of [w, h] pairs on one line keep the manifest readable.
-    text = _NUMBER_LIST.sub(lambda m: "[" + ", ".join(re.split(r",\s*", m[1])) + "]", text)
-    text = _PAIR_LIST.sub(lambda m: "[" + ", ".join(re.split(r"(?<=\]),\s*", m[1])) + "]", text)
-    return (text + "\n").encode()
-
-
 def check_fractions(split: Sequence[float]) -> tuple[float, float, float]:
     try:
         fractions = tuple(float(f) for f in split)
@@ -432,8 +419,7 @@ def _same_file(url: str, size: int, digest: str) -> bool:
 def _warn_stale(dest: str, manifest: dict) -> None:
     fs, root = filesystem(dest)
     fs.invalidate_cache()
-    named = {posixpath.join(root, s["path"])
-             for split in manifest["splits"].values() for s in split["shards"]}
+    named = {posixpath.join(root, path) for s in shard_entries(manifest) for path in (s["path"], s["index"])}
     stale = sorted(p for name in SPLITS for p in fs.find(posixpath.join(root, name))
                    if p not in named)
     if stale:
