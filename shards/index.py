@@ -17,9 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image
 
-from shardio.format import (DECODED_FORMATS, FORMAT, check_image_size, check_key, decode_label,
-                            image_member)
 from shardio import shard as shardfile
+from shardio.format import DECODED_FORMATS, FORMAT, check_image_size, check_key, decode_label, image_member
 from shardio.manifest import write as write_manifest
 from shardio.storage import filesystem, join
 

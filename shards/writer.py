@@ -25,7 +25,7 @@ from typing import Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from shardio import shard
+from shardio import shard as shardfile
 from shardio.format import ENCODINGS, FORMAT, check_key, decode_image, encode_image, tar_size, write_tar
 from shardio.manifest import shard_entries, write as write_manifest
 from shardio.storage import filesystem, join, write_bytes_atomic
@@ -96,14 +96,14 @@ def build(source: str | os.PathLike, dest: str | os.PathLike, *,
 
         def put(path: str, samples: list) -> tuple[dict, bool]:
             data = write_tar(s[:4] for s in samples)
-            index = shard.Index.of(data, [s[1] for s in samples], [s[4] for s in samples])
+            index = shardfile.Index.of(data, [s[1] for s in samples], [s[4] for s in samples])
             written = not _same_file(join(dest, path), len(data), index.shard_sha256)
             if written:
                 write_bytes_atomic(join(dest, path), data)
-            shard.write_index(join(dest, path), index)  # beside the shard: offsets, labels, sizes, CRCs
+            shardfile.write_index(join(dest, path), index)  # beside the shard: offsets, labels, sizes, CRCs
             counts = np.bincount([s[1] for s in samples], minlength=len(src.classes))
             entry = {"path": path, "count": len(samples), "bytes": len(data), "sha256": index.shard_sha256,
-                     "class_counts": counts.tolist(), "index": shard.index_path(path)}
+                     "class_counts": counts.tolist(), "index": shardfile.index_path(path)}
             return entry, written
 
         filesystem(dest)[0].invalidate_cache()  # another process may have changed DEST
