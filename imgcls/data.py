@@ -565,6 +565,16 @@ class ShardReader(IterableDataset):
                           prefetch_factor=4 if workers else None, persistent_workers=False)
 
 
+def start_epoch(reader: ShardReader, pin_memory: bool = False):
+    """Batches from the reader's current (epoch, position), its loader workers started now:
+    they fetch and decode while the caller does other work (the last epoch's validation and
+    checkpoint), so the first batch of an epoch does not wait on storage. The DataLoader draws
+    its workers' base seed from torch's RNG; that draw is undone, so training's random stream
+    is the same whenever the loader starts (the reader's order and augmentation never use it)."""
+    with torch.random.fork_rng(devices=[]):
+        return iter(reader.loader(pin_memory))
+
+
 def first_images(cfg: DataConfig, split: str, count: int, manifest: dict | None = None) -> torch.Tensor:
     """The first `count` images of a split in shard order, normalised and not augmented: the
     same on every rank, whatever the world size. Reads only the shards it needs."""

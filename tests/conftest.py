@@ -427,6 +427,20 @@ def s3_outage(s3_endpoint, monkeypatch):
     proxy.close()
 
 
+@pytest.fixture
+def slow_s3(s3_endpoint, monkeypatch):
+    """bench/scale.py's SlowProxy in front of the S3 endpoint (0.6 s per request, 50 MB/s per
+    connection); this process's S3 traffic, and its loader workers', goes through it."""
+    from bench.scale import SlowProxy
+    from shardio import storage
+
+    proxy = SlowProxy(int(s3_endpoint.rsplit(":", 1)[1]), latency_s=0.6, bytes_per_s=50e6)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    monkeypatch.setattr(storage, "_cache", {})  # filesystems made from now on use the proxy
+    yield proxy
+    proxy.close()
+
+
 LEASE_HOLDER = """
 import sys, time
 from imgcls.lease import Lease, LeaseHeld, LeaseLost

@@ -4,6 +4,7 @@ window of bytes whatever the shard size."""
 from __future__ import annotations
 
 import json
+import time
 import tracemalloc
 from dataclasses import replace
 
@@ -13,7 +14,7 @@ import torch
 
 import shards
 from imgcls.config import AugmentConfig, DataConfig
-from imgcls.data import DataError, ShardReader
+from imgcls.data import DataError, ShardReader, start_epoch
 from shardio import manifest as manifests
 from shardio import shard as shardfile
 from shardio import storage
@@ -166,3 +167,25 @@ def test_a_workers_memory_follows_its_read_window_not_the_shard_size(tmp_path):
     in_flight = 2 * window
     assert traced_peak(ShardReader(cfg, "train")) <= 2 * in_flight < shard_bytes / 4
     assert traced_peak(ShardReader(replace(cfg, verify_checksums=False), "train")) > shard_bytes
+
+
+def first_batch_wait(batches, idle_s: float) -> float:
+    """Seconds the first batch took to come, after `idle_s` of other work (validation, a save)."""
+    time.sleep(idle_s)
+    start = time.perf_counter()
+    next(batches)
+    return time.perf_counter() - start
+
+
+def test_the_next_epochs_first_batch_is_read_while_the_last_epoch_ends(big_shards, slow_s3):
+    """Storage answers in 0.6 s. A loader started when the trainer asks for the first batch
+    waits for the index and the first window; one started at the end of the last epoch
+    (start_epoch, before validation) has its first batch ready."""
+    reader = ShardReader(data_cfg(big_shards, num_workers=1), "train", seed=1)
+    reader.set_epoch(1)
+    waited = first_batch_wait(iter(reader.loader()), idle_s=0)
+    reader.set_epoch(2)
+    early = start_epoch(reader)
+    ahead = first_batch_wait(early, idle_s=5)
+    assert ahead < 0.3 and waited > 1.2, (ahead, waited)
+    assert len(list(early)) == reader.batches_per_epoch() - 1
