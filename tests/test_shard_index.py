@@ -189,3 +189,18 @@ def test_the_next_epochs_first_batch_is_read_while_the_last_epoch_ends(big_shard
     ahead = first_batch_wait(early, idle_s=5)
     assert ahead < 0.3 and waited > 1.2, (ahead, waited)
     assert len(list(early)) == reader.batches_per_epoch() - 1
+
+
+def test_bench_scale_reports_each_figure_against_its_target(tmp_path):
+    """bench/scale.py at toy sizes: the same code as the README's full-size figures."""
+    from bench.scale import SMALL, checks, report, run
+
+    results = run(SMALL, tmp_path)
+    rows = {name: (value, met) for name, value, _, met in checks(results)}
+    assert len(rows) == 5 and "S3 (30 ms, 80 MB/s) / local images/s" in rows
+    assert rows["manifest memory per rank (MB)"][1] and rows["manifest read CPU per rank (s)"][1]
+    assert rows["worker peak / bytes in flight"][1]
+    amplification = results["amplification"]
+    assert all(a["now"] <= 1.05 for a in amplification) and amplification[-1]["before"] > 1
+    assert results["manifest"]["now"]["bytes"] < results["manifest"]["before"]["bytes"]
+    assert "| figure | value | target | met |" in report(results)
