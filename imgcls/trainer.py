@@ -457,7 +457,8 @@ class Trainer:
         # DDP is (re)built each epoch: it registers hooks only for parameters that require grad.
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         ddp = DDP(self.compiled, device_ids=device_ids) if self.dist.enabled else self.compiled
-        batches, self.upcoming = self.upcoming or self.start_loader(), None
+        batches = self.upcoming if self.upcoming is not None else self.start_loader()
+        self.upcoming = None
         if self.report is not None:
             self.report.set_epoch(epoch)
         reason = ""
