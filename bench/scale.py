@@ -266,7 +266,7 @@ def s3_figures(shape: Shape, workdir: Path, latency_s: float = 0.030, bytes_per_
     """images/s of the same shards read locally and from moto behind a SlowProxy."""
     import shards
     from bench.decode import write_photo_crops
-    from bench.loader import MotoServer, upload
+    from bench.loader import MotoServer, cpu_seconds, upload
     from imgcls.config import AugmentConfig, DataConfig
     from imgcls.data import ShardReader, start_epoch
     from shardio import storage
@@ -287,21 +287,26 @@ def s3_figures(shape: Shape, workdir: Path, latency_s: float = 0.030, bytes_per_
         os.environ["AWS_ENDPOINT_URL"] = proxy.endpoint  # the workers fork with it
         storage._cache.clear()
         rates: dict[str, list[float]] = {"local": [], "s3": []}
+        cpu: dict[str, list[float]] = {"local": [], "s3": []}  # CPU s per image: workers, moto, proxy
         for rep in range(shape.reps + 1):  # the first round warms up
             for name, url in (("local", str(local)), ("s3", "s3://bench-scale/shards")):
                 cfg = DataConfig(url=url, batch_size=32, num_workers=2, image_size=224, read_retry_s=30,
                                  augment=AugmentConfig(flip=True))
                 reader = ShardReader(cfg, "train", seed=0)
                 reader.set_epoch(rep)
+                used = cpu_seconds() + server.cpu_seconds()
                 batches = start_epoch(reader)  # as the trainer does: at the last epoch's end,
                 time.sleep(pause_s)            # then validation and the checkpoint
                 start, images = time.perf_counter(), 0
                 for batch in batches:
                     images += len(batch["key"])
+                del batches  # joins the workers: their CPU time is counted
                 if rep:
                     rates[name].append(images / (time.perf_counter() - start))
+                    cpu[name].append((cpu_seconds() + server.cpu_seconds() - used) / images)
         return {"local": float(np.mean(rates["local"])), "s3": float(np.mean(rates["s3"])),
                 "ratio": float(np.mean(rates["s3"]) / np.mean(rates["local"])), "images": shape.s3_images,
+                "cpu_ratio": float(np.mean(cpu["s3"]) / np.mean(cpu["local"])), "load": os.getloadavg()[0],
                 "latency_ms": latency_s * 1e3, "mb_per_s": bytes_per_s / 1e6}
     finally:
         if proxy is not None:
@@ -353,7 +358,9 @@ def report(results: dict) -> str:
     if "s3" in results:
         s = results["s3"]
         lines.append(f"S3 behind {s['latency_ms']:.0f} ms and {s['mb_per_s']:.0f} MB/s per connection: "
-                     f"{s['s3']:.0f} images/s vs {s['local']:.0f} local ({s['images']} 224 px JPEG crops)")
+                     f"{s['s3']:.0f} images/s vs {s['local']:.0f} local ({s['images']} 224 px JPEG crops); "
+                     f"CPU per image {s['cpu_ratio']:.2f}x local's (moto and the proxy on the same cores); "
+                     f"load average {s['load']:.1f} on {os.cpu_count()} CPUs")
     lines += ["", "| figure | value | target | met |", "|---|---|---|---|"]
     for name, value, target, met in checks(results):
         lines.append(f"| {name} | {value:.3f} | {target:g} | {'yes' if met else 'NO'} |")

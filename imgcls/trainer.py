@@ -54,7 +54,6 @@ class NonFiniteLoss(FloatingPointError):
 class Progress:
     """Where training is: the part of the checkpoint that is neither weights nor data."""
     step: int = 0                # optimizer steps done (the global step for logging)
-    epoch: int = 0               # epochs fully done
     best: float = -math.inf      # best value of train.early_stop_metric
     bad_epochs: int = 0          # epochs since `best` improved
     restarts: int = 0            # how many times this run was resumed
@@ -63,7 +62,8 @@ class Progress:
         return dict(vars(self))
 
     def load_state_dict(self, state: dict) -> None:
-        vars(self).update(state)
+        # older checkpoints also hold an "epoch" that was never advanced: the data state owns it
+        vars(self).update({key: value for key, value in state.items() if key != "epoch"})
 
 
 @dataclass
