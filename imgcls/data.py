@@ -8,6 +8,11 @@ batches, and the rank's batch sequence interleaves its workers round-robin, exac
 torch's DataLoader returns them. Every rank yields the same number of batches, computed from
 the manifest, so DDP never waits on a rank that ran out of data.
 
+A worker fetches only its samples' byte ranges, through each shard's index (shardio.shard), in
+windows of data.read_window_mb with the next window fetched while the current one is decoded;
+each sample is checked against the index's CRC32, and a window holding a whole shard is one
+request checked against the manifest's sha256. Its memory follows the window, not the shard.
+
 Resuming at (epoch, position) skips by the manifest's counts and never decodes a skipped
 sample; workers are rotated so the loader starts with the worker owning `position`. Resuming
 under another layout (ranks, workers, batch size) is elastic: the batches read so far are
