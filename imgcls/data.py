@@ -465,7 +465,7 @@ class ShardReader(IterableDataset):
             if index is None:
                 samples = shardfile.read(url, meta, self.cfg.read_retry_s, self.cfg.verify_checksums)
                 return [samples[i] for i in members.tolist()]
-            return shardfile.fetch_members(url, meta, index, members, self.cfg.read_retry_s).samples()
+            return shardfile.fetch_members(url, meta, index, members, self.cfg.read_retry_s)
         except shardfile.ShardError as e:
             raise DataError(str(e)) from e
 

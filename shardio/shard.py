@@ -163,17 +163,16 @@ def coalesce(starts: np.ndarray, ends: np.ndarray, slack: float = SLACK) -> tupl
 
 @dataclass
 class Fetched:
-    """Some samples of one shard, fetched and still encoded: `samples()` yields them in the
-    order asked, each checked against the index's CRC32 when `crc32` is set."""
+    """Some samples of one shard, fetched by range and still encoded: `samples()` yields them
+    in the order asked, each checked against the index's CRC32."""
     url: str
     members: np.ndarray
     views: list[memoryview]
-    crc32: np.ndarray | None
-    bytes: int  # fetched, all spans together
+    crc32: np.ndarray
 
     def samples(self) -> Iterator[dict]:
         for n, view in enumerate(self.views):
-            if self.crc32 is not None and zlib.crc32(view) != self.crc32[n]:
+            if zlib.crc32(view) != self.crc32[n]:
                 raise ShardError(f"shard {self.url} is corrupt: sample {self._key(view, n)} differs from the "
                                  "shard's index (crc32)")
             try:
@@ -191,17 +190,16 @@ class Fetched:
 
 
 def fetch_members(url: str, entry: dict, index: Index, members: np.ndarray,
-                  retry_s: float = storage.DEFAULT_RETRY_S) -> Fetched:
-    """The samples `members` of a shard. All of them: the shard is fetched whole, with its size
-    and sha256 checked. Some: only their byte ranges, neighbours coalesced into one request
-    (`coalesce`), each sample checked against the index's CRC32."""
+                  retry_s: float = storage.DEFAULT_RETRY_S) -> list[dict] | Iterator[dict]:
+    """The samples `members` of a shard, in that order. All of them: the shard is fetched whole,
+    with its size and sha256 checked, and parsed at once. Some: only their byte ranges,
+    neighbours coalesced into one request (`coalesce`), each sample checked against the index's
+    CRC32 and parsed as it is taken."""
+    if len(members) == len(index.records):
+        found = read(url, entry, retry_s)
+        return [found[i] for i in members.tolist()]
     records = index.records[members]
     starts, ends = records["offset"].tolist(), (records["offset"] + records["size"]).tolist()
-    if len(members) == len(index.records):
-        data = fetch(url, retry_s)
-        check(data, entry, url)
-        view = memoryview(data)
-        return Fetched(url, members, [view[s:e] for s, e in zip(starts, ends)], None, len(data))
     lows, highs = coalesce(records["offset"], records["offset"] + records["size"])
     try:
         blobs = storage.read_ranges(url, list(zip(lows, highs)), retry_s)
@@ -216,4 +214,4 @@ def fetch_members(url: str, entry: dict, index: Index, members: np.ndarray,
     for start, end in zip(starts, ends):
         j = bisect.bisect_right(lows, start) - 1
         views.append(memoryview(blobs[j])[start - lows[j]:end - lows[j]])
-    return Fetched(url, members, views, records["crc32"], sum(len(b) for b in blobs))
+    return Fetched(url, members, views, records["crc32"]).samples()
