@@ -134,7 +134,7 @@ def build_shards(source, dest, args, split):
 
 
 def upload(local: Path, url: str) -> None:
-    """The local shards and manifest, byte for byte, to `url` (the manifest last, as
+    """The local shards, their indexes and the manifest, byte for byte, to `url` (the manifest last, as
     shards.build does), checked against the manifest's sizes and sha256."""
     import hashlib
 
@@ -143,8 +143,9 @@ def upload(local: Path, url: str) -> None:
     manifest = json.loads((local / "manifest.json").read_bytes())
     fs, root = storage.filesystem(url)
     entries = [s for split in manifest["splits"].values() for s in split["shards"]]
+    files = [path for s in entries for path in (s["path"], s.get("index")) if path]  # each shard's index too
     with ThreadPoolExecutor(4) as pool:
-        list(pool.map(lambda s: fs.put_file(str(local / s["path"]), f"{root}/{s['path']}"), entries))
+        list(pool.map(lambda path: fs.put_file(str(local / path), f"{root}/{path}"), files))
     fs.put_file(str(local / "manifest.json"), f"{root}/manifest.json")
     fs.invalidate_cache()
     for s in entries:

@@ -45,7 +45,7 @@ def build(work: Path, args) -> tuple[str, str]:
 
     import shards
     from shardio.format import read_tar, write_tar
-    from shards.writer import manifest_bytes
+    from shardio.manifest import manifest_bytes
 
     rng = np.random.default_rng(0)
     x, y = idx("train-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28), idx("train-labels-idx1-ubyte.gz", 8)

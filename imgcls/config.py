@@ -115,7 +115,13 @@ class DataConfig:
     read_retry_s: float = 60.0
     """A shard read that storage fails (outage, 5xx) is retried this long."""
     verify_checksums: bool = True
-    """Check each shard's sha256 against the manifest as it is read."""
+    """Check each shard's sha256 against the manifest as it is read whole, and each sample
+    read by byte range against its shard's index (CRC32). Off: shards are read whole, unchecked."""
+    read_window_mb: float = 64.0
+    """MB of samples a loader worker fetches at once, by byte range (neighbours in one request).
+    A worker holds two windows: the one it decodes and the next, fetched meanwhile; so its
+    memory follows this, not the shard size. A worker that reads all of a shard that fits in
+    one window (`shards build`'s default: 64 MB) fetches it whole, in one request."""
     mean: list[float] = field(default_factory=list)
     """Per-channel normalisation mean, in [0, 1] units; empty: the manifest's training-split
     statistics (0.5 for a manifest without them)."""
@@ -571,6 +577,7 @@ RESUMABLE_KEYS = (
     "run.name", "run.device", "run.dist_timeout_min", "run.always_init_group", "run.lease_timeout_s",
     "run.storage_retry_s", "data.read_retry_s",
     "data.num_workers", "data.eval_batch_size", "data.verify_checksums", "data.max_bad_samples",
+    "data.read_window_mb",
     "train.epochs", "train.max_steps", "train.log_every", "train.ckpt_every", "train.keep_last",
     "train.sync_every", "train.max_requeues", "train.early_stop_patience", "train.eval_flip", "train.eval_shift",
     "train.compile", "train.allow_config_change", "track.", "hpo.",

@@ -8,6 +8,11 @@ batches, and the rank's batch sequence interleaves its workers round-robin, exac
 torch's DataLoader returns them. Every rank yields the same number of batches, computed from
 the manifest, so DDP never waits on a rank that ran out of data.
 
+A worker fetches only its samples' byte ranges, through each shard's index (shardio.shard), in
+windows of data.read_window_mb with the next window fetched while the current one is decoded;
+each sample is checked against the index's CRC32, and a window holding a whole shard is one
+request checked against the manifest's sha256. Its memory follows the window, not the shard.
+
 Resuming at (epoch, position) skips by the manifest's counts and never decodes a skipped
 sample; workers are rotated so the loader starts with the worker owning `position`. Resuming
 under another layout (ranks, workers, batch size) is elastic: the batches read so far are
@@ -28,6 +33,7 @@ import logging
 import os
 import threading
 from dataclasses import asdict, dataclass, replace
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -38,8 +44,10 @@ from imgcls.augment import (InputTransform, PhotoTransform, crop_flip, draw_para
                             photometric)
 from imgcls.config import DataConfig
 from imgcls.signals import keep_worker_through_cancel
+from shardio import manifest as manifests
+from shardio import shard as shardfile
 from shardio import storage
-from shardio.format import MULTILABEL, check_shard_paths, decode_label, decode_labels, decode_sample, read_tar
+from shardio.format import MULTILABEL, decode_label, decode_labels, decode_sample
 from shardio.image import Encoded, image_array
 
 log = logging.getLogger(__name__)
@@ -52,15 +60,13 @@ class DataError(RuntimeError):
 def read_manifest(url: str, retry_s: float = storage.DEFAULT_RETRY_S) -> dict:
     if not url:
         raise DataError("data.url is empty: set data.url=PATH_OR_URL, a dataset written by `python -m shards build`")
-    manifest_url = storage.join(url, "manifest.json")
     try:
-        manifest = json.loads(storage.read_bytes(manifest_url, retry_s))
-        check_shard_paths(manifest, manifest_url)  # no absolute or `..` paths out of the dataset
+        return manifests.read(url, retry_s)
     except FileNotFoundError:
-        raise DataError(f"no shard manifest at {manifest_url}: build one with `python -m shards build`") from None
+        raise DataError(f"no shard manifest at {manifests.url_of(url)}: build one with "
+                        "`python -m shards build`") from None
     except ValueError as e:
         raise DataError(str(e)) from None
-    return manifest
 
 
 def normalization(cfg: DataConfig, manifest: dict) -> tuple[list[float], list[float]]:
@@ -166,46 +172,39 @@ def _skip(plan: list[tuple[int, np.ndarray]], n: int) -> list[tuple[int, np.ndar
 
 
 class _ReadAhead:
-    """Fetches the next shard of a worker's plan in a background thread while the current one
-    is decoded, so that waiting for storage (S3 latency) overlaps with work.
+    """Fetches a worker's next read (a window of one shard's samples, or a whole shard) in a
+    background thread while the current one is decoded, so that waiting for storage (S3
+    latency) overlaps with work.
 
-    take(shard) returns what fetch(shard) returns, or raises what it raises, and only then
-    starts fetching the next shard of the plan: errors surface at the same point of the
-    stream as without read-ahead, and no shard outside the plan is ever opened. At most one
-    shard is held ahead. A shard that is not the plan's next is fetched directly.
+    take() returns (read, fetch(read)) for the next of `reads`, or None after the last; it
+    raises what fetching raised, and only then starts on the next read: errors surface at the
+    same point of the stream as without read-ahead, and nothing outside `reads` is fetched.
+    One read is held ahead, so a worker holds two at most: the one it decodes and the next.
     """
 
-    def __init__(self, fetch, plan: list[int]):
-        self.fetch, self.plan, self.next = fetch, plan, 0
-        self.pending: tuple[int, threading.Thread, dict] | None = None
+    def __init__(self, fetch, reads):
+        self.fetch, self.reads = fetch, iter(reads)
+        self.pending = self._start()
 
-    def take(self, shard_id: int):
-        if self.next >= len(self.plan) or self.plan[self.next] != shard_id:
-            return self.fetch(shard_id)
-        self.next += 1
-        if self.pending is not None and self.pending[0] == shard_id:
-            _, thread, box = self.pending
-            self.pending = None
-            thread.join()
-            if "error" in box:
-                raise box["error"]
-            result = box["result"]
-        else:
-            result = self.fetch(shard_id)
-        if self.next < len(self.plan):
-            self.pending = (self.plan[self.next], *self._start(self.plan[self.next]))
-        return result
+    def take(self):
+        thread, box = self.pending
+        thread.join()
+        if "error" in box:
+            raise box["error"]
+        self.pending = self._start()
+        return box["result"]
 
-    def _start(self, shard_id: int):
+    def _start(self):
         box: dict = {}
 
         def run():
-            try:
-                box["result"] = self.fetch(shard_id)
+            try:  # the next read is planned here too: planning may fetch the shard's index
+                read = next(self.reads, None)
+                box["result"] = None if read is None else (read, self.fetch(read))
             except BaseException as e:  # re-raised by take(), in the reading thread
                 box["error"] = e
 
-        thread = threading.Thread(target=run, name=f"shard-read-ahead-{shard_id}", daemon=True)
+        thread = threading.Thread(target=run, name="shard-read-ahead", daemon=True)
         thread.start()
         return thread, box
 
@@ -411,7 +410,7 @@ class ShardReader(IterableDataset):
 
     def _batches(self, epoch, plan, positions):
         samples, bad, index = [], 0, 0
-        ahead = _ReadAhead(self._fetch_shard, [shard_id for shard_id, _ in plan])
+        ahead = _ReadAhead(self._fetch, self._reads(epoch, plan))
         for shard_id, picks in plan:
             for sample in self._read_shard(epoch, shard_id, picks, ahead):
                 decoded = self._decode(epoch, shard_id, sample)
@@ -428,35 +427,63 @@ class ShardReader(IterableDataset):
     def shard_url(self, shard_id: int) -> str:
         return storage.join(self.cfg.url, self.shards[shard_id]["path"])
 
-    def _fetch_shard(self, shard_id: int) -> tuple[bytes, str | None]:
-        """The shard's bytes, and their sha256 when checksums are verified. Thread-safe."""
-        url = self.shard_url(shard_id)
+    def _members(self, epoch: int, shard_id: int, picks: np.ndarray) -> np.ndarray:
+        """Sample numbers in the shard's tar of `picks`, indices into its order in `epoch`."""
+        return self._shard_permutation(epoch, shard_id)[picks] if self.train else picks
+
+    def _reads(self, epoch: int, plan):
+        """The plan as reads: (shard, its samples to fetch at once, its index or None: whole)."""
+        for shard_id, picks in plan:
+            members, index = self._members(epoch, shard_id, picks), self._index(shard_id)
+            if index is None:
+                yield shard_id, members, None
+                continue
+            window = max(1, int(self.cfg.read_window_mb * 1e6))
+            for part in shardfile.windows(index, members, window):
+                yield shard_id, part, index
+
+    def _index(self, shard_id: int) -> shardfile.Index | None:
+        """The shard's index, for ranged reads; None (read it whole) without checksums, for a
+        manifest written before indexes, or an index that is missing or stale (a warning)."""
+        meta, url = self.shards[shard_id], self.shard_url(shard_id)
+        if not self.cfg.verify_checksums or "index" not in meta:
+            return None
         try:
-            data = storage.read_bytes(url, self.cfg.read_retry_s)
-        except FileNotFoundError:
-            raise DataError(f"shard {url} is missing") from None
-        except Exception as e:
-            raise DataError(f"shard {url} could not be read: {e}") from e
-        return data, hashlib.sha256(data).hexdigest() if self.cfg.verify_checksums else None
+            index = shardfile.read_index(url, self.cfg.read_retry_s)
+        except shardfile.ShardError as e:
+            log.warning("%s: reading the shard whole", e)
+            return None
+        if not index.matches(meta):
+            log.warning("%s indexes another shard than the manifest's (stale): reading %s whole; "
+                        "`python -m shards index` rewrites the indexes", shardfile.index_path(url), url)
+            return None
+        return index
+
+    def _fetch(self, read) -> Iterable[dict]:
+        """A read's samples, still encoded (lazily: checked and parsed as they are taken)."""
+        shard_id, members, index = read
+        meta, url = self.shards[shard_id], self.shard_url(shard_id)
+        try:
+            if index is None:
+                samples = shardfile.read(url, meta, self.cfg.read_retry_s, self.cfg.verify_checksums)
+                return [samples[i] for i in members.tolist()]
+            return shardfile.fetch_members(url, meta, index, members, self.cfg.read_retry_s)
+        except shardfile.ShardError as e:
+            raise DataError(str(e)) from e
 
     def _read_shard(self, epoch: int, shard_id: int, picks: np.ndarray, ahead: _ReadAhead | None = None):
         """The samples at `picks` in the shard's order for this epoch, still encoded."""
-        meta, url = self.shards[shard_id], self.shard_url(shard_id)
-        data, digest = ahead.take(shard_id) if ahead is not None else self._fetch_shard(shard_id)
-        if self.cfg.verify_checksums:
-            if len(data) != meta["bytes"] or digest != meta["sha256"]:
-                raise DataError(f"shard {url} is corrupt: size or sha256 differs from the manifest "
-                                f"(run `python -m shards verify {self.cfg.url}`)")
-        try:
-            samples = list(read_tar(data))
-        except Exception as e:
-            raise DataError(f"shard {url} is not a readable tar: {e}") from e
-        if len(samples) != meta["count"]:
-            raise DataError(f"shard {url} holds {len(samples)} samples, the manifest says {meta['count']}")
-        if self.train:
-            picks = self._shard_permutation(epoch, shard_id)[picks]
-        for i in picks.tolist():
-            yield samples[i]
+        if ahead is None:
+            ahead = _ReadAhead(self._fetch, self._reads(epoch, [(shard_id, picks)]))
+        left = len(picks)
+        while left:
+            (read_shard, members, _), samples = ahead.take()
+            assert read_shard == shard_id, (read_shard, shard_id)
+            left -= len(members)
+            try:
+                yield from samples
+            except shardfile.ShardError as e:
+                raise DataError(str(e)) from e
 
     def _decode(self, epoch: int, shard_id: int, sample: dict):
         """(key, image HWC uint8, label), or None for a bad sample when skipping is allowed."""
@@ -551,6 +578,16 @@ def multi_hot(labels: list[list[int]], num_classes: int) -> torch.Tensor:
     for row, indices in zip(rows, labels):
         row[indices] = 1.0
     return rows
+
+
+def start_epoch(reader: ShardReader, pin_memory: bool = False):
+    """Batches from the reader's current (epoch, position), its loader workers started now:
+    they fetch and decode while the caller does other work (the last epoch's validation and
+    checkpoint), so the first batch of an epoch does not wait on storage. The DataLoader draws
+    its workers' base seed from torch's RNG; that draw is undone, so training's random stream
+    is the same whenever the loader starts (the reader's order and augmentation never use it)."""
+    with torch.random.fork_rng(devices=[]):
+        return iter(reader.loader(pin_memory))
 
 
 def first_images(cfg: DataConfig, split: str, count: int, manifest: dict | None = None) -> torch.Tensor:

@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from imgcls import distributed
 from imgcls.checkpoint import Checkpointer, RNGState
 from imgcls.config import Config, ConfigError, redacted, save_config, to_dict
-from imgcls.data import DataError, ShardReader, first_images, input_size, read_manifest
+from imgcls.data import DataError, ShardReader, first_images, input_size, read_manifest, start_epoch
 from imgcls.evaluation import evaluate, evaluate_multilabel, model_from_checkpoint
 from imgcls.jsonl import parse_jsonl
 from imgcls.losses import (balanced_class_weights, classification_loss, distillation_loss, mix_batch, multilabel_loss,
@@ -61,7 +61,6 @@ def first_bad(first: torch.Tensor, value: torch.Tensor, step: int) -> torch.Tens
 class Progress:
     """Where training is: the part of the checkpoint that is neither weights nor data."""
     step: int = 0                # optimizer steps done (the global step for logging)
-    epoch: int = 0               # epochs fully done
     best: float = -math.inf      # best value of train.early_stop_metric
     bad_epochs: int = 0          # epochs since `best` improved
     restarts: int = 0            # how many times this run was resumed
@@ -71,7 +70,8 @@ class Progress:
         return dict(vars(self))
 
     def load_state_dict(self, state: dict) -> None:
-        vars(self).update(state)
+        # older checkpoints also hold an "epoch" that was never advanced: the data state owns it
+        vars(self).update({key: value for key, value in state.items() if key != "epoch"})
 
 
 @dataclass
@@ -319,6 +319,7 @@ class Trainer:
         self.val_reader = (ShardReader(cfg.data, "val", rank=dist.rank, world_size=dist.world_size,
                                        seed=cfg.run.seed, train=False, manifest=self.manifest)
                            if self.manifest["splits"].get("val", {}).get("count") else None)
+        self.upcoming = None  # the next epoch's batches, started at the end of this one
         checkpointer.check_config(cfg.train.allow_config_change)
         self.model = self._build_model(channels)
         accum = cfg.train.accum_steps
@@ -460,15 +461,18 @@ class Trainer:
             self.report = ProgressReport(sum(self.steps_per_epoch), self.progress.step, cfg.train.epochs,
                                          cfg.track.progress_every_s)
         status, reason, self.unplotted, self.last_plot = "done", "", None, time.monotonic()
-        while self.reader.epoch < cfg.train.epochs:
-            reason = self.train_epoch()
-            if reason:
-                status = "stopped"
-                self.save()
-                break
-            status = self.end_epoch()
-            if status != "done":
-                break
+        try:
+            while self.reader.epoch < cfg.train.epochs:
+                reason = self.train_epoch()
+                if reason:
+                    status = "stopped"
+                    self.save()
+                    break
+                status = self.end_epoch()
+                if status != "done":
+                    break
+        finally:  # an early stop or an error: shut the next epoch's started workers down
+            self.upcoming = None
         if self.unplotted is not None:
             self.plots.submit(self.tracker.records, self.unplotted.matrix, self.progress.step)
         if self.plots is not None:
@@ -505,8 +509,8 @@ class Trainer:
         # DDP is (re)built each epoch: it registers hooks only for parameters that require grad.
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         ddp = DDP(self.compiled, device_ids=device_ids) if self.dist.enabled else self.compiled
-        self.checkpointer.wait()  # no fork of loader workers while a background write holds locks
-        batches = iter(reader.loader(pin_memory=self.device.type == "cuda"))
+        batches = self.upcoming if self.upcoming is not None else self.start_loader()
+        self.upcoming = None
         if self.report is not None:
             self.report.set_epoch(epoch)
         reason = ""
@@ -609,6 +613,11 @@ class Trainer:
             self.report.metrics(record["train/loss"], record["train/images_per_s"])
         self.window = self._new_window()
 
+    def start_loader(self):
+        """The reader's batches from its position, its workers started now (data.start_epoch)."""
+        self.checkpointer.wait()  # no fork of loader workers while a background write holds locks
+        return start_epoch(self.reader, pin_memory=self.device.type == "cuda")
+
     def _new_window(self) -> dict:
         return {"totals": torch.zeros(3, dtype=torch.float64, device=self.device), "bad": 0,
                 "grad": torch.zeros(3, dtype=torch.float64, device=self.device),
@@ -618,6 +627,8 @@ class Trainer:
         """Validation, early stopping, HPO pruning and the epoch's checkpoint."""
         cfg, progress, epoch = self.cfg, self.progress, self.reader.epoch
         self.reader.set_epoch(epoch + 1, 0)
+        if epoch + 1 < cfg.train.epochs:  # the next epoch's first reads overlap validation and the save
+            self.upcoming = self.start_loader()
         record = self.validate(epoch + 1)
         improved = False
         if record is not None:

@@ -188,26 +188,37 @@ def read_tar(data: bytes) -> Iterator[dict]:
     per-member Python overhead was most of the reader's time. A shard with anything else (pax or GNU long-name headers,
     links, directories) is read entirely by `tarfile`.
     """
+    for sample, _, _ in read_tar_spans(data):
+        yield sample
+
+
+def read_tar_spans(data: bytes) -> Iterator[tuple[dict, int, int]]:
+    """(sample, start, end) per sample: [start, end) are the bytes of its members, headers
+    included, so that those bytes alone read back as the same sample (a ranged read)."""
     try:
         members = list(_ustar_members(data))
     except _NotPlainUstar:
         members = list(_tarfile_members(data))
     sample: dict = {}
-    for name, payload in members:
+    start = end = 0
+    for name, payload, begin, stop in members:
         directory, _, base = name.rpartition("/")
         stem, dot, ext = base.partition(".")
         key = f"{directory}/{stem}" if directory else stem
         if not dot:
             raise ValueError(f"tar member {name!r} has no extension")
         if sample and sample["__key__"] != key:
-            yield sample
+            yield sample, start, end
             sample = {}
         if ext in sample:  # `d.cls d.png d.cls d.png` is two samples under one key (webdataset refuses it too)
             raise ValueError(f"sample {key}: member {name!r} appears twice in a row; keys must be unique")
+        if not sample:
+            start = begin
         sample["__key__"] = key
         sample[ext] = payload
+        end = stop
     if sample:
-        yield sample
+        yield sample, start, end
 
 
 class _NotPlainUstar(Exception):
@@ -217,8 +228,9 @@ class _NotPlainUstar(Exception):
 _ZERO_BLOCK = bytes(512)
 
 
-def _ustar_members(data: bytes) -> Iterator[tuple[str, bytes]]:
-    """(name, payload) of regular-file members of a tar with only plain ustar headers."""
+def _ustar_members(data: bytes) -> Iterator[tuple[str, bytes, int, int]]:
+    """(name, payload, header start, padded end) of the regular-file members of a tar with
+    only plain ustar headers."""
     offset = 0
     while offset + 512 <= len(data):
         header = data[offset:offset + 512]
@@ -235,17 +247,19 @@ def _ustar_members(data: bytes) -> Iterator[tuple[str, bytes]]:
         start = offset + 512
         if start + size > len(data):
             raise ValueError(f"tar member {name.decode(errors='replace')!r} is truncated")
-        yield (prefix + b"/" + name if prefix else name).decode(), data[start:start + size]
-        offset = start + -(-size // 512) * 512
+        end = start + -(-size // 512) * 512
+        yield (prefix + b"/" + name if prefix else name).decode(), data[start:start + size], offset, end
+        offset = end
     if offset != len(data):
         raise ValueError("tar is truncated")
 
 
-def _tarfile_members(data: bytes) -> Iterator[tuple[str, bytes]]:
+def _tarfile_members(data: bytes) -> Iterator[tuple[str, bytes, int, int]]:
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
             for member in tar:
-                if member.isfile():
-                    yield member.name, tar.extractfile(member).read()
+                if member.isfile():  # offset: its first header (pax or GNU long name included)
+                    end = member.offset_data + -(-member.size // 512) * 512
+                    yield member.name, tar.extractfile(member).read(), member.offset, end
     except tarfile.TarError as e:
         raise ValueError(str(e)) from None

@@ -169,6 +169,14 @@ def read_bytes(url: str, retry_s: float = DEFAULT_RETRY_S) -> bytes:
     return retrying(lambda: fs.cat_file(path), url, retry_s)
 
 
+def read_ranges(url: str, ranges: list[tuple[int, int]], retry_s: float = DEFAULT_RETRY_S) -> list[bytes]:
+    """The bytes [start, end) of each range of one file (fewer at its end), fetched together
+    (concurrently on object stores); transient errors retry the whole call, for up to `retry_s`."""
+    fs, path = filesystem(url)
+    starts, ends = [start for start, _ in ranges], [end for _, end in ranges]
+    return retrying(lambda: fs.cat_ranges([path] * len(ranges), starts, ends, on_error="raise"), url, retry_s)
+
+
 def exists(url: str, retry_s: float = DEFAULT_RETRY_S) -> bool:
     fs, path = filesystem(url)
     return retrying(lambda: fs.exists(path), url, retry_s)

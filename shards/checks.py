@@ -1,39 +1,36 @@
 """Reading a built dataset back: `load_manifest`, `verify` and `inspect`."""
 from __future__ import annotations
 
-import hashlib
-import json
+import logging
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from shardio.format import EXTENSIONS, FORMAT, check_shard_paths, decode_sample, image_member, read_tar
-from shardio.storage import filesystem, join, read_bytes
+from shardio import manifest as manifests
+from shardio import shard as shardfile
+from shardio.format import EXTENSIONS, decode_sample, image_member, read_tar
+from shardio.storage import filesystem, join
 
 from .progress import Progress
 
+log = logging.getLogger("shards")
+
 
 def load_manifest(dest: str) -> dict:
-    url = join(dest, "manifest.json")
     try:
-        manifest = json.loads(read_bytes(url))
+        return manifests.read(dest)
     except FileNotFoundError:
-        raise FileNotFoundError(f"no manifest at {url}") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{url} is not valid JSON: {e}") from None
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{url}: format {manifest.get('format')!r}, expected {FORMAT!r}")
-    check_shard_paths(manifest, url)
-    return manifest
+        raise FileNotFoundError(f"no manifest at {manifests.url_of(dest)}") from None
 
 
 def verify(dest: str, deep: bool = False, workers: int | None = None, progress: bool = False) -> list[str]:
     """Problems found at `dest` (empty when all is well), each naming the shard's full URL.
 
-    Checks every shard's size, sha256 and sample count against the manifest, that each sample
-    has exactly a .cls and an image member, and that keys are unique. `deep` also decodes
-    every image and label and checks per-class counts and the manifest's image sizes;
+    Checks every shard's size, sha256 and sample count against the manifest, its index
+    against the shard (offsets and CRC32s), that each sample has exactly a .cls and an image
+    member, and that keys are unique. `deep` also decodes every image and label and checks
+    per-class counts and the index's labels and image sizes;
     `progress` shows how far it is (a bar on a terminal, else log lines).
     """
     dest = str(dest).rstrip("/")
@@ -75,18 +72,19 @@ def _manifest_problems(manifest: dict) -> list[str]:
 def _check_shard(dest: str, shard: dict, manifest: dict, deep: bool) -> tuple[list[str], list[str]]:
     url = join(dest, shard["path"])
     try:
-        data = read_bytes(url)
-    except FileNotFoundError:
-        return [f"{url}: missing"], []
-    if len(data) != shard["bytes"]:
-        return [f"{url}: {len(data)} bytes, the manifest says {shard['bytes']} "
-                "(truncated or replaced)"], []
-    if hashlib.sha256(data).hexdigest() != shard["sha256"]:
-        return [f"{url}: sha256 does not match the manifest (corrupt)"], []
-
-    problems, keys = [], []
+        data = shardfile.fetch(url)
+        shardfile.check(data, shard, url)
+        index = shardfile.read_index(url) if "index" in shard else None
+    except shardfile.ShardError as e:
+        return [str(e)], []
+    if index is not None and not index.matches(shard):  # the reader reads such a shard whole
+        log.warning("%s indexes another shard than the manifest's (stale): readers read %s whole; "
+                    "`python -m shards index` rewrites the indexes", shardfile.index_path(url), url)
+        index = None
+    problems, keys = _index_problems(data, index, url), []
     counts = np.zeros(len(manifest["classes"]), np.int64)
-    sizes = shard.get("sizes")
+    sizes = shard.get("sizes") if index is None else index.records[["width", "height"]].tolist()
+    labels = None if index is None else index.records["label"].tolist()
     try:
         for sample in read_tar(data):
             keys.append(sample["__key__"])
@@ -98,6 +96,9 @@ def _check_shard(dest: str, shard: dict, manifest: dict, deep: bool) -> tuple[li
                     image, label = decode_sample(sample, manifest)
                     counts[label] += 1
                     _check_size(image, sizes, len(keys) - 1, sample["__key__"])
+                    if labels is not None and len(keys) <= len(labels) and labels[len(keys) - 1] != label:
+                        problems.append(f"{url}: sample {sample['__key__']}: label {label}, the index says "
+                                        f"{labels[len(keys) - 1]}")
                 except ValueError as e:
                     problems.append(f"{url}: {e}")
     except (tarfile.TarError, ValueError) as e:
@@ -108,6 +109,20 @@ def _check_shard(dest: str, shard: dict, manifest: dict, deep: bool) -> tuple[li
         problems.append(f"{url}: class counts {counts.tolist()} differ from the manifest's "
                         f"{shard['class_counts']}")
     return problems, keys
+
+
+def _index_problems(data: bytes, index: shardfile.Index | None, url: str) -> list[str]:
+    """Whether the index's offsets and CRC32s are the shard's."""
+    if index is None:
+        return []
+    records = index.records
+    try:
+        again = shardfile.Index.of(data, records["label"], records[["width", "height"]].tolist()).records
+    except ValueError as e:
+        return [f"{url}: {e}"]
+    if not np.array_equal(again, records):
+        return [f"{shardfile.index_path(url)}: offsets or CRC32s differ from the shard's"]
+    return []
 
 
 def _members_problem(sample: dict, encoding: str) -> str | None:
@@ -126,14 +141,14 @@ def _members_problem(sample: dict, encoding: str) -> str | None:
 
 
 def _check_size(image: np.ndarray, sizes: list | None, n: int, key: str) -> None:
-    """ValueError when a decoded image is not the manifest's [width, height] for the shard's
-    n-th sample."""
+    """ValueError when a decoded image is not the index's (or an older manifest's) [width,
+    height] for the shard's n-th sample."""
     if sizes is None:
         return
     size = list(sizes[n]) if n < len(sizes) else None
     if [image.shape[1], image.shape[0]] != size:
         raise ValueError(f"sample {key}: image is {image.shape[1]}x{image.shape[0]} (WxH), "
-                         f"the manifest's sizes say {size}")
+                         f"the shard's index says {size}")
 
 
 def inspect(dest: str) -> str:
@@ -141,7 +156,7 @@ def inspect(dest: str) -> str:
     dest = str(dest).rstrip("/")
     m = load_manifest(dest)
     src, image, splits = m["source"], m["image"], m["splits"]
-    size = ("variable size" + _size_range(splits) if image["height"] is None
+    size = ("variable size" + _size_range(dest, splits) if image["height"] is None
             else f"{image['height']}x{image['width']}")
     quality = f" (quality {m['jpeg_quality']})" if m["encoding"] == "jpeg" else ""
     lines = [
@@ -172,9 +187,17 @@ def inspect(dest: str) -> str:
     return "\n".join(lines)
 
 
-def _size_range(splits: dict) -> str:
-    """" (WxH 40x40 to 300x300)": the smallest and largest width and height in `sizes`."""
-    sizes = np.array([wh for s in splits.values() for shard in s["shards"] for wh in shard.get("sizes", [])])
+def _size_range(dest: str, splits: dict) -> str:
+    """" (WxH 40x40 to 300x300)": the smallest and largest width and height, from the shards'
+    indexes (an older manifest's `sizes`)."""
+    def sizes_of(shard: dict) -> list:
+        if "index" not in shard:
+            return shard.get("sizes", [])
+        return shardfile.read_index(join(dest, shard["path"])).records[["width", "height"]].tolist()
+
+    with ThreadPoolExecutor() as pool:
+        sizes = np.array([wh for found in pool.map(sizes_of, [x for s in splits.values() for x in s["shards"]])
+                          for wh in found])
     if not len(sizes):
         return ""
     low, high = sizes.min(axis=0), sizes.max(axis=0)

@@ -8,7 +8,6 @@ the index, all named in one error.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import posixpath
 import re
@@ -16,15 +15,17 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from shardio.format import FORMAT, check_key, decode_label, image_member, read_tar
+from shardio import shard as shardfile
+from shardio.format import FORMAT, check_key, decode_label, image_member
 from shardio.image import Encoded
-from shardio.storage import filesystem, join, read_bytes, write_bytes_atomic
+from shardio.manifest import write as write_manifest
+from shardio.storage import filesystem, join
 
 from . import __version__
 from .progress import Progress
 from .sources import GRAY_MODES
 from .stats import channel_stats, histogram
-from .writer import SPLITS, class_warnings, default_workers, manifest_bytes
+from .writer import SPLITS, class_warnings, default_workers
 
 log = logging.getLogger("shards")
 # train-000000.tar, val_3.tar, validation-00.tar, test.tar: the split starts the file name.
@@ -56,6 +57,8 @@ def index(url: str, split: str | None = None, classes: list[str] | None = None,
             shards.append(shard)
             bar.update(1)
     _check_samples(url, shards)
+    with ThreadPoolExecutor(workers or default_workers()) as pool:  # beside each shard
+        list(pool.map(lambda s: shardfile.write_index(join(url, s["path"]), s["index"]), shards))
 
     if not classes:
         _check_label_range(url, shards)
@@ -70,7 +73,7 @@ def index(url: str, split: str | None = None, classes: list[str] | None = None,
 
     splits = {}
     for name in SPLITS:
-        entries = [_entry(s, num_classes, fixed is None) for s in shards if splits_of[s["path"]] == name]
+        entries = [_entry(s, num_classes) for s in shards if splits_of[s["path"]] == name]
         counts = np.sum([e["class_counts"] for e in entries], axis=0, dtype=np.int64) if entries \
             else np.zeros(num_classes, np.int64)
         splits[name] = {"count": sum(e["count"] for e in entries), "class_counts": counts.tolist(),
@@ -90,7 +93,7 @@ def index(url: str, split: str | None = None, classes: list[str] | None = None,
     }
     for message in manifest["warnings"]:
         log.warning("%s", message)
-    write_bytes_atomic(join(url, "manifest.json"), manifest_bytes(manifest))
+    write_manifest(url, manifest)
     log.info("%s: indexed %d samples in %d shards", url, sum(s["count"] for s in splits.values()), len(paths))
     return manifest
 
@@ -104,16 +107,14 @@ def split_of(path: str, url: str) -> str:
 
 
 def describe_shard(url: str, path: str, count_pixels: bool) -> dict:
-    """A shard's bytes, sha256, keys, labels and [width, height] per sample; its bad samples;
-    with `count_pixels`, the pixel histograms of its gray ("L") and colour ("RGB") images."""
+    """A shard's bytes, sha256, keys, labels and [width, height] per sample, its index (None
+    when it has bad samples) and its bad samples; with `count_pixels`, the pixel histograms of
+    its gray ("L") and colour ("RGB") images."""
     shard_url = join(url, path)
-    data = read_bytes(shard_url)
+    data = shardfile.fetch(shard_url)
     keys, labels, sizes, bad = [], [], [], []
     gray, hist_l, hist_rgb = True, np.zeros((1, 256), np.int64), np.zeros((3, 256), np.int64)
-    try:
-        samples = list(read_tar(data))
-    except ValueError as e:
-        raise ValueError(f"{shard_url}: not a readable tar: {e}") from None
+    samples = shardfile.samples(data, None, shard_url)
     for sample in samples:
         key = sample["__key__"]
         try:
@@ -133,8 +134,10 @@ def describe_shard(url: str, path: str, count_pixels: bool) -> dict:
                 hist_l += counts
             else:
                 hist_rgb += counts
-    return {"path": path, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "keys": keys,
-            "labels": labels, "sizes": sizes, "bad": bad, "gray": gray, "hist_l": hist_l, "hist_rgb": hist_rgb}
+    index = None if bad else shardfile.Index.of(data, labels, sizes)
+    return {"path": path, "bytes": len(data), "sha256": index.shard_sha256 if index else None, "keys": keys,
+            "labels": labels, "sizes": sizes, "index": index, "bad": bad, "gray": gray, "hist_l": hist_l,
+            "hist_rgb": hist_rgb}
 
 
 def _decode(data: bytes, count_pixels: bool) -> tuple[int, int, str, np.ndarray | None]:
@@ -189,12 +192,10 @@ def _check_labels(url: str, shards: list[dict], num_classes: int) -> None:
                                  f"the {num_classes} classes given")
 
 
-def _entry(shard: dict, num_classes: int, with_sizes: bool) -> dict:
-    entry = {"path": shard["path"], "count": len(shard["keys"]), "bytes": shard["bytes"],
-             "sha256": shard["sha256"], "class_counts": np.bincount(shard["labels"], minlength=num_classes).tolist()}
-    if with_sizes:
-        entry["sizes"] = shard["sizes"]
-    return entry
+def _entry(shard: dict, num_classes: int) -> dict:
+    return {"path": shard["path"], "count": len(shard["keys"]), "bytes": shard["bytes"], "sha256": shard["sha256"],
+            "class_counts": np.bincount(shard["labels"], minlength=num_classes).tolist(),
+            "index": shardfile.index_path(shard["path"])}
 
 
 def _stats(shards: list[dict], channels: int, split: str) -> dict:

@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import posixpath
-import re
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -37,15 +36,9 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from shardio.format import (
-    ENCODINGS,
-    FORMAT,
-    check_key,
-    decode_image,
-    encode_image,
-    tar_size,
-    write_tar,
-)
+from shardio import shard as shardfile
+from shardio.format import ENCODINGS, FORMAT, check_key, decode_image, encode_image, tar_size, write_tar
+from shardio.manifest import shard_entries, write as write_manifest
 from shardio.storage import filesystem, join, write_bytes_atomic
 
 from . import __version__
@@ -131,7 +124,7 @@ def build(source: str | os.PathLike, dest: str | os.PathLike, *,
             return pool.submit(_encode_all, [_item(src, i, keep[i], sizes[i]) for i in chunk], how)
 
         def put(path: str, samples: list) -> tuple[dict, bool]:
-            return _put_shard(dest, path, samples, len(src.classes), image["height"] is None)
+            return _put_shard(dest, path, samples, len(src.classes))
 
         filesystem(dest)[0].invalidate_cache()  # another process may have changed DEST
         splits, written, hist = {}, 0, kept_hist
@@ -178,26 +171,26 @@ def build(source: str | os.PathLike, dest: str | os.PathLike, *,
         log.warning("%s", message)
     _warn_stale(dest, manifest)
     write_bytes_atomic(join(dest, TIMM_INFO), json.dumps(timm_info(manifest), indent=2).encode() + b"\n")
-    write_bytes_atomic(join(dest, "manifest.json"), manifest_bytes(manifest))
+    write_manifest(dest, manifest)
     n_shards = sum(len(s["shards"]) for s in splits.values())
     log.info("%s: %d samples in %d shards (%d uploaded, %d already up to date)",
              dest, total, n_shards, written, n_shards - written)
     return manifest
 
 
-def _put_shard(dest: str, path: str, samples: list, num_classes: int, with_sizes: bool) -> tuple[dict, bool]:
-    """Write one shard (unless DEST already holds these bytes): its manifest entry, and
-    whether it was written. Everything written beside a shard belongs here."""
+def _put_shard(dest: str, path: str, samples: list, num_classes: int) -> tuple[dict, bool]:
+    """Write one shard (unless DEST already holds these bytes) and its index beside it (offsets,
+    labels, sizes, CRCs): its manifest entry, and whether it was written. Everything written
+    beside a shard belongs here."""
     data = write_tar(s[:4] for s in samples)
-    digest = hashlib.sha256(data).hexdigest()
-    written = not _same_file(join(dest, path), len(data), digest)
+    index = shardfile.Index.of(data, [s[1] for s in samples], [s[4] for s in samples])
+    written = not _same_file(join(dest, path), len(data), index.shard_sha256)
     if written:
         write_bytes_atomic(join(dest, path), data)
+    shardfile.write_index(join(dest, path), index)
     counts = np.bincount([s[1] for s in samples], minlength=num_classes)
-    entry = {"path": path, "count": len(samples), "bytes": len(data), "sha256": digest,
-             "class_counts": counts.tolist()}
-    if with_sizes:
-        entry["sizes"] = [list(s[4]) for s in samples]
+    entry = {"path": path, "count": len(samples), "bytes": len(data), "sha256": index.shard_sha256,
+             "class_counts": counts.tolist(), "index": shardfile.index_path(path)}
     return entry, written
 
 
@@ -385,18 +378,6 @@ def _check_options(encoding, jpeg_quality, shard_bytes, shard_samples, resize, c
         raise ValueError("give resize (every image to one size) or max_side (downscale the big ones), not both")
 
 
-_NUMBER_LIST = re.compile(r"\[\s*(-?[\d.]+(?:,\s*-?[\d.]+)*)\s*\]")
-_PAIR_LIST = re.compile(r"\[\s*(\[\d+, \d+\](?:,\s*\[\d+, \d+\])*)\s*\]")
-
-
-def manifest_bytes(manifest: dict) -> bytes:
-    text = json.dumps(manifest, indent=2, ensure_ascii=False)
-    # Lists of numbers (class counts) and of [w, h] pairs on one line keep the manifest readable.
-    text = _NUMBER_LIST.sub(lambda m: "[" + ", ".join(re.split(r",\s*", m[1])) + "]", text)
-    text = _PAIR_LIST.sub(lambda m: "[" + ", ".join(re.split(r"(?<=\]),\s*", m[1])) + "]", text)
-    return (text + "\n").encode()
-
-
 def given_splits(splits: np.ndarray, seed: int) -> dict[str, np.ndarray]:
     """Sample indices per split as the source gives them, each split shuffled (seeded)."""
     rng = np.random.default_rng(seed)
@@ -548,8 +529,7 @@ def _same_file(url: str, size: int, digest: str) -> bool:
 def _warn_stale(dest: str, manifest: dict) -> None:
     fs, root = filesystem(dest)
     fs.invalidate_cache()
-    named = {posixpath.join(root, s["path"])
-             for split in manifest["splits"].values() for s in split["shards"]}
+    named = {posixpath.join(root, path) for s in shard_entries(manifest) for path in (s["path"], s["index"])}
     stale = sorted(p for name in SPLITS for p in fs.find(posixpath.join(root, name))
                    if p not in named)
     if stale:

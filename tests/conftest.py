@@ -156,7 +156,7 @@ def build_multilabel_bands(workdir: Path, n: int = 1000, size: int = 12, classes
 
     import shards
     from shardio.format import decode_sample, read_tar, write_tar
-    from shards.writer import manifest_bytes
+    from shardio.manifest import manifest_bytes
 
     rng = np.random.default_rng(0)
     bright = rng.random((n, classes)) < 0.35
@@ -499,6 +499,20 @@ def hung_endpoint():
     for sock in accepted:
         sock.close()
     server.close()
+
+
+@pytest.fixture
+def slow_s3(s3_endpoint, monkeypatch):
+    """bench/scale.py's SlowProxy in front of the S3 endpoint (0.6 s per request, 50 MB/s per
+    connection); this process's S3 traffic, and its loader workers', goes through it."""
+    from bench.scale import SlowProxy
+    from shardio import storage
+
+    proxy = SlowProxy(int(s3_endpoint.rsplit(":", 1)[1]), latency_s=0.6, bytes_per_s=50e6)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    monkeypatch.setattr(storage, "_cache", {})  # filesystems made from now on use the proxy
+    yield proxy
+    proxy.close()
 
 
 LEASE_HOLDER = """

@@ -16,6 +16,7 @@ from PIL import Image
 
 import shards
 from imgcls.data import DataConfig, ShardReader
+from shardio import shard as shardfile
 from shardio.format import decode_image, read_tar
 from shardio.storage import filesystem, join, read_bytes
 from shards.cli import main as cli_main
@@ -50,6 +51,11 @@ def samples(dest: str, manifest: dict, split: str):
             yield shard, n, sample
 
 
+def shard_sizes(dest: str, shard: dict) -> list[list[int]]:
+    """[width, height] per sample of a shard, from its index (the manifest keeps per-shard totals)."""
+    return [list(wh) for wh in shardfile.read_index(join(dest, shard["path"])).records[["width", "height"]].tolist()]
+
+
 def image_ext(sample: dict) -> str:
     (ext,) = set(sample) & {"jpg", "png", "webp"}
     return ext
@@ -80,12 +86,12 @@ def test_photo_folder_builds_without_resize_and_keeps_every_files_bytes(photos, 
             assert sha256(sample[ext]) == sha256(source)  # byte for byte, no re-encode
             with Image.open(path) as image:
                 assert FORMATS[ext] == image.format
-                assert shard["sizes"][n] == [image.width, image.height]
+                assert shard_sizes(dest, shard)[n] == [image.width, image.height]
             seen.add(sample["__key__"])
     assert seen == set(files)
     assert {image_ext(s) for _, _, s in samples(dest, m, "train")} == {"jpg", "png", "webp"}
     assert shards.verify(dest, deep=True) == []
-    all_sizes = np.array([wh for s in m["splits"].values() for shard in s["shards"] for wh in shard["sizes"]])
+    all_sizes = np.array([wh for s in m["splits"].values() for shard in s["shards"] for wh in shard_sizes(dest, shard)])
     (low_w, low_h), (high_w, high_h) = all_sizes.min(axis=0), all_sizes.max(axis=0)
     assert 40 <= min(low_w, low_h) < 60 and 280 < max(high_w, high_h) <= 300  # what the folder holds
     assert (f"images: variable size (WxH {low_w}x{low_h} to {high_w}x{high_h}), 3 channel(s), "
@@ -118,7 +124,7 @@ def test_max_side_downscales_the_big_images_once_in_their_own_format(photos, s3_
         with Image.open(path) as original:
             assert image.format == original.format  # re-encoded in the file's own format
             w, h = original.size
-        assert shard["sizes"][n] == [image.width, image.height]
+        assert shard_sizes(dest, shard)[n] == [image.width, image.height]
         if max(w, h) <= 100:
             assert sample[ext] == open(path, "rb").read()
             kept += 1
@@ -316,7 +322,7 @@ def test_index_records_the_sizes_of_variable_size_jpegs_and_names_bad_samples(tm
     m = shards.index(str(folder), split="train", progress=False)
     assert m["image"]["height"] is None and m["classes"] == [str(c) for c in range(len(m["classes"]))]
     keys = [s["__key__"] for s in read_tar((folder / "shard-a.tar").read_bytes())]
-    assert m["splits"]["train"]["shards"][0]["sizes"] == [list(sizes[int(k[6:])]) for k in keys]
+    assert shard_sizes(str(folder), m["splits"]["train"]["shards"][0]) == [list(sizes[int(k[6:])]) for k in keys]
     assert shards.verify(str(folder), deep=True) == []
 
     import webdataset as wds

@@ -1,0 +1,206 @@
+"""The per-shard index and ranged reads: a worker fetches only its samples' bytes (on a real
+S3 endpoint), checks each against the index, names a corrupted one, and holds a bounded
+window of bytes whatever the shard size."""
+from __future__ import annotations
+
+import json
+import time
+import tracemalloc
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+import shards
+from imgcls.config import AugmentConfig, DataConfig
+from imgcls.data import DataError, ShardReader, start_epoch
+from shardio import manifest as manifests
+from shardio import shard as shardfile
+from shardio import storage
+from shardio.format import read_tar
+
+
+def npz(path, n, size, channels=3, seed=0):
+    rng = np.random.default_rng(seed)
+    np.savez(path, images=rng.integers(0, 256, (n, size, size, channels), dtype=np.uint8),
+             labels=np.arange(n) % 5)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def big_shards(tmp_path_factory, s3_endpoint):
+    """600 train samples of 16x16x3 in two shards of 300 on S3: ranks read parts of shards."""
+    import s3fs
+    s3fs.S3FileSystem(skip_instance_cache=True).mkdir("index-data")
+    source = npz(tmp_path_factory.mktemp("src") / "d.npz", n=858, size=16)
+    url = "s3://index-data/ds"
+    shards.build(source, url, shard_samples=300, split=(0.7, 0.2, 0.1), progress=False, workers=1)
+    return url
+
+
+def data_cfg(url, **kw):
+    return DataConfig(url=url, batch_size=kw.pop("batch_size", 10), num_workers=kw.pop("num_workers", 0),
+                      augment=kw.pop("augment", AugmentConfig(pad=1, flip=True)), **kw)
+
+
+def test_build_writes_an_index_beside_each_shard_and_a_manifest_without_per_sample_lists(big_shards):
+    m = manifests.read(big_shards)
+    entry = m["splits"]["train"]["shards"][0]
+    assert set(entry) == {"path", "count", "bytes", "sha256", "class_counts", "index"}
+    url = storage.join(big_shards, entry["path"])
+    data = storage.read_bytes(url)
+    index = shardfile.read_index(url)
+    assert index.matches(entry) and len(index.records) == entry["count"] == 300
+    for record, sample in zip(index.records, read_tar(data)):
+        span = data[record["offset"]:record["offset"] + record["size"]]
+        assert next(read_tar(span)) == sample  # a span alone reads back as its sample
+        assert record["label"] == int(sample["cls"]) and (record["width"], record["height"]) == (16, 16)
+    assert shards.verify(big_shards, deep=True) == []
+
+
+def fetched_bytes(monkeypatch) -> list[int]:
+    """Bytes of shard data every read in this process fetched (the real storage calls, counted)."""
+    counts = []
+    read_bytes, read_ranges = storage.read_bytes, storage.read_ranges
+
+    def count_whole(url, *args):
+        data = read_bytes(url, *args)
+        counts.append(len(data) if url.endswith(".tar") else 0)
+        return data
+
+    def count_ranges(url, ranges, *args):
+        blobs = read_ranges(url, ranges, *args)
+        counts.append(sum(len(b) for b in blobs))
+        return blobs
+
+    monkeypatch.setattr(storage, "read_bytes", count_whole)
+    monkeypatch.setattr(storage, "read_ranges", count_ranges)
+    return counts
+
+
+def test_ranks_fetch_only_their_samples_ranges_and_read_what_whole_shards_give(big_shards, monkeypatch):
+    """4 ranks share 2 shards of 300: each fetches ~its quarter of the bytes (ranged reads
+    through s3fs), and its batches are the whole-shard reads' batches, bit for bit."""
+    counts = fetched_bytes(monkeypatch)
+    for rank in range(4):
+        reader = ShardReader(data_cfg(big_shards), "train", rank=rank, world_size=4, seed=2)
+        counts.clear()
+        ranged = list(reader.loader())
+        index = shardfile.read_index(reader.shard_url(0))
+        used = sum(len(picks) for plan in reader.worker_plans(0, rank) for _, picks in plan)
+        assert used == len(ranged) * 10
+        assert sum(counts) <= (1 + shardfile.SLACK) * 1.05 * used * index.records["size"].mean()  # not 2 x 300
+        whole = list(ShardReader(data_cfg(big_shards, verify_checksums=False), "train", rank=rank, world_size=4,
+                                 seed=2).loader())
+        assert [b["key"] for b in ranged] == [b["key"] for b in whole]
+        assert all(torch.equal(a["image"], b["image"]) for a, b in zip(ranged, whole, strict=True))
+
+
+def corrupt_sample(url: str, shard_path: str, member: int) -> str:
+    """Flip a byte in the image of sample `member` of a shard, keeping the manifest and the
+    index as they were; returns the sample's key."""
+    shard_url = storage.join(url, shard_path)
+    data = bytearray(storage.read_bytes(shard_url))
+    record = shardfile.read_index(shard_url).records[member]
+    data[int(record["offset"] + record["size"]) - 600] ^= 0xFF  # in the image bytes: tar can't tell
+    storage.write_bytes_atomic(shard_url, bytes(data))
+    return list(read_tar(bytes(data)))[member]["__key__"]
+
+
+def test_a_corrupted_member_is_named_by_ranged_reads_and_whole_reads_check_sha256(tmp_path):
+    url = str(tmp_path / "ds")
+    shards.build(npz(tmp_path / "d.npz", n=200, size=16), url, shard_samples=70, split=(1, 0, 0),
+                 progress=False, workers=1)
+    reader = ShardReader(data_cfg(url), "train", rank=1, world_size=2, seed=5)
+    (shard_id, picks), *_ = reader.worker_plans(0, 1)[0]
+    member = int(reader._shard_permutation(0, shard_id)[picks][3])
+    path = reader.shards[shard_id]["path"]
+    key = corrupt_sample(url, path, member)
+    with pytest.raises(DataError) as error:
+        list(reader.loader())
+    assert str(error.value) == (f"shard {url}/{path} is corrupt: sample {key} differs from the shard's index "
+                                "(crc32)")
+    whole = ShardReader(data_cfg(url), "train", seed=5)  # one rank reads every shard whole
+    with pytest.raises(DataError, match=f"shard {url}/{path} is corrupt: its sha256 differs"):
+        list(whole.loader())
+
+
+def test_a_stale_index_is_a_warning_and_the_shard_is_read_whole(tmp_path, caplog):
+    url = str(tmp_path / "ds")
+    shards.build(npz(tmp_path / "d.npz", n=120, size=8), url, shard_samples=60, split=(1, 0, 0), progress=False)
+    before = [b["key"] for b in ShardReader(data_cfg(url), "train", rank=0, world_size=2).loader()]
+    m = json.loads((tmp_path / "ds" / "manifest.json").read_text())
+    entry = m["splits"]["train"]["shards"][0]
+    entry["sha256"] = "0" * 64  # as if the shard were rewritten (checksums off: it is read as it is)
+    (tmp_path / "ds" / "manifest.json").write_text(json.dumps(m))
+    reader = ShardReader(data_cfg(url), "train", rank=0, world_size=2)
+    with pytest.raises(DataError, match="sha256 differs"):
+        list(reader.loader())
+    assert f"{url}/train/train-000000.idx indexes another shard than the manifest's (stale)" in caplog.text
+    off = ShardReader(data_cfg(url, verify_checksums=False), "train", rank=0, world_size=2)
+    assert [b["key"] for b in off.loader()] == before
+
+
+def traced_peak(reader) -> int:
+    """Peak bytes Python allocated while the reader went through an epoch (in this process)."""
+    tracemalloc.start()
+    try:
+        for _ in reader.loader():
+            pass
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_workers_memory_follows_its_read_window_not_the_shard_size(tmp_path):
+    """Shards of 4.6 MB, windows of 0.25 MB: a worker holds two windows (the one it decodes,
+    the next one fetched meanwhile), so its peak stays within 2x those bytes in flight; reading
+    the shard whole holds all of it."""
+    url = str(tmp_path / "ds")
+    shards.build(npz(tmp_path / "d.npz", n=2000, size=32), url, shard_samples=1000, split=(1, 0, 0),
+                 progress=False)
+    shard_bytes = manifests.read(url)["splits"]["train"]["shards"][0]["bytes"]
+    assert shard_bytes > 4e6
+    window = 0.25e6
+    cfg = data_cfg(url, batch_size=16, read_window_mb=window / 1e6, augment=AugmentConfig(enabled=False))
+    in_flight = 2 * window
+    assert traced_peak(ShardReader(cfg, "train")) <= 2 * in_flight < shard_bytes / 4
+    assert traced_peak(ShardReader(replace(cfg, verify_checksums=False), "train")) > shard_bytes
+
+
+def first_batch_wait(batches, idle_s: float) -> float:
+    """Seconds the first batch took to come, after `idle_s` of other work (validation, a save)."""
+    time.sleep(idle_s)
+    start = time.perf_counter()
+    next(batches)
+    return time.perf_counter() - start
+
+
+def test_the_next_epochs_first_batch_is_read_while_the_last_epoch_ends(big_shards, slow_s3):
+    """Storage answers in 0.6 s. A loader started when the trainer asks for the first batch
+    waits for the index and the first window; one started at the end of the last epoch
+    (start_epoch, before validation) has its first batch ready."""
+    reader = ShardReader(data_cfg(big_shards, num_workers=1), "train", seed=1)
+    reader.set_epoch(1)
+    waited = first_batch_wait(iter(reader.loader()), idle_s=0)
+    reader.set_epoch(2)
+    early = start_epoch(reader)
+    ahead = first_batch_wait(early, idle_s=5)
+    assert ahead < 0.3 and waited > 1.2, (ahead, waited)
+    assert len(list(early)) == reader.batches_per_epoch() - 1
+
+
+def test_bench_scale_reports_each_figure_against_its_target(tmp_path):
+    """bench/scale.py at toy sizes: the same code as the README's full-size figures."""
+    from bench.scale import SMALL, checks, report, run
+
+    results = run(SMALL, tmp_path)
+    rows = {name: (value, met) for name, value, _, met in checks(results)}
+    assert len(rows) == 5 and "S3 (30 ms, 80 MB/s) / local images/s" in rows
+    assert rows["manifest memory per rank (MB)"][1] and rows["manifest read CPU per rank (s)"][1]
+    assert rows["worker peak / bytes in flight"][1]
+    amplification = results["amplification"]
+    assert all(a["now"] <= 1.15 for a in amplification) and amplification[-1]["before"] > 1
+    assert results["manifest"]["now"]["bytes"] < results["manifest"]["before"]["bytes"]
+    assert "| figure | value | target | met |" in report(results)
