@@ -138,7 +138,7 @@ def test_index_refuses_duplicate_members_naming_the_shard_and_key(tmp_path):
     root.mkdir()
     png = encoded("PNG")
     (root / "train-000000.tar").write_bytes(write_tar([("a", 0, "png", png), ("d", 0, "png", png), ("d", 1, "png", png)]))
-    with pytest.raises(ValueError, match=r"train-000000.tar: not a readable tar: sample d: member 'd.cls' appears twice"):
+    with pytest.raises(ValueError, match=r"train-000000.tar is not a readable tar: sample d: member 'd.cls' appears twice"):
         shards.index(str(root), progress=False, workers=1)
 
 
