@@ -431,6 +431,41 @@ def photos_report(args, methods, results, load, dali, count) -> str:
 
 
 # ---- timing and report ------------------------------------------------------------------
+OPS_SIZES = ((1, 28), (3, 224))  # Fashion-MNIST's and a photo's model input
+
+
+def ops_report(count: int, reps: int) -> str:
+    """--ops: microseconds per image of every data.augment.ops op, applied with p=1 to `count`
+    random uint8 images of each size, one worker thread (torch.set_num_threads(1)) as in a
+    loader worker; mean ± std over `reps` timed passes after one warm-up pass. The uniforms of
+    each image are drawn outside the timing."""
+    from imgcls.augment import U_OPS, photo_uniforms
+    from imgcls.augment_ops import OPS, Pipeline
+
+    torch.set_num_threads(1)
+    load = os.getloadavg()
+    rng = np.random.default_rng(0)
+    lines = [f"### data.augment.ops: µs per image, one thread ({count} images x {reps} passes; {machine_text(load)})",
+             "", "| op | " + " | ".join(f"{c}x{s}x{s}" for c, s in OPS_SIZES) + " |",
+             "|---|" + "---:|" * len(OPS_SIZES)]
+    images = {size: [torch.from_numpy(rng.integers(0, 256, (size[0], size[1], size[1]), dtype=np.uint8))
+                     for _ in range(count)] for size in OPS_SIZES}
+    uniforms = [photo_uniforms(0, 0, str(i))[U_OPS] for i in range(count)]
+    for name in OPS:
+        pipeline, cells = Pipeline([{"op": name, "p": 1}]), []
+        for size in OPS_SIZES:
+            times = []
+            for rep in range(reps + 1):
+                t0 = time.perf_counter()
+                for image, w in zip(images[size], uniforms):
+                    pipeline(image, w)
+                times.append((time.perf_counter() - t0) / count * 1e6)
+            mu, sd = mean_std(times[1:])
+            cells.append(f"{mu:,.0f} ± {sd:,.0f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def cpu_seconds() -> float:
     """CPU time of this process (all threads) and of its finished, waited-for children
     (DataLoader workers are joined at the end of each epoch; the moto server is not)."""
@@ -533,6 +568,8 @@ def parse_args(argv=None):
     p.add_argument("--only", default="abc", help="subset of methods to run, e.g. 'ac' (default abc)")
     p.add_argument("--photos", type=int, default=0,
                    help="N > 0: the 224 px table on N real-photo JPEG crops instead (e.g. 2000)")
+    p.add_argument("--ops", type=int, default=0,
+                   help="N > 0: the cost per image of each data.augment.ops op instead, over N images")
     args = p.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         p.error("--limit must be positive")
@@ -553,6 +590,9 @@ def main(argv=None) -> int:
     tmp_root = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-loader-", dir=tmp_root))
     workdir.mkdir(parents=True, exist_ok=True)
+    if args.ops:
+        print(ops_report(args.ops, args.reps))
+        return 0
     if args.photos:
         try:
             return photos_main(args, workdir)

@@ -44,7 +44,9 @@ U_ERASE = 27                 # erase or not
 U_ERASE_BOX = slice(28, 48)  # (area, log-ratio) per try
 U_ERASE_POS = slice(48, 50)
 U_ERASE_NOISE = 50           # seed of the noise
-PHOTO_UNIFORMS = 51
+OPS_UNIFORMS = 128           # data.augment.ops: 4 per op or one-of group (imgcls.augment_ops)
+U_OPS = slice(51, 51 + OPS_UNIFORMS)  # last: shake_128 is an XOF, so the earlier draws are unchanged
+PHOTO_UNIFORMS = 51 + OPS_UNIFORMS
 
 
 def photo_uniforms(seed: int, epoch: int, key: str) -> np.ndarray:
@@ -221,8 +223,13 @@ class PhotoTransform:
     parameters never depend on how the image was decoded."""
 
     def __init__(self, cfg: AugmentConfig, size: int, seed: int):
+        from imgcls.augment_ops import Pipeline
+
         self.cfg, self.size, self.seed = cfg, size, seed
         self.auto = _auto_augment(cfg.auto_augment)
+        self.ops = Pipeline(cfg.ops)
+        if self.ops.slots > OPS_UNIFORMS:
+            raise ValueError(f"data.augment.ops: {self.ops.slots // 4} ops and groups; at most {OPS_UNIFORMS // 4}")
 
     def uniforms(self, epoch: int, key: str) -> tuple[np.ndarray, np.ndarray]:
         return sample_uniforms(self.seed, epoch, key), photo_uniforms(self.seed, epoch, key)
@@ -245,13 +252,15 @@ class PhotoTransform:
 
     @property
     def has_extras(self) -> bool:
-        return self.auto is not None or self.cfg.erasing > 0
+        return self.auto is not None or self.cfg.erasing > 0 or bool(self.ops)
 
     def extras(self, x: torch.Tensor, v: np.ndarray) -> torch.Tensor:
-        """TrivialAugmentWide/RandAugment and random erasing of one CHW uint8 image (also
-        applied per sample to fixed-size batches after their pad crop)."""
+        """TrivialAugmentWide/RandAugment, data.augment.ops and random erasing of one CHW uint8
+        image (also applied per sample to fixed-size batches after their pad crop)."""
         if self.auto is not None:
             x = self.auto(x, v)
+        if self.ops:
+            x = self.ops(x, v[U_OPS])
         if self.cfg.erasing and v[U_ERASE] < self.cfg.erasing:
             x = _erase(x, v)
         return x

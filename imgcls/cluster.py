@@ -191,6 +191,33 @@ def snapshot_code(run_dir: Path) -> Path:
     return code
 
 
+def carry_user_code(code: Path, configs: list[Config]) -> dict[str, str]:
+    """model.name=package.module:factory: copy the top-level package (or module file) holding the
+    factory into the snapshot, beside imgcls, where the job imports it from (its working
+    directory). An installed one (site-packages) is named, not copied: the job's environment has
+    it. Returns {top-level module: where it was found}, for submit.json."""
+    import importlib.util
+    import shutil
+
+    origins = {}
+    for name in {c.model.name for c in configs if ":" in c.model.name}:
+        top = name.partition(":")[0].split(".")[0]
+        spec = importlib.util.find_spec(top)
+        if spec is None or not (spec.origin or spec.submodule_search_locations):
+            raise ConfigError(f"model.name={name!r}: cannot find module {top!r}; "
+                              "put the directory holding it on PYTHONPATH")
+        source = Path(spec.submodule_search_locations[0] if spec.submodule_search_locations else spec.origin)
+        origins[top] = str(source)
+        target = code / source.name
+        if {"site-packages", "dist-packages"} & set(source.parts) or target.exists():
+            continue
+        if source.is_dir():
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy2(source, target)
+    return origins
+
+
 @dataclass
 class Submission:
     job_ids: list
@@ -237,6 +264,7 @@ def submit(cfg: Config, opts: SlurmOptions, cluster: str = "slurm", sweeps: list
             task_dirs.append(task_dir)
 
     code = snapshot_code(run_dir)
+    user_code = carry_user_code(code, configs)
     executor = make_executor(cluster, run_dir / "logs", opts)
     cwd = Path.cwd()
     os.chdir(code)  # the job's working directory, so `python -m submitit...` imports the snapshot
@@ -250,7 +278,8 @@ def submit(cfg: Config, opts: SlurmOptions, cluster: str = "slurm", sweeps: list
     info_path = run_dir / "submit.json"
     previous = json.loads(info_path.read_text())["job_ids"] if info_path.exists() else []
     info = {"cluster": cluster, "slurm": vars(opts), "run_dirs": [str(d) for d in task_dirs],
-            "job_ids": previous + [str(j.job_id) for j in jobs], "code": str(code)}
+            "job_ids": previous + [str(j.job_id) for j in jobs], "code": str(code),
+            **({"user_code": user_code} if user_code else {})}
     write_private(info_path, json.dumps(info, indent=2))  # --setup lines may hold a token
     make_private(run_dir / "logs", SUBMITIT_INPUTS)  # the pickled config and the sbatch script
     return Submission(job_ids=[str(j.job_id) for j in jobs], run_dirs=[str(d) for d in task_dirs],

@@ -80,6 +80,13 @@ class AugmentConfig:
     """"" | trivial (TrivialAugmentWide) | randaugment (RandAugment, 2 ops at magnitude 9)."""
     erasing: float = 0.0
     """Random erasing: the probability that a rectangle of each image is replaced by noise."""
+    ops: list = field(default_factory=list)
+    """An ordered list of ops, each with a probability p (default 0.5), run per sample after the
+    above: {op: NAME, p: P, ...} with NAME one of hflip, vflip, rotate90, transpose, translate
+    (frac), zoom_out (scale: [1, s]), gauss_noise (std: [lo, hi] of the 0-255 range), gauss_blur
+    (sigma: [lo, hi] px), blur, median_blur, motion_blur (size: the largest odd kernel); or
+    {one_of: [ops...], p: P} applying one of them, weighted by their p (as A.OneOf). See
+    imgcls.augment_ops."""
 
 
 @dataclass
@@ -122,7 +129,11 @@ class ModelConfig:
 
     name: str = "simple_cnn"
     """simple_cnn | fast_cnn | tutorial_cnn | resnet18 | resnet34 | efficientnet_lite0 | any
-    torchvision classification model by name | timm/<name> (any timm model)."""
+    torchvision classification model by name | timm/<name> (any timm model) | package.module:factory
+    (your own: factory(num_classes, in_channels, **kwargs) returns the nn.Module; its module must be
+    importable, e.g. on PYTHONPATH, and jobs/submit.py copies it into the job's code snapshot)."""
+    kwargs: dict = field(default_factory=dict)
+    """model.name=package.module:factory only: keyword arguments for the factory, e.g. {depth: 3}."""
     small_stem: str | bool = "auto"
     """For inputs of 64 px and less: ResNets get a 3x3 stride-1 stem and no maxpool, MobileNetV3
     and EfficientNet-Lite0 a stride-1 stem. auto: on when the input side is at most 64 px."""
@@ -167,6 +178,13 @@ class OptimConfig:
     """SGD: Nesterov momentum."""
     weight_decay: float = 5e-4
     """Decoupled for AdamW, L2 for SGD."""
+    head_lr_mult: float = 1.0
+    """The head's (the last nn.Linear's) learning rate, as a multiple of lr: e.g. lr=0.01 with
+    head_lr_mult=10 fine-tunes the backbone at 1/10 of the head's rate."""
+    layer_decay: float = 1.0
+    """Layer-wise lr decay (timm's): the stage k steps below the head trains at lr x layer_decay**k
+    (stages: timm's group_matcher for timm/ models, else the top-level blocks; see
+    imgcls.models.parts). 1: off. Layers unfrozen later train at their own stage's rate."""
 
 
 @dataclass
@@ -195,13 +213,16 @@ class TrainConfig:
     """Micro-batches per optimizer step."""
     precision: str = "auto"
     """auto (bf16 on CPU, fp16 on CUDA) | bf16 | fp16 | fp32."""
+    loss: str = ""
+    """ce (softmax cross-entropy) | bce | focal | asl (sigmoid losses over one-hot or multi-hot
+    targets: binary cross-entropy, focal, asymmetric); empty: bce for a multi-label dataset, else ce."""
     label_smoothing: float = 0.0
-    """Cross-entropy label smoothing."""
+    """Label smoothing (sigmoid losses: targets t(1-e) + e/classes, as timm's BCE)."""
     focal_gamma: float = 0.0
-    """> 0: focal loss instead of cross-entropy."""
+    """> 0: focal loss instead of cross-entropy; train.loss=focal: the focusing gamma (0: 2)."""
     class_weights: str = ""
     """"" (every sample counts the same) | balanced (inverse-frequency weights from the manifest's
-    training class counts)."""
+    training class counts; sigmoid losses: each class's positives weighted by negatives/positives)."""
     mixup_alpha: float = 0.0
     """> 0: Mixup with Beta(alpha, alpha)."""
     cutmix_alpha: float = 0.0

@@ -41,7 +41,8 @@ from imgcls.augment import (InputTransform, PhotoTransform, crop_flip, draw_para
 from imgcls.config import DataConfig
 from imgcls.signals import keep_worker_through_cancel
 from shardio import storage
-from shardio.format import check_image_size, check_shard_paths, decode_label, decode_sample, read_tar
+from shardio.format import (MULTILABEL, check_image_size, check_shard_paths, decode_label, decode_labels,
+                            decode_sample, read_tar)
 
 log = logging.getLogger(__name__)
 
@@ -237,6 +238,7 @@ class ShardReader(IterableDataset):
             raise DataError(f"{cfg.url}: split {split!r} not in manifest (has {sorted(self.manifest['splits'])})")
         self.shards = self.manifest["splits"][split]["shards"]
         self.num_classes = len(self.manifest["classes"])
+        self.multilabel = self.manifest.get("task") == MULTILABEL  # labels: multi-hot [B, C] float rows
         self.batch_size = cfg.batch_size if train else cfg.eval_batch_size
         self.workers = max(1, cfg.num_workers)
         self.layout = Layout(world_size, self.workers, self.batch_size)
@@ -245,7 +247,9 @@ class ShardReader(IterableDataset):
         self.augmenting = train and cfg.augment.enabled
         try:
             self.photo = PhotoTransform(cfg.augment, self.size, seed)
-        except ValueError as e:  # an unknown auto_augment
+            if self.augmenting:
+                self.photo.ops.check_shape(*self._shape_hwc()[:2])
+        except ValueError as e:  # an unknown auto_augment or augmentation op
             raise DataError(str(e)) from None
         self.epoch, self.position = 0, 0
         self.consumed: list[dict] = []  # earlier layouts' segments of this epoch (elastic resume)
@@ -481,7 +485,7 @@ class ShardReader(IterableDataset):
         ValueError naming the key when it cannot be decoded."""
         key = sample.get("__key__", "?")
         try:
-            label = decode_label(sample.get("cls"), self.num_classes)
+            label = (decode_labels if self.multilabel else decode_label)(sample.get("cls"), self.num_classes)
             image = Encoded(sample, self.manifest)
             mode = "L" if self.manifest["image"]["channels"] == 1 else "RGB"
             if not (self.augmenting and self.crop == "resized"):
@@ -516,7 +520,8 @@ class ShardReader(IterableDataset):
             if not self.size and self.photo.has_extras:
                 images = torch.stack([self.photo.extras(x, self.photo.uniforms(epoch, key)[1])
                                       for x, key in zip(images, keys)])
-        labels = torch.tensor([lb for _, _, lb in samples], dtype=torch.int64)
+        labels = (multi_hot([lb for _, _, lb in samples], self.num_classes) if self.multilabel
+                  else torch.tensor([lb for _, _, lb in samples], dtype=torch.int64))
         # photos stay channels-last in memory (no transposing copy); the model takes either
         images = images.contiguous(memory_format=torch.channels_last) if self.size else images.contiguous()
         return {"image": images, "photometric": rest, "label": labels, "key": keys,
@@ -541,6 +546,13 @@ class ShardReader(IterableDataset):
         return DataLoader(self, batch_size=None, num_workers=workers, collate_fn=_as_is, pin_memory=pin_memory,
                           worker_init_fn=keep_worker_through_cancel,
                           prefetch_factor=4 if workers else None, persistent_workers=False)
+
+
+def multi_hot(labels: list[list[int]], num_classes: int) -> torch.Tensor:
+    rows = torch.zeros(len(labels), num_classes)
+    for row, indices in zip(rows, labels):
+        row[indices] = 1.0
+    return rows
 
 
 def first_images(cfg: DataConfig, split: str, count: int, manifest: dict | None = None) -> torch.Tensor:

@@ -45,6 +45,36 @@ def evaluate(model, reader: ShardReader, device, autocast, num_classes: int, *, 
             "macro_f1": confusion.macro_f1, "count": int(totals[2].item()), "confusion": confusion}
 
 
+def evaluate_multilabel(model, reader: ShardReader, device, autocast, num_classes: int, *, threshold: float = -1.0,
+                        loss: str = "bce", channels_last: bool = False) -> dict:
+    """A multi-label split: the sigmoid loss, mAP, subset accuracy ("acc": every label right), and
+    per-class precision/recall/F1 and micro/macro F1 at `threshold` (< 0: the one with the best
+    micro F1 on this split, as validation chooses it). Every rank reads its own shards; the PR
+    counts and sums are reduced at the end, as in `evaluate`."""
+    from imgcls.losses import multilabel_loss
+
+    model.eval()
+    curves = PrecisionRecallCurves(num_classes, device=device)
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, exact matches at 0.5, count
+    with torch.no_grad():
+        for batch in reader.loader(pin_memory=device.type == "cuda"):
+            images = reader.transform(batch, device, channels_last)
+            targets = batch["label"].to(device, non_blocking=True)
+            with autocast():
+                logits = model(images).float()
+            totals[0] += multilabel_loss(logits, targets, loss) * len(targets)
+            totals[1] += ((logits > 0) == targets.bool()).all(1).sum()
+            totals[2] += len(targets)
+            curves.update(torch.sigmoid(logits), targets)
+    model.train()
+    distributed.all_reduce(totals)
+    distributed.all_reduce(curves.counts)
+    count = max(1.0, totals[2].item())
+    chosen = curves.best_threshold() if threshold < 0 else threshold
+    return {"loss": totals[0].item() / count, "acc": totals[1].item() / count, "count": int(totals[2].item()),
+            **curves.multilabel_metrics(chosen), "curves": curves}
+
+
 def tta_logits(model, images: torch.Tensor, *, flip: bool = False, shift: bool = False) -> torch.Tensor:
     """fp32 logits averaged over test-time views, as airbench does: with `flip`, the image and
     its mirror image; with `shift`, half of that plus a quarter each for the same views of the
@@ -109,6 +139,10 @@ def evaluate_checkpoint(checkpoint_url: str, split: str = "test", data_url: str 
     model = model.to(dist.device)
     reader = ShardReader(cfg.data, split, rank=dist.rank, world_size=dist.world_size, train=False, manifest=manifest)
     precision = resolve_precision(cfg.train.precision, dist.device)
+    if reader.multilabel:
+        return _multilabel_checkpoint(model, reader, state, cfg, dist, autocast(dist.device, precision), classes,
+                                      out_dir or storage.join(run_dir_of(checkpoint_url), "eval", split),
+                                      {"checkpoint": checkpoint_url, "split": split, "weights": weights})
     curves = PrecisionRecallCurves(len(classes), device=dist.device)
     mine = sum(s["count"] for s in reader.shards[dist.rank::dist.world_size])  # rank 0's share is shown
     progress = TaskProgress(f"evaluate {split}", mine, every_s=cfg.track.progress_every_s) if dist.is_main else None
@@ -143,3 +177,35 @@ def evaluate_checkpoint(checkpoint_url: str, split: str = "test", data_url: str 
     del model
     distributed.shutdown()
     return result
+
+
+def _multilabel_checkpoint(model, reader, state, cfg, dist, autocast_ctx, classes, out: str, head: dict) -> dict:
+    """evaluate_checkpoint for a multi-label split: mAP, and per-class AP, precision, recall and F1
+    at the threshold chosen on val (saved in the checkpoint), macro and micro F1."""
+    from imgcls.losses import resolve_loss
+
+    threshold = state["progress"].get("threshold", 0.5)
+    metrics = evaluate_multilabel(model, reader, dist.device, autocast_ctx, len(classes), threshold=threshold,
+                                  loss=resolve_loss(cfg.train.loss, "multilabel"),
+                                  channels_last=cfg.model.channels_last)
+    curves = metrics.pop("curves")
+    per_class = {name: {"average_precision": ap, "precision": p, "recall": r, "f1": f, "support": n}
+                 for name, ap, p, r, f, n in zip(classes, curves.average_precision.tolist(),
+                                                 metrics.pop("precision_per_class"), metrics.pop("recall_per_class"),
+                                                 metrics.pop("f1_per_class"), curves.support.tolist())}
+    width = max(9, *(len(str(c)) for c in classes))
+    lines = [f"{'':>{width}}  {'avg prec':>9}  {'precision':>9}  {'recall':>9}  {'f1':>9}  {'support':>9}", ""]
+    lines += [f"{name:>{width}}  {v['average_precision']:>9.4f}  {v['precision']:>9.4f}  {v['recall']:>9.4f}  "
+              f"{v['f1']:>9.4f}  {v['support']:>9}" for name, v in per_class.items()]
+    lines += ["", f"mAP {metrics['map']:.4f}; at threshold {metrics['threshold']:.3f}: micro F1 "
+                  f"{metrics['micro_f1']:.4f}, macro F1 {metrics['macro_f1']:.4f}, exact match {metrics['acc']:.4f}"]
+    report = "\n".join(lines) + "\n"
+    result = {**head, "task": "multilabel", **metrics, "per_class": per_class}
+    if dist.is_main:
+        storage.write_bytes_atomic(storage.join(out, "report.txt"), report.encode())
+        storage.write_bytes_atomic(storage.join(out, "metrics.json"), json.dumps(result, indent=2).encode())
+        result.update(out_dir=out, report=report)
+    del model
+    distributed.shutdown()
+    return result
+

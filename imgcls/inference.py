@@ -137,6 +137,9 @@ def checkpoint_meta(state: dict, manifest: dict, weights: str, checkpoint_url: s
         "data_url": data_url,
         "input": "image",
         "output": "logits",
+        # multi-label: a sigmoid per class, and the probability threshold chosen on val
+        **({"task": "multilabel", "threshold": state["progress"].get("threshold", 0.5)}
+           if manifest.get("task") == "multilabel" else {}),
     }
 
 
@@ -371,6 +374,17 @@ def top_classes(probs: np.ndarray, classes: list[str], k: int) -> list[dict]:
     """The k most probable classes of one image, most probable first."""
     best = np.argsort(-probs)[:min(k, len(classes))]
     return [{"class": classes[i], "index": int(i), "prob": float(probs[i])} for i in best]
+
+
+def labels_over(probs: np.ndarray, classes: list[str], threshold: float) -> list[dict]:
+    """Multi-label: every class whose probability reaches `threshold`, most probable first."""
+    chosen = [i for i in np.argsort(-probs) if probs[i] >= threshold]
+    return [{"class": classes[i], "index": int(i), "prob": float(probs[i])} for i in chosen]
+
+
+def class_probs(logits: np.ndarray, meta: dict) -> np.ndarray:
+    """Softmax over the classes, or a sigmoid per class for a multi-label model."""
+    return 1 / (1 + np.exp(-logits)) if meta.get("task") == "multilabel" else softmax(logits)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

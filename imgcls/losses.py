@@ -29,6 +29,64 @@ def classification_loss(logits, labels, *, label_smoothing: float = 0.0, focal_g
     return loss.mean()
 
 
+MULTILABEL_LOSSES = ("bce", "focal", "asl")
+
+
+def multilabel_loss(logits, targets, kind: str = "bce", *, pos_weight: torch.Tensor | None = None,
+                    focal_gamma: float = 2.0, asl_gamma_neg: float = 4.0, asl_gamma_pos: float = 0.0,
+                    asl_clip: float = 0.05):
+    """Sigmoid losses over [B, C] multi-hot (or Mixup-soft) targets, summed over the classes and
+    averaged over the samples (timm's and ASL's convention, so a class's gradient does not shrink
+    with the number of classes):
+
+    - bce: binary cross-entropy, positives weighted by `pos_weight` [C] when given;
+    - focal: BCE x |target - p|^gamma (Lin et al. 2017, the sigmoid form);
+    - asl: asymmetric loss (Ridnik et al. 2021): negatives' probability shifted down by `clip`
+      and focused with gamma_neg, positives with gamma_pos; bce when all three are 0.
+    """
+    if kind not in MULTILABEL_LOSSES:
+        raise ValueError(f"train.loss={kind!r}: expected ce or one of {', '.join(MULTILABEL_LOSSES)}")
+    targets = targets.to(logits.dtype)
+    if kind == "bce":
+        loss = F.binary_cross_entropy_with_logits(logits, targets, pos_weight=pos_weight, reduction="none")
+    elif kind == "focal":
+        p = torch.sigmoid(logits)
+        loss = F.binary_cross_entropy_with_logits(logits, targets, pos_weight=pos_weight, reduction="none")
+        loss = loss * (targets - p).abs() ** focal_gamma
+    else:
+        p = torch.sigmoid(logits)
+        p_neg = (p - asl_clip).clamp(min=0) if asl_clip > 0 else p
+        log_pos = F.logsigmoid(logits)
+        log_neg = torch.log((1 - p_neg).clamp(min=1e-8))
+        positive = targets * log_pos * (1 - p) ** asl_gamma_pos
+        if pos_weight is not None:
+            positive = positive * pos_weight
+        loss = -(positive + (1 - targets) * log_neg * p_neg ** asl_gamma_neg)
+    return loss.sum(1).mean()
+
+
+def resolve_loss(name: str, task: str = "") -> str:
+    """train.loss: "" is bce for a multi-label dataset (manifest task "multilabel"), else ce."""
+    name = name or ("bce" if task == "multilabel" else "ce")
+    if name not in ("ce", *MULTILABEL_LOSSES):
+        raise ValueError(f"train.loss={name!r}: expected ce, {', '.join(MULTILABEL_LOSSES)} or empty")
+    if name == "ce" and task == "multilabel":
+        raise ValueError("train.loss=ce: a multi-label dataset needs a sigmoid loss (bce, focal or asl)")
+    return name
+
+
+def one_hot_targets(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """[B] class indices -> [B, C] one-hot floats; [B, C] multi-hot targets pass through."""
+    return labels.float() if labels.ndim == 2 else F.one_hot(labels, num_classes).float()
+
+
+def positive_weights(positive_counts: list[int], total: int) -> torch.Tensor:
+    """train.class_weights=balanced for sigmoid losses: each class's positives weighted by
+    negatives / positives (BCEWithLogitsLoss's pos_weight); 1 for a class without positives."""
+    pos = torch.tensor(positive_counts, dtype=torch.float32)
+    return torch.where(pos > 0, (total - pos) / pos.clamp(min=1), torch.ones(()))
+
+
 def balanced_class_weights(class_counts: list[int]) -> torch.Tensor:
     """Inverse-frequency weights n / (k * n_c) over the k classes with samples, as
     scikit-learn's "balanced": a sample's expected weight is 1, so the loss keeps its scale.

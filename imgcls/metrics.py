@@ -193,12 +193,15 @@ class PrecisionRecallCurves:
 
     @torch.no_grad()
     def update(self, probs: torch.Tensor, labels: torch.Tensor) -> None:
-        """Add a batch: probabilities [B, C] (softmax of the logits) and labels [B]."""
+        """Add a batch: probabilities [B, C] (softmax of the logits, or the sigmoid for multi-label)
+        and labels [B] (or multi-hot [B, C])."""
         n, bins = self.num_classes, self.bins
-        if probs.ndim != 2 or probs.shape != (labels.numel(), n):
-            raise ValueError(f"probabilities of shape {tuple(probs.shape)} for {labels.numel()} labels and {n} classes")
+        count = labels.shape[0] if labels.ndim == 2 else labels.numel()
+        if probs.ndim != 2 or probs.shape != (count, n):
+            raise ValueError(f"probabilities of shape {tuple(probs.shape)} for {count} labels and {n} classes")
         which = (probs.float().clamp(0, 1) * bins).long().clamp(max=bins - 1).T          # [C, B]
-        positive = torch.nn.functional.one_hot(labels.reshape(-1).long(), n).T            # [C, B]
+        positive = (labels.long().T if labels.ndim == 2
+                    else torch.nn.functional.one_hot(labels.reshape(-1).long(), n).T)   # [C, B]
         index = (torch.arange(n, device=probs.device)[:, None] * 2 + positive) * bins + which
         self.counts += torch.bincount(index.reshape(-1), minlength=n * 2 * bins).view(n, 2, bins).to(self.counts.device)
 
@@ -231,6 +234,32 @@ class PrecisionRecallCurves:
         """Mean AP over the classes that have samples."""
         present = self.support > 0
         return float(self.average_precision[present].mean()) if present.any() else 0.0
+
+    def at_thresholds(self) -> dict[str, torch.Tensor]:
+        """Multi-label predictions "class c when its probability >= t" at every bin edge t = b/bins:
+        per class [C, bins] precision, recall and F1, and [bins] micro and macro F1 (macro over
+        the classes with samples). Exact on the bin grid, from the counts alone."""
+        above = self.counts.detach().cpu().double().flip(2).cumsum(2).flip(2)  # [C, 2, b]: at or above bin b
+        tp, fp = above[:, 1], above[:, 0]
+        fn = self.counts[:, 1].sum(1, keepdim=True).cpu().double() - tp
+        precision, recall = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
+        f1 = _ratio(2 * tp, 2 * tp + fp + fn)
+        micro = _ratio(2 * tp.sum(0), (2 * tp + fp + fn).sum(0))
+        present = self.support > 0
+        macro = f1[present].mean(0) if present.any() else torch.zeros(self.bins, dtype=torch.float64)
+        return {"precision": precision, "recall": recall, "f1": f1, "micro_f1": micro, "macro_f1": macro}
+
+    def best_threshold(self) -> float:
+        """The bin edge with the highest micro F1 (chosen on val, then used on test and in predict)."""
+        return int(self.at_thresholds()["micro_f1"].argmax()) / self.bins
+
+    def multilabel_metrics(self, threshold: float) -> dict:
+        """mAP, and at `threshold`: per-class precision, recall and F1 (lists), micro and macro F1."""
+        b = min(int(round(threshold * self.bins)), self.bins - 1)
+        at = self.at_thresholds()
+        return {"map": self.mean_average_precision, "threshold": b / self.bins,
+                "micro_f1": float(at["micro_f1"][b]), "macro_f1": float(at["macro_f1"][b]),
+                **{f"{k}_per_class": at[k][:, b].tolist() for k in ("precision", "recall", "f1")}}
 
     def to_json(self, class_names: Sequence[str]) -> dict:
         ap = self.average_precision.tolist()

@@ -32,10 +32,12 @@ from imgcls import distributed
 from imgcls.checkpoint import Checkpointer, RNGState
 from imgcls.config import Config, ConfigError, redacted, save_config, to_dict
 from imgcls.data import DataError, ShardReader, first_images, input_size, read_manifest
-from imgcls.evaluation import evaluate, model_from_checkpoint
+from imgcls.evaluation import evaluate, evaluate_multilabel, model_from_checkpoint
 from imgcls.jsonl import parse_jsonl
-from imgcls.losses import balanced_class_weights, classification_loss, distillation_loss, mix_batch
+from imgcls.losses import (balanced_class_weights, classification_loss, distillation_loss, mix_batch, multilabel_loss,
+                           one_hot_targets, positive_weights, resolve_loss)
 from imgcls.models import apply_unfreeze_schedule, build_model
+from imgcls.models.parts import param_groups
 from imgcls.precision import autocast, precision_name, resolve_precision
 from imgcls.progress import ProgressReport
 from imgcls.signals import StopRequest, wants_requeue
@@ -47,7 +49,12 @@ NO_STEP = 2 ** 52  # "no non-finite step yet" in the flags' max-reduce (exact in
 
 
 class NonFiniteLoss(FloatingPointError):
-    pass
+    """A non-finite loss or gradient norm, named with its step."""
+
+
+def first_bad(first: torch.Tensor, value: torch.Tensor, step: int) -> torch.Tensor:
+    """`first` (NO_STEP until then), or `step` if `value` is the first non-finite one: on the device."""
+    return torch.where(~torch.isfinite(value) & (first == NO_STEP), float(step), first)
 
 
 @dataclass
@@ -58,6 +65,7 @@ class Progress:
     best: float = -math.inf      # best value of train.early_stop_metric
     bad_epochs: int = 0          # epochs since `best` improved
     restarts: int = 0            # how many times this run was resumed
+    threshold: float = 0.5       # multi-label: the probability threshold chosen on val (micro F1)
 
     def state_dict(self) -> dict:
         return dict(vars(self))
@@ -97,11 +105,13 @@ def effective_lr(cfg: Config, world_size: int) -> float:
 
 
 def make_optimizer(cfg: Config, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
-    # No weight decay on biases and norm weights (1-d tensors), as is standard.
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    """No weight decay on biases and norm weights (1-d tensors), as is standard; a learning rate
+    per part with optim.head_lr_mult and optim.layer_decay (imgcls.models.parts)."""
+    o = cfg.optim
+    if not (o.head_lr_mult > 0 and 0 < o.layer_decay <= 1):
+        raise ConfigError(f"optim.head_lr_mult={o.head_lr_mult} must be > 0 and optim.layer_decay={o.layer_decay} "
+                          "in (0, 1]")
+    groups = param_groups(model, lr, o.weight_decay, o.head_lr_mult, o.layer_decay)
     if cfg.optim.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov)
     if cfg.optim.name == "adamw":
@@ -174,13 +184,19 @@ class Objective:
     forward_backward divides by their number: once per optimizer step, on every rank alike."""
 
     def __init__(self, train_cfg=None, distill_cfg=None, teacher: torch.nn.Module | None = None, penalty=None,
-                 class_weights: torch.Tensor | None = None):
+                 class_weights: torch.Tensor | None = None, loss: str = "ce"):
         self.label_smoothing = train_cfg.label_smoothing if train_cfg else 0.0
         self.focal_gamma = train_cfg.focal_gamma if train_cfg else 0.0
+        self.loss = loss or "ce"  # resolve_loss's: ce, or a sigmoid loss over one-hot/multi-hot targets
         self.distill, self.teacher, self.penalty, self.class_weights = distill_cfg, teacher, penalty, class_weights
 
     def __call__(self, logits, images, labels, mix: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
         def loss_for(targets):
+            if self.loss != "ce":
+                smooth, classes = self.label_smoothing, logits.shape[1]
+                targets = one_hot_targets(targets, classes) * (1 - smooth) + smooth / classes
+                return multilabel_loss(logits, targets, self.loss, pos_weight=self.class_weights,
+                                       focal_gamma=self.focal_gamma or 2.0)
             return classification_loss(logits, targets, label_smoothing=self.label_smoothing,
                                        focal_gamma=self.focal_gamma, class_weights=self.class_weights)
         loss = loss_for(labels)
@@ -218,9 +234,28 @@ def forward_backward(ddp, micro_batches: list[MicroBatch], scaler, autocast_ctx,
             scaler.scale(loss / accum).backward()
         _maybe_inject_fault()
         totals[0] += loss.detach().double() * len(batch.labels)
-        totals[1] += (logits.argmax(1) == batch.labels).sum()
+        totals[1] += correct(logits, batch.labels)
         totals[2] += len(batch.labels)
     return totals
+
+
+def clip_grad_norm(model: torch.nn.Module, optimizer, scaler, max_norm: float) -> torch.Tensor:
+    """The gradient's total norm before clipping, on the device (no host sync), and clipping to
+    `max_norm` when > 0. Under fp16 the gradients are unscaled first, so the norm and the clip
+    threshold are in true units (the scaler then skips a step whose gradient overflowed)."""
+    scaler.unscale_(optimizer)  # nothing to do without fp16
+    params = [p for p in model.parameters() if p.grad is not None]
+    if max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return torch.nn.utils.get_total_norm([p.grad for p in params])
+
+
+def correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Top-1 hits; for multi-hot labels [B, C], samples whose every label is right at logit 0
+    (probability 0.5): subset accuracy."""
+    if labels.ndim == 2:
+        return ((logits > 0) == labels.bool()).all(1).sum()
+    return (logits.argmax(1) == labels).sum()
 
 
 # Tests only: IMGCLS_CRASH_AFTER_BATCHES=N hard-kills rank 0 after the backward of its N-th
@@ -300,6 +335,10 @@ class Trainer:
             self.model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.train.ema_decay),
             use_buffers=True) if cfg.train.ema_decay > 0 else None)
         self.ewc = self._ewc()
+        try:
+            self.loss_kind = resolve_loss(cfg.train.loss, self.manifest.get("task", ""))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         self.progress = Progress()
         name = cfg.run.name or cfg.run.dir.rstrip("/").rsplit("/", 1)[-1]
         self.tracker = Tracker(cfg.track, cfg.run.dir, enabled=dist.is_main, name=name)
@@ -310,12 +349,13 @@ class Trainer:
             **({"ewc": self.ewc} if self.ewc is not None else {})}
         self.objective = Objective(cfg.train, cfg.distill, self._teacher(),
                                    penalty=self.ewc.penalty if self.ewc is not None else None,
-                                   class_weights=self._class_weights())
+                                   class_weights=self._class_weights(), loss=self.loss_kind)
         self.compiled = torch.compile(self.model) if cfg.train.compile else self.model
         self.report: ProgressReport | None = None
         self.plots = None  # rank 0's EpochPlots
         self.window = self._new_window()
         self.first_bad_step = torch.full((), NO_STEP, dtype=torch.float64, device=device)
+        self.first_bad_grad = torch.full((), NO_STEP, dtype=torch.float64, device=device)  # the gradient norm's
 
     # ---- wiring ------------------------------------------------------------------------
     def _set_backend_flags(self) -> None:
@@ -344,7 +384,12 @@ class Trainer:
             raise ConfigError(f"train.class_weights={kind!r}: expected balanced or empty")
         if not kind:
             return None
-        weights = balanced_class_weights(self.manifest["splits"]["train"]["class_counts"])
+        train = self.manifest["splits"]["train"]
+        if self.loss_kind != "ce":  # sigmoid losses: a positive weight per class
+            weights = positive_weights(train["class_counts"], train["count"])
+            log.info("positive weights (balanced): %s", " ".join(f"{w:.3g}" for w in weights.tolist()))
+            return weights.to(self.device)
+        weights = balanced_class_weights(train["class_counts"])
         log.info("class weights (balanced): %s", " ".join(f"{w:.3g}" for w in weights.tolist()))
         return weights.to(self.device)
 
@@ -497,9 +542,7 @@ class Trainer:
         """One optimizer step; its loss and accuracy are added to the window on the device."""
         totals = forward_backward(ddp, micro_batches, self.scaler, self.autocast, objective=self.objective,
                                   distributed_enabled=self.dist.enabled)
-        if self.cfg.train.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        norm = clip_grad_norm(self.model, self.optimizer, self.scaler, self.cfg.train.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -509,10 +552,22 @@ class Trainer:
         self.progress.step += 1
         self.reader.position += len(micro_batches)
         self.window["totals"] += totals
-        bad = ~torch.isfinite(totals[0]) & (self.first_bad_step == NO_STEP)
-        self.first_bad_step = torch.where(bad, float(self.progress.step), self.first_bad_step)
+        self.first_bad_step = first_bad(self.first_bad_step, totals[0], self.progress.step)
+        self.note_gradient(norm.to(self.device, torch.float64))
         if self.report is not None:
             self.report.update(self.progress.step)
+
+    def note_gradient(self, norm: torch.Tensor) -> None:
+        """The step's gradient norm, on the device: the window's sum, count and max of the finite
+        ones, and the step of the first non-finite one (under fp16 an overflow is the scaler's
+        business: it skips that step and lowers its scale)."""
+        if not self.scaler.is_enabled():
+            self.first_bad_grad = first_bad(self.first_bad_grad, norm, self.progress.step)
+        finite = torch.isfinite(norm)
+        counted = torch.where(finite, norm, 0.0)
+        grad = self.window["grad"]
+        grad[:2] += torch.stack([counted, finite.double()])
+        grad[2] = torch.maximum(grad[2], counted)
 
     def sync_due(self, step: int, last: bool) -> bool:
         train = self.cfg.train
@@ -520,13 +575,14 @@ class Trainer:
 
     def sync_flags(self) -> bool:
         """All ranks agree on the flags, and the host reads them: raises NonFiniteLoss naming
-        the first step whose loss was not finite; returns whether a stop was requested."""
-        flags = torch.stack([NO_STEP - self.first_bad_step,
+        the first step whose loss (or gradient norm) was not finite; returns whether a stop was
+        requested."""
+        flags = torch.stack([NO_STEP - self.first_bad_step, NO_STEP - self.first_bad_grad,
                              torch.tensor(float(self.stop.requested), dtype=torch.float64, device=self.device)])
-        no_bad_step, stop = distributed.all_reduce(flags, "max").tolist()  # max: the earliest bad step
-        if no_bad_step > 0:
-            step = int(NO_STEP - no_bad_step)
-            raise NonFiniteLoss(f"non-finite loss at step {step} (epoch {self.reader.epoch}); "
+        no_bad_step, no_bad_grad, stop = distributed.all_reduce(flags, "max").tolist()  # max: the earliest bad step
+        if max(no_bad_step, no_bad_grad) > 0:  # the earlier of the two: a bad gradient makes a bad loss next
+            what, no_bad = max(("loss", no_bad_step), ("gradient norm", no_bad_grad), key=lambda bad: bad[1])
+            raise NonFiniteLoss(f"non-finite {what} at step {int(NO_STEP - no_bad)} (epoch {self.reader.epoch}); "
                                 "the last good checkpoint is kept")
         return stop > 0
 
@@ -534,8 +590,11 @@ class Trainer:
         window = self.window
         loss_sum, correct, seen = distributed.all_reduce(window["totals"].clone()).tolist()
         record = {"epoch": epoch, "train/loss": loss_sum / seen, "train/acc": correct / seen,
-                  "train/lr": self.scheduler.get_last_lr()[0],
+                  "train/lr": self.lr * self.scheduler.factor(),  # optim.lr's, scaled (parts: x their multiplier)
                   "train/images_per_s": seen / (time.perf_counter() - window["time"])}
+        grad_sum, grad_count, grad_max = window["grad"].tolist()
+        if grad_count:  # before clipping; the same on every rank (the gradients are all-reduced)
+            record.update({"train/grad_norm": grad_sum / grad_count, "train/grad_norm_max": grad_max})
         if window["bad"]:
             record["data/bad_samples"] = window["bad"]
         self.tracker.log(self.progress.step, record)
@@ -545,6 +604,7 @@ class Trainer:
 
     def _new_window(self) -> dict:
         return {"totals": torch.zeros(3, dtype=torch.float64, device=self.device), "bad": 0,
+                "grad": torch.zeros(3, dtype=torch.float64, device=self.device),
                 "time": time.perf_counter()}
 
     def end_epoch(self) -> str:
@@ -576,6 +636,8 @@ class Trainer:
         if self.val_reader is None:
             return None
         val_model = self.ema.module if self.ema is not None else self.model
+        if self.val_reader.multilabel:
+            return self.validate_multilabel(val_model, epoch)
         metrics = evaluate(val_model, self.val_reader, self.device, self.autocast, len(self.classes),
                            channels_last=self.cfg.model.channels_last)
         confusion = metrics.pop("confusion")
@@ -588,6 +650,19 @@ class Trainer:
             if time.monotonic() - self.last_plot >= self.cfg.track.plots_every_s:
                 self.plots.submit(self.tracker.records, confusion.matrix, self.progress.step)
                 self.unplotted, self.last_plot = None, time.monotonic()
+        return record
+
+    def validate_multilabel(self, val_model, epoch: int) -> dict:
+        """mAP and F1 on val; the threshold with the best micro F1 is kept for evaluate and predict."""
+        metrics = evaluate_multilabel(val_model, self.val_reader, self.device, self.autocast, len(self.classes),
+                                      loss=self.loss_kind, channels_last=self.cfg.model.channels_last)
+        metrics.pop("curves")
+        self.progress.threshold = metrics["threshold"]
+        record = {"epoch": epoch, **{f"val/{k}": v for k, v in metrics.items() if not k.endswith("_per_class")}}
+        self.tracker.log(self.progress.step, record)
+        if self.dist.is_main:
+            log.info("epoch %d: val mAP %.4f micro F1 %.4f at threshold %.3f, exact match %.4f (%d samples)", epoch,
+                     metrics["map"], metrics["micro_f1"], metrics["threshold"], metrics["acc"], metrics["count"])
         return record
 
     def save(self, best: bool = False) -> None:

@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> dict:
     if is_main:
         print(result["report"])
         summary = {k: result[k] for k in ("split", "weights", "views", "count", "acc", "balanced_acc", "top5", "macro_f1",
-                                            "mean_average_precision", "loss", "out_dir")}
+                                            "mean_average_precision", "map", "micro_f1", "threshold", "loss", "out_dir")
+                   if k in result}  # a multi-label split has no views, balanced accuracy or top-5
         print(json.dumps(summary))
     return result
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from imgcls.cli import entry_point
 from jobs import ArgumentParser
-from imgcls.inference import MODEL_FORMATS, load_image, open_model, softmax, top_classes
+from imgcls.inference import MODEL_FORMATS, class_probs, labels_over, load_image, open_model, top_classes
 
 
 def image_files(args: list[str]) -> list[str]:
@@ -59,9 +59,11 @@ def predict(model, files: list[str], top_k: int, batch_size: int) -> list[dict]:
                 results.append({"path": path, "error": str(e)})
         if not inputs:
             continue
-        probs = softmax(model(np.stack(inputs)))
+        probs = class_probs(model(np.stack(inputs)), model.meta)
         for record, p in zip(batch, probs):
             record["top_k"] = top_classes(p, classes, top_k)
+            if model.meta.get("task") == "multilabel":  # every label over the threshold chosen on val
+                record["labels"] = labels_over(p, classes, model.meta["threshold"])
             print(record["path"] + "\t" + ", ".join(f"{t['class']} ({t['prob']:.3f})" for t in record["top_k"]))
             results.append(record)
     order = {path: i for i, path in enumerate(files)}

@@ -117,6 +117,23 @@ def decode_label(data: bytes | None, num_classes: int) -> int:
     return label
 
 
+MULTILABEL = "multilabel"  # manifest["task"] of a dataset whose samples carry several labels
+
+
+def decode_labels(data: bytes | None, num_classes: int) -> list[int]:
+    """A multi-label sample's .cls: class indices separated by spaces or commas ("3 7"); empty
+    for a sample with no label."""
+    if data is None:
+        raise ValueError("no .cls member")
+    try:
+        labels = [int(part) for part in data.decode("ascii").replace(",", " ").split()]
+    except (UnicodeDecodeError, ValueError):
+        raise ValueError(f"labels {data[:40]!r} are not decimal numbers") from None
+    if any(not 0 <= label < num_classes for label in labels):
+        raise ValueError(f"labels {labels} are not all in [0, {num_classes})")
+    return labels
+
+
 def image_member(sample: dict, encoding: str) -> str:
     """The extension of a sample's image member; ValueError when it has none (or, for the
     "source" encoding, more than one image member)."""
@@ -133,7 +150,7 @@ def image_member(sample: dict, encoding: str) -> str:
     return found[0]
 
 
-def decode_sample(sample: dict, manifest: dict) -> tuple[np.ndarray, int]:
+def decode_sample(sample: dict, manifest: dict) -> tuple[np.ndarray, int | list[int]]:
     """(HWC uint8 image, label) of a webdataset-style sample: {"__key__", "cls", "raw"|"png"|"jpg"|...}.
 
     ValueError naming the sample's key when it is bad.
@@ -142,7 +159,8 @@ def decode_sample(sample: dict, manifest: dict) -> tuple[np.ndarray, int]:
     try:
         ext = image_member(sample, manifest["encoding"])
         image = decode_image(sample[ext], ext, manifest["image"])
-        label = decode_label(sample.get("cls"), len(manifest["classes"]))
+        label = (decode_labels if manifest.get("task") == MULTILABEL else decode_label)(
+            sample.get("cls"), len(manifest["classes"]))
     except ValueError as e:
         raise ValueError(f"sample {key}: {e}") from None
     return image, label

@@ -145,6 +145,51 @@ def build_bands_dataset(workdir: Path, n: int = 2000, size: int = 12, label_nois
     return str(dest)
 
 
+def build_multilabel_bands(workdir: Path, n: int = 1000, size: int = 12, classes: int = 4) -> str:
+    """A multi-label bands dataset: each image has a random subset of its `classes` horizontal
+    bands bright (none, one or several), labelled with all of them. Written by shards.build, then
+    each sample's .cls rewritten to its class indices ("0 2") and the manifest marked task
+    multilabel, with the per-class positive counts as class_counts."""
+    import hashlib
+
+    import numpy as np
+
+    import shards
+    from shardio.format import decode_sample, read_tar, write_tar
+    from shards.writer import manifest_bytes
+
+    rng = np.random.default_rng(0)
+    bright = rng.random((n, classes)) < 0.35
+    images = rng.integers(0, 100, (n, size, size, 1), dtype=np.uint8)
+    band = size // classes
+    for c in range(classes):
+        images[bright[:, c], c * band:(c + 1) * band] += 120
+    src = workdir / "multilabel.npz"
+    workdir.mkdir(parents=True, exist_ok=True)
+    np.savez(src, images=images, labels=bright.argmax(1))
+    dest = workdir / "multilabel"
+    shards.build(str(src), str(dest), shard_samples=100, progress=False, workers=1)
+    manifest = json.loads((dest / "manifest.json").read_text())
+    for split in manifest["splits"].values():
+        positives = np.zeros(classes, dtype=np.int64)
+        for entry in split["shards"]:
+            path = dest / entry["path"]
+            rewritten = []
+            for sample in read_tar(path.read_bytes()):
+                image, _ = decode_sample(sample, manifest)
+                labels = [c for c in range(classes) if image[c * band:(c + 1) * band].mean() > 110]
+                positives[labels] += 1
+                ext = next(k for k in sample if k not in ("__key__", "cls"))
+                rewritten.append((sample["__key__"], " ".join(map(str, labels)), ext, sample[ext]))
+            data = write_tar(rewritten)
+            path.write_bytes(data)
+            entry.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+        split["class_counts"] = positives.tolist()
+    manifest["task"] = "multilabel"
+    (dest / "manifest.json").write_bytes(manifest_bytes(manifest))
+    return str(dest)
+
+
 PHOTO_FORMATS = (("JPEG", "jpg", 0.45), ("PNG", "png", 0.45), ("WEBP", "webp", 0.10))
 
 

@@ -80,7 +80,8 @@ def load_pretrained(model: nn.Module, path: str) -> LoadReport:
     """
     state = _read_state_dict(path)
     own = model.state_dict()
-    stem_key = first_conv(model)[0] + ".weight"
+    convs = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    stem_key = convs[0] + ".weight" if convs else None  # a network of one's own may have no conv
     loadable, adapted, skipped = {}, [], []
     for key, tensor in state.items():
         if key not in own:

@@ -3,6 +3,7 @@ with the small-image stem, pretrained weights and freezing applied."""
 from __future__ import annotations
 
 import difflib
+import importlib
 import logging
 from functools import cache, partial
 
@@ -111,8 +112,11 @@ def build_model(cfg, num_classes: int, in_channels: int, input_size: int = 0) ->
     weights loaded and the backbone frozen as configured. `cfg` is any object with
     ModelConfig's attributes."""
     _check(cfg)
-    model = _create(cfg, num_classes, in_channels)
-    _adapt(model, cfg, in_channels, small_stem(cfg, input_size))
+    if is_user_model(cfg.name):  # the user's factory owns its architecture: no stem or dropout changes
+        model = _user_model(cfg, num_classes, in_channels)
+    else:
+        model = _create(cfg, num_classes, in_channels)
+        _adapt(model, cfg, in_channels, small_stem(cfg, input_size))
     if cfg.pretrained:
         load_pretrained(model, efficientnet_lite0_weights() if cfg.pretrained == "imagenet"
                         else cfg.pretrained)
@@ -139,6 +143,10 @@ def small_stem(cfg, input_size: int) -> bool:
 def _check(cfg) -> None:
     """Reject option combinations that would otherwise be silently ignored."""
     ours = ("simple_cnn", *_RESNET_LAYERS)
+    if cfg.kwargs and not is_user_model(cfg.name):
+        raise ValueError(f"model.kwargs applies to model.name=package.module:factory only, not {cfg.name!r}")
+    if is_user_model(cfg.name) and cfg.dropout > 0:
+        raise ValueError(f"model.dropout is for the zoo's networks; pass it to {cfg.name} through model.kwargs")
     if cfg.norm not in NORMS:
         raise ValueError(f"unknown norm {cfg.norm!r}; choose one of {', '.join(NORMS)}")
     if cfg.norm != "batch" and cfg.name not in ours:
@@ -183,6 +191,41 @@ def _create(cfg, num_classes: int, in_channels: int) -> nn.Module:
     hint = f"did you mean {', '.join(close)}? " if close else ""
     raise UnknownModel(f"model.name: unknown model {name!r}; {hint}Known: {', '.join(OWN_MODELS)}, "
                      f"torchvision.models.list_models(module=torchvision.models) and timm/<name>")
+
+
+# ---------------------------------------------------------------------------------------
+# The user's own network: model.name=package.module:factory
+
+
+def is_user_model(name: str) -> bool:
+    return ":" in name
+
+
+def user_factory(name: str):
+    """The callable that model.name=package.module:factory names, imported from the user's code
+    (a module on sys.path: PYTHONPATH, an installed package, or the job's code snapshot)."""
+    module_name, _, attr = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise UnknownModel(f"model.name={name!r}: cannot import {module_name!r} ({e}); put the directory "
+                           f"holding it on PYTHONPATH") from None
+    factory = module
+    for part in attr.split("."):
+        factory = getattr(factory, part, None)
+    if not callable(factory):
+        raise UnknownModel(f"model.name={name!r}: {module_name} has no callable {attr!r}")
+    return factory
+
+
+def _user_model(cfg, num_classes: int, in_channels: int) -> nn.Module:
+    factory = user_factory(cfg.name)
+    model = factory(num_classes, in_channels, **cfg.kwargs)
+    module = importlib.import_module(cfg.name.partition(":")[0])
+    log.info("%s comes from %s", cfg.name, getattr(module, "__file__", "?"))
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model.name={cfg.name!r} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
 
 
 TIMM_PREFIX = "timm/"
