@@ -1,0 +1,68 @@
+"""Multi-label data as users bring it: a label file whose `labels` column names several classes
+per image (the multi-label Kaggle layout), built into shards with `task: multilabel`, indexed,
+and run end to end from moto S3 under 2-process torchrun (shards/sources.py, shards/writer.py)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+import shards
+from shardio.format import read_tar
+from shardio.storage import join, read_bytes
+from tests.conftest import write_image_tree, write_multilabel_label_file
+from tests.test_shards_layouts import one_line_error
+
+NAMES = ("top", "upper", "lower", "bottom")  # write_multilabel_label_file's bands, top down
+
+
+def cls_by_key(dest: str, manifest: dict) -> dict[str, str]:
+    return {s["__key__"]: s["cls"].decode() for split in manifest["splits"].values() for shard in split["shards"]
+            for s in read_tar(read_bytes(join(dest, shard["path"])))}
+
+
+def test_a_labels_column_builds_multi_label_shards(tmp_path):
+    label_file = write_multilabel_label_file(tmp_path / "kaggle", n=60)
+    m = shards.build(label_file, tmp_path / "out", shard_samples=16, progress=False, workers=1)
+    assert m["task"] == "multilabel" and m["classes"] == sorted(NAMES)
+    rows = dict(line.split(",") for line in label_file.read_text().splitlines()[1:])
+    stored = cls_by_key(str(tmp_path / "out"), m)
+    assert len(stored) == 60
+    positives = np.zeros(4, np.int64)
+    for path, names in rows.items():  # every .cls lists the row's classes, as indices
+        indices = [int(i) for i in stored[path[:-4]].split()]
+        assert [m["classes"][i] for i in indices] == sorted(names.split(), key=m["classes"].index)
+        positives[indices] += 1
+    assert (positives > 0).all() and any(" " in c for c in stored.values()) and "" in stored.values()
+    assert np.sum([m["splits"][s]["class_counts"] for s in m["splits"]], axis=0).tolist() == positives.tolist()
+    assert sum(e["class_counts"][0] for e in m["splits"]["train"]["shards"]) == m["splits"]["train"]["class_counts"][0]
+    info = json.loads((tmp_path / "out" / "_info.json").read_text())
+    assert info["splits"]["train"]["num_samples"] == m["splits"]["train"]["count"]
+
+    # the reader yields the multi-hot rows the .cls files name
+    from imgcls.config import DataConfig
+    from imgcls.data import ShardReader
+
+    batch = next(iter(ShardReader(DataConfig(url=str(tmp_path / "out"), batch_size=8, num_workers=0),
+                                  "train").loader()))
+    assert batch["label"].shape == (8, 4) and set(batch["label"].unique().tolist()) <= {0.0, 1.0}
+
+
+def test_bad_multi_label_rows_are_reported_together(tmp_path, capsys):
+    write_image_tree(tmp_path / "d", {"img": 3})
+    (tmp_path / "d" / "labels.csv").write_text(
+        "path,labels,split\n"
+        "img/000.png,cat dog,train\n"
+        "img/001.jpg,,train\n"           # no label: fine for multi-label
+        "img/002.png,cat cat,train\n"
+        "img/missing.png,dog,val\n"
+        "img/001.jpg,emu yak,holdout\n")
+    line = one_line_error(capsys, ["build", "--labels", str(tmp_path / "d" / "labels.csv"),
+                                   str(tmp_path / "out"), "--no-progress"])
+    assert "3 bad row(s) in" in line
+    for why in ("line 4: img/002.png: a class is listed twice in 'cat cat'", "line 5: img/missing.png: no such file",
+                "line 6: img/001.jpg: split 'holdout' is not train"):
+        assert why in line
+    (tmp_path / "d" / "both.csv").write_text("path,label,labels\nimg/000.png,cat,cat dog\n")
+    assert "needs one 'label' column (one class per image) or one 'labels' column" in \
+        one_line_error(capsys, ["build", "--labels", str(tmp_path / "d" / "both.csv"), str(tmp_path / "out")])
