@@ -2,14 +2,17 @@
 TarWriter, ...), so that imgcls reads them unchanged (docs/design.md).
 
 Each sample must hold KEY.cls (a decimal label) and one image member KEY.jpg, .jpeg, .png or
-.webp; other members (.json, .txt) are ignored. The manifest's encoding is "source". Every
-image is decoded once, to check it and to count the pixel statistics; any bad sample fails
-the index, all named in one error.
+.webp; other members (.json, .txt) are ignored. When any .cls holds several class indices
+("0 2", "3,7"; then an empty one is a sample without a label), the dataset is multi-label
+(`task: multilabel`, design.md). The manifest's encoding is "source". Every image is decoded
+once, to check it and to count the pixel statistics; any bad sample fails the index, all
+named in one error. Like build, index writes timm's _info.json beside the manifest.
 """
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import posixpath
 import re
@@ -18,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image
 
-from shardio.format import (DECODED_FORMATS, FORMAT, check_image_size, check_key, decode_label,
+from shardio.format import (DECODED_FORMATS, FORMAT, MULTILABEL, check_image_size, check_key, decode_labels,
                             image_member, read_tar)
 from shardio.storage import filesystem, join, read_bytes, write_bytes_atomic
 
@@ -26,7 +29,7 @@ from . import __version__
 from .progress import Progress
 from .sources import GRAY_MODES
 from .stats import channel_stats, histogram
-from .writer import SPLITS, class_warnings, default_workers, manifest_bytes
+from .writer import SPLITS, TIMM_INFO, class_counts, class_warnings, default_workers, manifest_bytes, timm_info
 
 log = logging.getLogger("shards")
 # train-000000.tar, val_3.tar, validation-00.tar, test.tar: the split starts the file name.
@@ -59,9 +62,11 @@ def index(url: str, split: str | None = None, classes: list[str] | None = None,
             bar.update(1)
     _check_samples(url, shards)
 
-    num_classes = len(classes) if classes else 1 + max(max(s["labels"], default=-1) for s in shards)
+    multilabel = any(len(labels) > 1 for s in shards for labels in s["labels"])
+    num_classes = len(classes) if classes else \
+        1 + max((max(labels, default=-1) for s in shards for labels in s["labels"]), default=-1)
     classes = list(classes) if classes else [str(c) for c in range(num_classes)]
-    _check_labels(url, shards, num_classes)
+    _check_labels(url, shards, num_classes, multilabel)
     sizes = {tuple(wh) for s in shards for wh in s["sizes"]}
     channels = 1 if all(s["gray"] for s in shards) else 3
     fixed = next(iter(sizes)) if len(sizes) == 1 else None
@@ -70,7 +75,7 @@ def index(url: str, split: str | None = None, classes: list[str] | None = None,
 
     splits = {}
     for name in SPLITS:
-        entries = [_entry(s, num_classes, fixed is None) for s in shards if splits_of[s["path"]] == name]
+        entries = [_entry(s, num_classes, fixed is None, multilabel) for s in shards if splits_of[s["path"]] == name]
         counts = np.sum([e["class_counts"] for e in entries], axis=0, dtype=np.int64) if entries \
             else np.zeros(num_classes, np.int64)
         splits[name] = {"count": sum(e["count"] for e in entries), "class_counts": counts.tolist(),
@@ -82,14 +87,16 @@ def index(url: str, split: str | None = None, classes: list[str] | None = None,
         "source": {"kind": "webdataset", "path": url, "name": posixpath.basename(root)},
         "seed": None,
         "classes": classes,
+        **({"task": MULTILABEL} if multilabel else {}),
         "encoding": "source",
         "image": image,
         "stats": _stats([s for s in shards if splits_of[s["path"]] == stats_split], channels, stats_split),
         "splits": splits,
-        "warnings": class_warnings(classes, splits),
+        "warnings": class_warnings(classes, splits, multilabel),
     }
     for message in manifest["warnings"]:
         log.warning("%s", message)
+    write_bytes_atomic(join(url, TIMM_INFO), json.dumps(timm_info(manifest), indent=2).encode() + b"\n")
     write_bytes_atomic(join(url, "manifest.json"), manifest_bytes(manifest))
     log.info("%s: indexed %d samples in %d shards", url, sum(s["count"] for s in splits.values()), len(paths))
     return manifest
@@ -104,7 +111,8 @@ def split_of(path: str, url: str) -> str:
 
 
 def describe_shard(url: str, path: str, count_pixels: bool) -> dict:
-    """A shard's bytes, sha256, keys, labels and [width, height] per sample; its bad samples;
+    """A shard's bytes, sha256, keys, labels (a list of class indices) and [width, height] per
+    sample; its bad samples;
     with `count_pixels`, the pixel histograms of its gray ("L") and colour ("RGB") images."""
     shard_url = join(url, path)
     data = read_bytes(shard_url)
@@ -119,7 +127,7 @@ def describe_shard(url: str, path: str, count_pixels: bool) -> dict:
         try:
             check_key(key)
             ext = image_member(sample, "source")
-            label = decode_label(sample.get("cls"), NO_LABEL)
+            label = decode_labels(sample.get("cls"), NO_LABEL)
             width, height, mode, counts = _decode(sample[ext], count_pixels)
         except ValueError as e:
             bad.append(f"{shard_url}: sample {key}: {e}")
@@ -169,17 +177,26 @@ def _check_samples(url: str, shards: list[dict]) -> None:
         raise ValueError(f"{len(problems)} bad sample(s) under {url}: {'; '.join(problems[:10])}{more}")
 
 
-def _check_labels(url: str, shards: list[dict], num_classes: int) -> None:
+def _check_labels(url: str, shards: list[dict], num_classes: int, multilabel: bool) -> None:
     for shard in shards:
-        for key, label in zip(shard["keys"], shard["labels"]):
+        for key, labels in zip(shard["keys"], shard["labels"]):
+            if not labels and not multilabel:
+                raise ValueError(f"{join(url, shard['path'])}: sample {key}: empty .cls (no label)")
+            label = max(labels, default=0)
             if label >= num_classes:
                 raise ValueError(f"{join(url, shard['path'])}: sample {key}: label {label} is outside "
                                  f"the {num_classes} classes given")
 
 
-def _entry(shard: dict, num_classes: int, with_sizes: bool) -> dict:
+def _entry(shard: dict, num_classes: int, with_sizes: bool, multilabel: bool) -> dict:
+    if multilabel:
+        labels = np.zeros((len(shard["keys"]), num_classes), bool)
+        for row, indices in zip(labels, shard["labels"]):
+            row[indices] = True
+    else:
+        labels = np.array([indices[0] for indices in shard["labels"]], np.int64)
     entry = {"path": shard["path"], "count": len(shard["keys"]), "bytes": shard["bytes"],
-             "sha256": shard["sha256"], "class_counts": np.bincount(shard["labels"], minlength=num_classes).tolist()}
+             "sha256": shard["sha256"], "class_counts": class_counts(labels, num_classes)}
     if with_sizes:
         entry["sizes"] = shard["sizes"]
     return entry

@@ -23,7 +23,7 @@ def cls_by_key(dest: str, manifest: dict) -> dict[str, str]:
 
 def test_a_labels_column_builds_multi_label_shards(tmp_path):
     label_file = write_multilabel_label_file(tmp_path / "kaggle", n=60)
-    m = shards.build(label_file, tmp_path / "out", shard_samples=16, progress=False, workers=1)
+    m = shards.build(label_file, tmp_path / "out", shard_samples=16, encoding="source", progress=False, workers=1)
     assert m["task"] == "multilabel" and m["classes"] == sorted(NAMES)
     rows = dict(line.split(",") for line in label_file.read_text().splitlines()[1:])
     stored = cls_by_key(str(tmp_path / "out"), m)
@@ -38,6 +38,15 @@ def test_a_labels_column_builds_multi_label_shards(tmp_path):
     assert sum(e["class_counts"][0] for e in m["splits"]["train"]["shards"]) == m["splits"]["train"]["class_counts"][0]
     info = json.loads((tmp_path / "out" / "_info.json").read_text())
     assert info["splits"]["train"]["num_samples"] == m["splits"]["train"]["count"]
+    assert shards.verify(str(tmp_path / "out"), deep=True) == []  # the counts are of positives
+
+    # `shards index` of the same tars tells they are multi-label and agrees with the build,
+    # and writes timm's _info.json as build does
+    (tmp_path / "out" / "manifest.json").unlink()
+    (tmp_path / "out" / "_info.json").unlink()
+    indexed = shards.index(str(tmp_path / "out"), classes=m["classes"], progress=False)
+    assert indexed["task"] == "multilabel" and indexed["splits"] == m["splits"]
+    assert json.loads((tmp_path / "out" / "_info.json").read_text())["splits"] == info["splits"]
 
     # the reader yields the multi-hot rows the .cls files name
     from imgcls.config import DataConfig
