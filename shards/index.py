@@ -21,8 +21,16 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image
 
-from shardio.format import (DECODED_FORMATS, FORMAT, MULTILABEL, check_image_size, check_key, decode_labels,
-                            image_member, read_tar)
+from shardio.format import (
+    DECODED_FORMATS,
+    FORMAT,
+    MULTILABEL,
+    check_image_size,
+    check_key,
+    decode_labels,
+    image_member,
+    read_tar,
+)
 from shardio.storage import filesystem, join, read_bytes, write_bytes_atomic
 
 from . import __version__

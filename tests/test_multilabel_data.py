@@ -89,8 +89,17 @@ def test_multi_label_from_a_label_file_on_s3_end_to_end(s3_bucket, tmp_path):
     from imgcls import checkpoint
     from imgcls.export import read_samples
     from imgcls.inference import read_meta
-    from tests.conftest import (SMALL, assert_same_weights, final_state, job, last_json, save_test_images, serving,
-                                torchrun, upload_folder)
+    from tests.conftest import (
+        SMALL,
+        assert_same_weights,
+        final_state,
+        job,
+        last_json,
+        save_test_images,
+        serving,
+        torchrun,
+        upload_folder,
+    )
 
     write_multilabel_label_file(tmp_path / "kaggle", n=600)
     upload_folder(tmp_path / "kaggle", f"{s3_bucket}/kaggle")
