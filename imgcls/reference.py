@@ -13,12 +13,16 @@ ABNORMAL_QUANTILE of the validation scores, so that share of the validation set 
 rest is flagged. On the bands model and Fashion-MNIST images it separated better than the
 energy score -logsumexp(logits) (Liu et al. 2020): AUROC 0.97 against 0.80, 90% flagged
 against 60% (tests/test_serve.py).
+
+A multi-label model (multi-hot `labels`) is described by its sigmoid probabilities: its top-1
+answer counts as correct when it is one of the sample's labels (as serve's feedback, which
+names one true class, counts it); the abnormal score stays the same function of the logits.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from imgcls.inference import softmax
+from imgcls.inference import class_probs, softmax
 
 CONFIDENCE_BINS = 10
 LOW_CONFIDENCE = 0.5        # a top-1 probability below this is a low-confidence answer
@@ -40,8 +44,10 @@ def distribution_distance(p, q) -> float:
 
 
 def reference_behaviour(logits: np.ndarray, labels: np.ndarray, split: str) -> dict:
-    """What a model does on `split` (its logits and the true labels), for meta["reference"]."""
-    probs = softmax(logits.astype(np.float64))
+    """What a model does on `split` (its logits and the true labels: [N], or multi-hot [N, C]),
+    for meta["reference"]."""
+    multilabel = labels.ndim == 2
+    probs = class_probs(logits.astype(np.float64), {"task": "multilabel" if multilabel else ""})
     top1 = probs.max(axis=1)
     predicted = probs.argmax(axis=1)
     scores = abnormality(logits)
@@ -50,7 +56,8 @@ def reference_behaviour(logits: np.ndarray, labels: np.ndarray, split: str) -> d
     return {
         "split": split,
         "samples": len(labels),
-        "accuracy": float((predicted == labels).mean()),
+        "accuracy": float((labels[np.arange(len(labels)), predicted] > 0 if multilabel
+                           else predicted == labels).mean()),
         "class_distribution": class_distribution(predicted, logits.shape[1]).tolist(),
         "confidence": {"edges": edges.tolist(), "shares": (np.histogram(top1, edges)[0] / len(top1)).tolist(),
                        "mean": float(top1.mean()), "low": LOW_CONFIDENCE,

@@ -2,9 +2,11 @@
 TarWriter, ...), so that imgcls reads them unchanged (docs/design.md).
 
 Each sample must hold KEY.cls (a decimal label) and one image member KEY.jpg, .jpeg, .png or
-.webp; other members (.json, .txt) are ignored. The manifest's encoding is "source". Every
-image is decoded once, to check it and to count the pixel statistics; any bad sample fails
-the index, all named in one error.
+.webp; other members (.json, .txt) are ignored. When any .cls holds several class indices
+("0 2", "3,7"; then an empty one is a sample without a label), the dataset is multi-label
+(`task: multilabel`, design.md). The manifest's encoding is "source". Every image is decoded
+once, to check it and to count the pixel statistics; any bad sample fails the index, all
+named in one error. Like build, index writes timm's _info.json beside the manifest.
 """
 from __future__ import annotations
 
@@ -16,16 +18,15 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from shardio import shard as shardfile
-from shardio.format import FORMAT, check_key, decode_label, image_member
+from shardio.format import FORMAT, MULTILABEL, check_key, decode_labels, image_member
 from shardio.image import Encoded
-from shardio.manifest import write as write_manifest
 from shardio.storage import filesystem, join
 
 from . import __version__
 from .progress import Progress
 from .sources import GRAY_MODES
 from .stats import channel_stats, histogram
-from .writer import SPLITS, class_warnings, default_workers
+from .writer import SPLITS, class_counts, class_warnings, default_workers, write_dataset_files
 
 log = logging.getLogger("shards")
 # train-000000.tar, val_3.tar, validation-00.tar, test.tar: the split starts the file name.
@@ -60,11 +61,13 @@ def index(url: str, split: str | None = None, classes: list[str] | None = None,
     with ThreadPoolExecutor(workers or default_workers()) as pool:  # beside each shard
         list(pool.map(lambda s: shardfile.write_index(join(url, s["path"]), s["index"]), shards))
 
+    multilabel = any(len(labels) > 1 for s in shards for labels in s["labels"])
     if not classes:
         _check_label_range(url, shards)
-    num_classes = len(classes) if classes else 1 + max(max(s["labels"], default=-1) for s in shards)
+    num_classes = len(classes) if classes else \
+        1 + max((max(labels, default=-1) for s in shards for labels in s["labels"]), default=-1)
     classes = list(classes) if classes else [str(c) for c in range(num_classes)]
-    _check_labels(url, shards, num_classes)
+    _check_labels(url, shards, num_classes, multilabel)
     sizes = {tuple(wh) for s in shards for wh in s["sizes"]}
     channels = 1 if all(s["gray"] for s in shards) else 3
     fixed = next(iter(sizes)) if len(sizes) == 1 else None
@@ -73,7 +76,7 @@ def index(url: str, split: str | None = None, classes: list[str] | None = None,
 
     splits = {}
     for name in SPLITS:
-        entries = [_entry(s, num_classes) for s in shards if splits_of[s["path"]] == name]
+        entries = [_entry(s, num_classes, multilabel) for s in shards if splits_of[s["path"]] == name]
         counts = np.sum([e["class_counts"] for e in entries], axis=0, dtype=np.int64) if entries \
             else np.zeros(num_classes, np.int64)
         splits[name] = {"count": sum(e["count"] for e in entries), "class_counts": counts.tolist(),
@@ -85,15 +88,16 @@ def index(url: str, split: str | None = None, classes: list[str] | None = None,
         "source": {"kind": "webdataset", "path": url, "name": posixpath.basename(root)},
         "seed": None,
         "classes": classes,
+        **({"task": MULTILABEL} if multilabel else {}),
         "encoding": "source",
         "image": image,
         "stats": _stats([s for s in shards if splits_of[s["path"]] == stats_split], channels, stats_split),
         "splits": splits,
-        "warnings": class_warnings(classes, splits),
+        "warnings": class_warnings(classes, splits, multilabel),
     }
     for message in manifest["warnings"]:
         log.warning("%s", message)
-    write_manifest(url, manifest)
+    write_dataset_files(url, manifest)
     log.info("%s: indexed %d samples in %d shards", url, sum(s["count"] for s in splits.values()), len(paths))
     return manifest
 
@@ -107,9 +111,9 @@ def split_of(path: str, url: str) -> str:
 
 
 def describe_shard(url: str, path: str, count_pixels: bool) -> dict:
-    """A shard's bytes, sha256, keys, labels and [width, height] per sample, its index (None
-    when it has bad samples) and its bad samples; with `count_pixels`, the pixel histograms of
-    its gray ("L") and colour ("RGB") images."""
+    """A shard's bytes, sha256, keys, labels (a list of class indices) and [width, height] per
+    sample; its bad samples;
+    with `count_pixels`, the pixel histograms of its gray ("L") and colour ("RGB") images."""
     shard_url = join(url, path)
     data = shardfile.fetch(shard_url)
     keys, labels, sizes, bad = [], [], [], []
@@ -120,7 +124,7 @@ def describe_shard(url: str, path: str, count_pixels: bool) -> dict:
         try:
             check_key(key)
             ext = image_member(sample, "source")
-            label = decode_label(sample.get("cls"), NO_LABEL)
+            label = decode_labels(sample.get("cls"), NO_LABEL)
             width, height, mode, counts = _decode(sample[ext], count_pixels)
         except ValueError as e:
             bad.append(f"{shard_url}: sample {key}: {e}")
@@ -134,7 +138,8 @@ def describe_shard(url: str, path: str, count_pixels: bool) -> dict:
                 hist_l += counts
             else:
                 hist_rgb += counts
-    index = None if bad else shardfile.Index.of(data, labels, sizes)
+    firsts = [indices[0] if indices else -1 for indices in labels]  # the index holds one label per sample
+    index = None if bad else shardfile.Index.of(data, firsts, sizes)
     return {"path": path, "bytes": len(data), "sha256": index.shard_sha256 if index else None, "keys": keys,
             "labels": labels, "sizes": sizes, "index": index, "bad": bad, "gray": gray, "hist_l": hist_l,
             "hist_rgb": hist_rgb}
@@ -174,28 +179,36 @@ def _check_samples(url: str, shards: list[dict]) -> None:
 def _check_label_range(url: str, shards: list[dict]) -> None:
     """Without --classes the largest label sets the class count: refuse one that makes it far
     wider than the labels in use (a stray `.cls` of 400000 would make a 400,000-way head)."""
-    used = {label for s in shards for label in s["labels"]}
+    used = {label for s in shards for labels in s["labels"] for label in labels}
     if not used or max(used) < 2 * len(used) + 10:
         return
-    shard, key, label = max(((s, k, lb) for s in shards for k, lb in zip(s["keys"], s["labels"])),
+    shard, key, label = max(((s, k, max(lb)) for s in shards for k, lb in zip(s["keys"], s["labels"]) if lb),
                             key=lambda t: t[2])
     raise ValueError(f"{join(url, shard['path'])}: sample {key}: label {label} would make {label + 1} classes, "
                      f"but only {len(used)} distinct labels are used; fix the label, or pass --classes "
                      "to name every class if the range is meant")
 
 
-def _check_labels(url: str, shards: list[dict], num_classes: int) -> None:
+def _check_labels(url: str, shards: list[dict], num_classes: int, multilabel: bool) -> None:
     for shard in shards:
-        for key, label in zip(shard["keys"], shard["labels"]):
+        for key, labels in zip(shard["keys"], shard["labels"]):
+            if not labels and not multilabel:
+                raise ValueError(f"{join(url, shard['path'])}: sample {key}: empty .cls (no label)")
+            label = max(labels, default=0)
             if label >= num_classes:
                 raise ValueError(f"{join(url, shard['path'])}: sample {key}: label {label} is outside "
                                  f"the {num_classes} classes given")
 
 
-def _entry(shard: dict, num_classes: int) -> dict:
+def _entry(shard: dict, num_classes: int, multilabel: bool) -> dict:
+    if multilabel:
+        labels = np.zeros((len(shard["keys"]), num_classes), bool)
+        for row, indices in zip(labels, shard["labels"]):
+            row[indices] = True
+    else:
+        labels = np.array([indices[0] for indices in shard["labels"]], np.int64)
     return {"path": shard["path"], "count": len(shard["keys"]), "bytes": shard["bytes"], "sha256": shard["sha256"],
-            "class_counts": np.bincount(shard["labels"], minlength=num_classes).tolist(),
-            "index": shardfile.index_path(shard["path"])}
+            "class_counts": class_counts(labels, num_classes), "index": shardfile.index_path(shard["path"])}
 
 
 def _stats(shards: list[dict], channels: int, split: str) -> dict:

@@ -8,7 +8,9 @@ Image files are found in one of three layouts (`layout`):
 - class folders: ROOT/<class>/**/*.jpg;
 - pre-split folders: ROOT/train/<class>/..., ROOT/val/<class>/... (or valid/, validation/),
   ROOT/test/<class>/...: the folders are the splits, and the classes are train's;
-- a label file (.csv or .tsv): `path,label[,split]` rows, paths relative to the file.
+- a label file (.csv or .tsv): `path,label[,split]` rows, paths relative to the file; a
+  header naming a `labels` column instead makes a multi-label source (class names separated
+  by spaces, as multi-label Kaggle sets ship).
 Files on an object store are listed once and read directly, in parallel, with the storage
 retries (shardio.storage); nothing is staged to local disk.
 """
@@ -55,7 +57,7 @@ class Source:
     name: str
     classes: list[str]
     keys: list[str]
-    labels: np.ndarray            # int64, one per sample
+    labels: np.ndarray            # int64, one per sample; multi-label: bool (N, classes) multi-hot
     is_test: np.ndarray | None    # bool per sample, when the source has its own test split
     sizes: np.ndarray             # (N, 2) height, width per sample
     channels: int                 # 1 when every image is grayscale, else 3
@@ -65,6 +67,10 @@ class Source:
     bad: dict[int, str] = field(default_factory=dict)  # sample -> why its header is unreadable
     splits: np.ndarray | None = None  # int8 per sample, an index into SPLITS: the source's own split
     layout: str | None = None  # image files: "class folders", "pre-split folders" or "label file"
+
+    @property
+    def multilabel(self) -> bool:
+        return self.labels.ndim == 2
 
     def describe(self) -> dict:
         layout = {"layout": self.layout} if self.layout else {}
@@ -399,10 +405,12 @@ LABEL_COLUMNS = ("path", "label", "split")  # the columns, in this order when th
 
 def _label_file(url: str, workers: int | Executor) -> Source:
     """`path,label[,split]` rows (a header naming the columns is optional); paths relative to
-    the file. Every bad row (missing file, empty label, unknown split, ...) is reported at once."""
+    the file. A header's `labels` column (instead of `label`) holds several class names per row,
+    separated by spaces (empty: no label): a multi-label source. Every bad row (missing file,
+    empty label, unknown split, ...) is reported at once."""
     fs, path = filesystem(url)
     base = posixpath.dirname(path)
-    rows, bad = _label_rows(url, read_file(url).decode("utf-8-sig"))
+    rows, bad, multilabel = _label_rows(url, read_file(url).decode("utf-8-sig"))
     resolved = {}
     for row in rows:
         if "://" in row["path"]:
@@ -433,23 +441,30 @@ def _label_file(url: str, workers: int | Executor) -> Source:
         raise ValueError(f"{url}: no rows")
     rows = list(resolved.values())
     has_splits = rows[0]["split"] is not None
-    names = {r["labels"][0] for r in rows if not has_splits or r["split"] == "train"}
+    names = {n for r in rows if not has_splits or r["split"] == "train" for n in r["labels"]}
     classes = sorted(names, key=lambda n: (0, int(n), n) if n.isdigit() else (1, 0, n))
     if has_splits:
-        unknown = sorted({r["labels"][0] for r in rows} - names)
+        unknown = sorted({n for r in rows for n in r["labels"]} - names)
         if unknown:
             raise ValueError(f"{url}: classes only in val or test rows, not in train: "
                              f"{', '.join(unknown[:10])}; the classes come from the train rows")
     index = {name: c for c, name in enumerate(classes)}
+    if multilabel:
+        labels = np.zeros((len(rows), len(classes)), bool)
+        for i, r in enumerate(rows):
+            labels[i, [index[n] for n in r["labels"]]] = True
+    else:
+        labels = np.array([index[r["labels"][0]] for r in rows], np.int64)
     files = [_url(fs, "", full) for full in resolved]
     splits = [SPLITS.index(r["split"]) for r in rows] if has_splits else None
-    return _image_files("labels", url, classes, files, [index[r["labels"][0]] for r in rows],
-                        splits, "label file", [], workers, key_root=_url(fs, base, ""))
+    return _image_files("labels", url, classes, files, labels, splits, "label file", [], workers,
+                        key_root=_url(fs, base, ""))
 
 
-def _label_rows(url: str, text: str) -> tuple[list[dict], list[str]]:
-    """({line, path, labels, split} per row, bad rows). `labels` is a tuple: one class name
-    now; a multi-label column would give several."""
+def _label_rows(url: str, text: str) -> tuple[list[dict], list[str], bool]:
+    """({line, path, labels, split} per row, bad rows, whether the file is multi-label).
+    `labels` is a tuple of class names: one, or for a `labels` column any number (duplicates
+    are bad rows)."""
     delimiter = "\t" if url.lower().endswith(".tsv") else ","
     table = [(n, cells) for n, cells in enumerate(csv.reader(io.StringIO(text), delimiter=delimiter), 1)
              if any(c.strip() for c in cells)]
@@ -457,35 +472,36 @@ def _label_rows(url: str, text: str) -> tuple[list[dict], list[str]]:
         raise ValueError(f"{url}: empty label file; expected path{delimiter}label rows")
     header = [c.strip().lower() for c in table[0][1]]
     if "path" in header:
-        if "labels" in header and "label" not in header:
-            raise ValueError(f"{url}: a 'labels' column (several classes per image) is not supported "
-                             "yet; give one class per row in a 'label' column")
-        if "label" not in header:
-            raise ValueError(f"{url}: the header {','.join(header)} has no 'label' column")
+        if ("label" in header) == ("labels" in header):
+            raise ValueError(f"{url}: the header {','.join(header)} needs one 'label' column (one class "
+                             "per image) or one 'labels' column (class names separated by spaces)")
         columns, table = header, table[1:]
     elif len(header) in (2, 3):
         columns = list(LABEL_COLUMNS[:len(header)])
     else:
         raise ValueError(f"{url}: line {table[0][0]} has {len(header)} columns; expected "
                          f"path{delimiter}label[{delimiter}split] rows, or a header naming the columns")
+    multilabel = "labels" in columns
     rows, bad = [], []
     for line, cells in table:
         if len(cells) != len(columns):
             bad.append(f"line {line}: {len(cells)} columns, expected {len(columns)} ({','.join(columns)})")
             continue
         row = dict(zip(columns, (c.strip() for c in cells)))
-        labels = (row["label"],) if row.get("label") else ()
+        labels = tuple(row["labels"].split()) if multilabel else (row["label"],) if row["label"] else ()
         split = SPLIT_NAMES.get(row["split"].lower()) if "split" in row else None
         if not row.get("path"):
             bad.append(f"line {line}: empty path")
-        elif not labels:
+        elif not labels and not multilabel:
             bad.append(f"line {line}: {row['path']}: empty label")
+        elif len(set(labels)) < len(labels):
+            bad.append(f"line {line}: {row['path']}: a class is listed twice in {row['labels']!r}")
         elif "split" in row and split is None:
             bad.append(f"line {line}: {row['path']}: split {row['split']!r} is not train, val, "
                        "valid, validation or test")
         else:
             rows.append({"line": line, "path": row["path"], "labels": labels, "split": split})
-    return rows, bad
+    return rows, bad, multilabel
 
 
 def _existing(fs, paths: list[str]) -> set[str]:
@@ -500,7 +516,7 @@ def _existing(fs, paths: list[str]) -> set[str]:
 
 # ---- the source of image files, whatever the layout ----
 
-def _image_files(kind: str, root: str, classes: list[str], files: list[str], labels: list[int],
+def _image_files(kind: str, root: str, classes: list[str], files: list[str], labels: list[int] | np.ndarray,
                  splits: list[int] | None, layout: str, skipped: list[str], workers: int | Executor,
                  key_root: str | None = None) -> Source:
     if not files:
@@ -530,7 +546,8 @@ def _image_files(kind: str, root: str, classes: list[str], files: list[str], lab
     name = posixpath.basename(root.rstrip("/"))
     if kind == "labels":
         name = posixpath.basename(posixpath.dirname(root)) or posixpath.splitext(name)[0]
-    return Source(kind, root, name, classes, keys, np.array(labels, np.int64), None,
+    labels = labels if isinstance(labels, np.ndarray) else np.array(labels, np.int64)
+    return Source(kind, root, name, classes, keys, labels, None,
                   sizes, channels, load=lambda i: open_image(files[i]), files=files,
                   formats=[fmt for _, _, _, fmt in headers], bad=bad,
                   splits=None if splits is None else np.array(splits, np.int8), layout=layout)

@@ -6,7 +6,8 @@ keeps its splits unless `split` is given. Otherwise the split is stratified per 
 source has its own test split (IDX t10k, CIFAR test, npz x_test) that is the test split,
 unchanged, and val takes val / (train + val) of each class of the source's train part, so
 train:val keeps the configured ratio (0.7,0.2,0.1 -> 2/9 of train becomes val). A source's own test folder or
-test rows count as its test split here.
+test rows count as its test split here. A multi-label source is stratified by each sample's
+first class (lowest index; samples without a label form one more group).
 
 Workers: image files' headers are read, and the files checked and encoded, in worker
 processes (shards/workers.py); array sources (IDX, CIFAR, npz) are encoded in threads.
@@ -37,8 +38,9 @@ import numpy as np
 from PIL import Image
 
 from shardio import shard as shardfile
-from shardio.format import ENCODINGS, FORMAT, check_key, decode_image, encode_image, tar_size, write_tar
-from shardio.manifest import shard_entries, write as write_manifest
+from shardio.format import ENCODINGS, FORMAT, MULTILABEL, check_key, decode_image, encode_image, tar_size, write_tar
+from shardio.manifest import shard_entries
+from shardio.manifest import write as write_manifest
 from shardio.storage import filesystem, join, write_bytes_atomic
 
 from . import __version__
@@ -110,7 +112,8 @@ def build(source: str | os.PathLike, dest: str | os.PathLike, *,
         if fractions is None:
             indices = given_splits(src.splits, seed)
         else:
-            indices = assign_splits(src.labels, _own_test(src), len(src.classes), fractions, seed)
+            indices = assign_splits(strata(src), _own_test(src), len(src.classes) + src.multilabel,
+                                    fractions, seed)
         if src.layout:  # image files: say which layout was recognised (array sources have one)
             log.info("%s", layout_line(src, fractions))
 
@@ -124,7 +127,7 @@ def build(source: str | os.PathLike, dest: str | os.PathLike, *,
             return pool.submit(_encode_all, [_item(src, i, keep[i], sizes[i]) for i in chunk], how)
 
         def put(path: str, samples: list) -> tuple[dict, bool]:
-            return _put_shard(dest, path, samples, len(src.classes))
+            return _put_shard(dest, path, samples, len(src.classes), src.multilabel)
 
         filesystem(dest)[0].invalidate_cache()  # another process may have changed DEST
         splits, written, hist = {}, 0, kept_hist
@@ -137,8 +140,8 @@ def build(source: str | os.PathLike, dest: str | os.PathLike, *,
                 results = _put_all(io_pool, put, name, _cut(samples, shard_samples, shard_bytes),
                                    2 * workers, bar)
                 written += sum(w for _, w in results)
-                counts = np.bincount(src.labels[indices[name]], minlength=len(src.classes))
-                splits[name] = {"count": len(indices[name]), "class_counts": counts.tolist(),
+                splits[name] = {"count": len(indices[name]),
+                                "class_counts": class_counts(src.labels[indices[name]], len(src.classes)),
                                 "shards": [entry for entry, _ in results]}
     except BaseException as e:
         for p in (pool, io_pool, processes):
@@ -158,6 +161,7 @@ def build(source: str | os.PathLike, dest: str | os.PathLike, *,
         "seed": seed,
         "split_fractions": list(fractions) if fractions else None,  # None: the source's own splits
         "classes": src.classes,
+        **({"task": MULTILABEL} if src.multilabel else {}),
         "encoding": encoding,
         **({"jpeg_quality": jpeg_quality} if encoding == "jpeg" else {}),
         **({"max_side": max_side} if max_side else {}),
@@ -165,36 +169,60 @@ def build(source: str | os.PathLike, dest: str | os.PathLike, *,
         "stats": channel_stats(hist, "train", len(indices["train"])),
         "splits": splits,
         **({"skipped": _skipped(src, bad)} if bad else {}),
-        "warnings": class_warnings(src.classes, splits),
+        "warnings": class_warnings(src.classes, splits, src.multilabel),
     }
     for message in manifest["warnings"]:
         log.warning("%s", message)
     _warn_stale(dest, manifest)
-    write_bytes_atomic(join(dest, TIMM_INFO), json.dumps(timm_info(manifest), indent=2).encode() + b"\n")
-    write_manifest(dest, manifest)
+    write_dataset_files(dest, manifest)
     n_shards = sum(len(s["shards"]) for s in splits.values())
     log.info("%s: %d samples in %d shards (%d uploaded, %d already up to date)",
              dest, total, n_shards, written, n_shards - written)
     return manifest
 
 
-def _put_shard(dest: str, path: str, samples: list, num_classes: int) -> tuple[dict, bool]:
+def _put_shard(dest: str, path: str, samples: list, num_classes: int,
+               multilabel: bool = False) -> tuple[dict, bool]:
     """Write one shard (unless DEST already holds these bytes) and its index beside it (offsets,
     labels, sizes, CRCs): its manifest entry, and whether it was written. Everything written
-    beside a shard belongs here."""
-    data = write_tar(s[:4] for s in samples)
-    index = shardfile.Index.of(data, [s[1] for s in samples], [s[4] for s in samples])
+    beside a shard belongs here. A multi-label sample's label is its multi-hot row; its .cls
+    lists the indices ("0 2"), and its index record holds the first (-1: none)."""
+    labels = np.array([s[1] for s in samples])
+    texts = [" ".join(map(str, np.flatnonzero(s[1]))) if multilabel else s[1] for s in samples]
+    data = write_tar((s[0], text, *s[2:4]) for s, text in zip(samples, texts))
+    firsts = [int(np.flatnonzero(row)[0]) if row.any() else -1 for row in labels] if multilabel else labels
+    index = shardfile.Index.of(data, firsts, [s[4] for s in samples])
     written = not _same_file(join(dest, path), len(data), index.shard_sha256)
     if written:
         write_bytes_atomic(join(dest, path), data)
     shardfile.write_index(join(dest, path), index)
-    counts = np.bincount([s[1] for s in samples], minlength=num_classes)
     entry = {"path": path, "count": len(samples), "bytes": len(data), "sha256": index.shard_sha256,
-             "class_counts": counts.tolist(), "index": shardfile.index_path(path)}
+             "class_counts": class_counts(labels, num_classes), "index": shardfile.index_path(path)}
     return entry, written
 
 
+def class_counts(labels: np.ndarray, num_classes: int) -> list[int]:
+    """Samples per class; for multi-hot rows (N, classes), each class's positives."""
+    if labels.ndim == 2:
+        return labels.sum(0, dtype=np.int64).tolist()
+    return np.bincount(labels.astype(np.int64), minlength=num_classes).tolist()
+
+
+def strata(src: Source) -> np.ndarray:
+    """The group each sample is stratified in: its label; a multi-label sample's first class,
+    or len(classes) when it has none."""
+    if not src.multilabel:
+        return src.labels
+    return np.where(src.labels.any(1), src.labels.argmax(1), len(src.classes))
+
+
 TIMM_INFO = "_info.json"
+
+
+def write_dataset_files(dest: str, manifest: dict) -> None:
+    """timm's _info.json, then manifest.json (last: its presence means the dataset is complete)."""
+    write_bytes_atomic(join(dest, TIMM_INFO), json.dumps(timm_info(manifest), indent=2).encode() + b"\n")
+    write_manifest(dest, manifest)
 
 
 def timm_info(manifest: dict) -> dict:
@@ -324,7 +352,8 @@ def _item(src: Source, i: int, keep: bool, size: np.ndarray) -> tuple:
     """What a worker needs to encode sample i: the file's name, or the image itself (arrays)."""
     image = src.files[i] if src.files else src.load(i)
     fmt = src.formats[i] if src.formats else None
-    return src.keys[i], int(src.labels[i]), (int(size[0]), int(size[1])), bool(keep), fmt, image
+    label = src.labels[i] if src.multilabel else int(src.labels[i])
+    return src.keys[i], label, (int(size[0]), int(size[1])), bool(keep), fmt, image
 
 
 def _encode_all(items: list[tuple], how: tuple[str, int, int]) -> list[tuple]:
@@ -334,7 +363,7 @@ def _encode_all(items: list[tuple], how: tuple[str, int, int]) -> list[tuple]:
     return [_encode(*item, next(data) if isinstance(item[5], str) else None, *how) for item in items]
 
 
-def _encode(key: str, label: int, size: tuple[int, int], keep: bool, fmt: str | None,
+def _encode(key: str, label: int | np.ndarray, size: tuple[int, int], keep: bool, fmt: str | None,
             image, data: bytes | None, encoding: str, channels: int, quality: int
             ) -> tuple[str, int, str, bytes, tuple[int, int], np.ndarray | None]:
     """(key, label, member extension, bytes, (width, height), pixel histogram or None when
@@ -407,7 +436,8 @@ def check_fractions(split: Sequence[float]) -> tuple[float, float, float]:
 
 def assign_splits(labels: np.ndarray, is_test: np.ndarray | None, num_classes: int,
                   fractions: tuple[float, float, float], seed: int) -> dict[str, np.ndarray]:
-    """Sample indices per split: stratified by class, each split shuffled (seeded)."""
+    """Sample indices per split: stratified by class (`labels`: a group per sample, below
+    `num_classes`), each split shuffled (seeded)."""
     train, val, test = fractions
     rng = np.random.default_rng(seed)
     parts: dict[str, list] = {name: [] for name in SPLITS}
@@ -429,10 +459,11 @@ def assign_splits(labels: np.ndarray, is_test: np.ndarray | None, num_classes: i
             for name, p in parts.items()}
 
 
-def class_warnings(classes: list[str], splits: dict) -> list[str]:
-    """Imbalance (one class > 70% of a split) and classes absent from a non-empty split."""
+def class_warnings(classes: list[str], splits: dict, multilabel: bool = False) -> list[str]:
+    """Imbalance (one class > 70% of a split; not for multi-label, whose classes overlap) and
+    classes absent from a non-empty split."""
     messages = []
-    for name, split in splits.items():
+    for name, split in splits.items() if not multilabel else ():
         counts, total = split["class_counts"], split["count"]
         top = int(np.argmax(counts)) if counts else 0
         if len(classes) > 1 and total and counts[top] > IMBALANCE * total:

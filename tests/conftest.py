@@ -190,6 +190,29 @@ def build_multilabel_bands(workdir: Path, n: int = 1000, size: int = 12, classes
     return str(dest)
 
 
+def write_multilabel_label_file(folder: Path, n: int = 600, size: int = 12, classes: int = 4,
+                                 names: tuple[str, ...] = ("top", "upper", "lower", "bottom")) -> Path:
+    """The multi-label bands as users bring them: folder/img/NNNN.png and folder/labels.csv with
+    a `labels` column naming each image's bright bands, separated by spaces (empty: none), the
+    multi-label Kaggle layout. Returns the label file."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    bright = rng.random((n, classes)) < 0.35
+    images = rng.integers(0, 100, (n, size, size), dtype=np.uint8)
+    band = size // classes
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    rows = ["path,labels"]
+    for i in range(n):
+        for c in np.flatnonzero(bright[i]):
+            images[i, c * band:(c + 1) * band] += 120
+        Image.fromarray(images[i]).save(folder / "img" / f"{i:04d}.png")
+        rows.append(f"img/{i:04d}.png," + " ".join(names[c] for c in np.flatnonzero(bright[i])))
+    (folder / "labels.csv").write_text("\n".join(rows) + "\n")
+    return folder / "labels.csv"
+
+
 PHOTO_FORMATS = (("JPEG", "jpg", 0.45), ("PNG", "png", 0.45), ("WEBP", "webp", 0.10))
 
 

@@ -4,7 +4,9 @@
     POST /predict                   an image (multipart, any file field, or the raw body);
                                     ?top_k=N&model=&version=, X-Request-Id header or ?id=.
                                     {"top_k": [{"class", "index", "prob"}], "model", "version",
-                                     "id", "abnormal": {"score", "threshold", "flagged"}}
+                                     "id", "abnormal": {"score", "threshold", "flagged"}};
+                                    a multi-label model adds "labels": every class over its
+                                    threshold ([{"class", "index", "prob"}]) and "threshold"
     GET  /health                    {"status": "ok", "model", "format", "classes", "models"}
     GET  /metrics                   Prometheus text
     /v2/...                         the Open Inference Protocol (KServe v2 REST), as Triton
@@ -41,7 +43,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import SummaryMetricFamily
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from imgcls.inference import load_image, model_input, model_mode, top_classes
+from imgcls.inference import labels_over, load_image, model_input, model_mode, top_classes
 from imgcls.serving import protocol
 from imgcls.serving.batching import Batcher
 from imgcls.serving.guards import DecodePool, image_bytes, read_body
@@ -169,7 +171,8 @@ class Server:
         o = self.options
         batcher = Batcher(version.model, o.max_batch, o.max_wait_ms, self.metrics.batch_size.observe)
         monitor = Monitor(f"model {version.name} version {version.version}", len(version.meta["classes"]),
-                          version.meta.get("reference"), o.window, o.alert_drop, o.alert_min_feedback)
+                          version.meta.get("reference"), o.window, o.alert_drop, o.alert_min_feedback,
+                          task=version.meta.get("task"))
         version.serving = VersionServing(batcher, monitor)
         batcher.start()
         self.repo.add(version)
@@ -321,8 +324,12 @@ def create_app(repo: Repository, options: Options | None = None) -> FastAPI:
             images = await server.decode_all(chosen, server._decode, [data])
             (probs, verdict), = await server.infer(chosen, images, request_id)
         server.metrics.predict_done(200, time.perf_counter() - start)
-        return {"top_k": top_classes(probs, chosen.meta["classes"], top_k), "model": chosen.name,
-                "version": chosen.version, "id": request_id, "abnormal": verdict}
+        answer = {"top_k": top_classes(probs, chosen.meta["classes"], top_k), "model": chosen.name,
+                  "version": chosen.version, "id": request_id, "abnormal": verdict}
+        if chosen.meta.get("task") == "multilabel":  # as jobs/predict.py lists them
+            threshold = chosen.meta["threshold"]
+            answer.update(labels=labels_over(probs, chosen.meta["classes"], threshold), threshold=threshold)
+        return answer
 
     @app.get("/health")
     async def health():

@@ -20,7 +20,7 @@ from typing import ClassVar
 import numpy as np
 from prometheus_client.core import GaugeMetricFamily
 
-from imgcls.inference import softmax
+from imgcls.inference import class_probs
 from imgcls.reference import LOW_CONFIDENCE, abnormality, class_distribution, distribution_distance
 
 log = logging.getLogger("imgcls.serve")
@@ -28,8 +28,9 @@ log = logging.getLogger("imgcls.serve")
 
 class Monitor:
     def __init__(self, label: str, classes: int, reference: dict | None, window: int = 1000,
-                 alert_drop: float = 3.0, min_feedback: int = 100):
+                 alert_drop: float = 3.0, min_feedback: int = 100, task: str | None = None):
         self.label, self.classes, self.reference = label, classes, reference
+        self.task = task  # "multilabel": a sigmoid per class rather than a softmax
         self.alert_drop, self.min_feedback = alert_drop, min_feedback
         self.predicted = collections.deque(maxlen=window)
         self.confidence = collections.deque(maxlen=window)
@@ -43,7 +44,7 @@ class Monitor:
 
     def observe(self, logits: np.ndarray) -> tuple[np.ndarray, dict]:
         """(probabilities, abnormal-input verdict) of one image's logits, recorded in the window."""
-        probs = softmax(logits[None].astype(np.float64))[0]
+        probs = class_probs(logits[None].astype(np.float64), {"task": self.task})[0]
         score = float(abnormality(logits[None])[0])
         verdict = {"score": score, "threshold": self.threshold,
                    "flagged": None if self.threshold is None else score > self.threshold}

@@ -8,7 +8,10 @@ tritonclient.http works unchanged. Inputs, one per request, told apart by dataty
 Outputs: `probabilities` FP32 [N, classes] (with Triton's `classification: k` parameter:
 BYTES "prob:index:class" for the top k), `top_k` BYTES [N, k] class names (k: the request's
 `top_k` parameter, else --top-k), `abnormal_score` FP32 [N] and `abnormal` BOOL [N] (models
-exported with a reference). The response's model_version says which version answered.
+exported with a reference). A multi-label model's probabilities are a sigmoid per class, and
+it adds `labels` BYTES [N, classes]: each row the class names over the model's threshold
+(metadata parameters `threshold`), most probable first, padded with empty strings. The
+response's model_version says which version answered.
 """
 from __future__ import annotations
 
@@ -34,12 +37,15 @@ def metadata(name: str, versions: list[str], version: ModelVersion) -> dict:
                    {"name": "pixels", "datatype": "UINT8", "shape": [-1, -1, -1, channels]},
                    {"name": "input", "datatype": "FP32", "shape": [-1, channels, image["height"], image["width"]]}],
         "outputs": [{"name": n, "datatype": d, "shape": s} for n, d, s in output_specs(version)],
-        "parameters": {"classes": classes},
+        "parameters": {"classes": classes,
+                       **({"threshold": version.meta["threshold"]} if "threshold" in version.meta else {})},
     }
 
 
 def output_specs(version: ModelVersion) -> list[tuple[str, str, list[int]]]:
     specs = [("probabilities", "FP32", [-1, len(version.meta["classes"])]), ("top_k", "BYTES", [-1, -1])]
+    if version.meta.get("task") == "multilabel":
+        specs.append(("labels", "BYTES", [-1, len(version.meta["classes"])]))
     if version.serving.monitor.threshold is not None:
         specs += [("abnormal_score", "FP32", [-1]), ("abnormal", "BOOL", [-1])]
     return specs
@@ -148,6 +154,10 @@ def encode_outputs(version: ModelVersion, header: dict, answers: list, default_k
             outputs.append((name, "FP32", probs, binary))
         elif name == "top_k":
             outputs.append((name, "BYTES", [[classes[i].encode() for i in row] for row in order], binary))
+        elif name == "labels":
+            over = [[classes[i].encode() for i in row if p[i] >= version.meta["threshold"]]
+                    for p, row in zip(probs, np.argsort(-probs, axis=1))]
+            outputs.append((name, "BYTES", [row + [b""] * (len(classes) - len(row)) for row in over], binary))
         elif name == "abnormal_score":
             outputs.append((name, "FP32", [v["score"] for _, v in answers], binary))
         else:
