@@ -170,24 +170,3 @@ def test_multi_label_evaluate_export_and_predict_every_label_over_the_threshold(
     for record, p in zip(predictions, probs):
         expected = sorted(int(i) for i in np.flatnonzero(p >= threshold))
         assert sorted(label["index"] for label in record["labels"]) == expected
-
-
-def test_multi_label_on_two_ranks_from_s3_stops_and_resumes_bitwise(multilabel_dataset, s3_bucket, tmp_path):
-    """2 torchrun ranks reading the shards from moto S3: a run stopped at step 7 and resumed ends
-    with the uninterrupted run's weights, bit for bit."""
-    import s3fs
-
-    from tests.conftest import SMALL, assert_same_weights, final_state, torchrun
-
-    url = f"{s3_bucket}/multilabel"
-    s3fs.S3FileSystem(skip_instance_cache=True).put(multilabel_dataset, url, recursive=True)
-    run = [f"data.url={url}", *SMALL, "train.mixup_alpha=0.2", "train.class_weights=balanced"]
-    torchrun([*run, f"run.dir={tmp_path / 'whole'}"])
-    torchrun([*run, f"run.dir={tmp_path / 'split'}", "train.max_steps=7"])
-    out = torchrun([*run, f"run.dir={tmp_path / 'split'}"])
-    assert "resumed from" in out.stderr and "val mAP" in out.stderr
-    whole, split = final_state(tmp_path / "whole"), final_state(tmp_path / "split")
-    assert_same_weights(whole["model"], split["model"])
-    # validation of the same weights differs in the 4th decimal between the two processes (bf16
-    # on CPU), so the threshold chosen on the 1000-bin grid may move by a bin or two
-    assert whole["progress"]["threshold"] == pytest.approx(split["progress"]["threshold"], abs=0.01)
