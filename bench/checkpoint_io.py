@@ -58,7 +58,7 @@ def start_moto(log_dir: str) -> subprocess.Popen:
             break
         except OSError:
             if time.time() > deadline:
-                raise TimeoutError(f"moto did not listen on 127.0.0.1:{port}")
+                raise TimeoutError(f"moto did not listen on 127.0.0.1:{port}") from None
             time.sleep(0.1)
     os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
                       AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")

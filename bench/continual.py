@@ -31,10 +31,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from imgcls import checkpoint  # noqa: E402
-from jobs import add_output_argument  # noqa: E402
 from imgcls.config import from_dict  # noqa: E402
 from imgcls.data import ShardReader, read_manifest  # noqa: E402
 from imgcls.evaluation import model_from_checkpoint  # noqa: E402
+from jobs import add_output_argument  # noqa: E402
 from shards import build  # noqa: E402
 from shards.sources import FASHION_MNIST_CLASSES, open_source  # noqa: E402
 
@@ -142,8 +142,10 @@ def main() -> None:
             print(f"seed {seed} {name}: {rows[name][-1]}", file=sys.stderr, flush=True)
     print(f"Fashion-MNIST, task A = classes 0-4, task B = classes 5-9, {args.per_class} train images per class "
           f"(10% val), full test sets (5000 per task). {platform.node()}: {platform.processor() or platform.machine()}"
-          f", {os.cpu_count()} cores, torch {torch.__version__}; {args.nproc} process(es). Model tutorial_cnn; A: {args.epochs_a} epochs lr {args.lr_a}, B: {args.epochs_b} epochs "
-          f"{args.optim_b} lr {args.lr_b} (batch 128, SGD Nesterov momentum 0.9 for A, cosine, 0.5 epoch warmup); EWC Fisher from {args.fisher_samples} samples of A's train split; "
+          f", {os.cpu_count()} cores, torch {torch.__version__}; {args.nproc} process(es). Model tutorial_cnn; "
+          f"A: {args.epochs_a} epochs lr {args.lr_a}, B: {args.epochs_b} epochs "
+          f"{args.optim_b} lr {args.lr_b} (batch 128, SGD Nesterov momentum 0.9 for A, cosine, 0.5 epoch warmup); "
+          f"EWC Fisher from {args.fisher_samples} samples of A's train split; "
           f"seeds {args.seeds}; mean ± std over seeds, accuracy in %.\n")
     print("| model | A, 10-way | B, 10-way | A, within task | B, within task |\n|---|---:|---:|---:|---:|")
     for name, results in rows.items():

@@ -46,7 +46,8 @@ def main() -> None:
                 "--config", args.config, "track.wandb=disabled", "track.progress=false", *args.student]
     rows = [("teacher", args.teacher, test_accuracy(args.teacher))]
     for name, extra in (("student alone", []),
-                        ("student + teacher", [f"distill.teacher={args.teacher}", f"distill.temperature={args.temperature}",
+                        ("student + teacher", [f"distill.teacher={args.teacher}",
+                                               f"distill.temperature={args.temperature}",
                                                f"distill.alpha={args.alpha}"])):
         run_dir = f"{args.output}/{name.replace(' ', '_').replace('+', 'with')}"
         run([*torchrun, f"run.dir={run_dir}", *extra])

@@ -36,10 +36,15 @@ import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
-from imgcls.export import (export_onnx, export_tflite, export_torchscript, quantize_int8,  # noqa: E402
-                           quantize_tflite_int8, read_samples)
-from imgcls.inference import (META_FORMAT, Predictor, compare_latency, load_checkpoint_model,  # noqa: E402
-                              load_torchscript)
+from imgcls.export import (  # noqa: E402
+    export_onnx,
+    export_tflite,
+    export_torchscript,
+    quantize_int8,
+    quantize_tflite_int8,
+    read_samples,
+)
+from imgcls.inference import META_FORMAT, Predictor, compare_latency, load_checkpoint_model, load_torchscript  # noqa: E402
 
 BACKENDS = ("eager PyTorch", "TorchScript", "ONNX Runtime fp32", "ONNX Runtime INT8")
 TFLITE_BACKENDS = ("LiteRT fp32", "LiteRT INT8")
@@ -113,7 +118,8 @@ def main(argv: list[str] | None = None) -> None:
                 runners.update(zip(TFLITE_BACKENDS, (Predictor.from_tflite(tflite, meta, threads),
                                                      Predictor.from_tflite(tflite_int8, meta, threads))))
             latency = compare_latency(runners, batches, args.reps)
-            print(f"\n### {threads} thread{'s' if threads > 1 else ''} (torch, onnxruntime{' and LiteRT' * args.tflite})\n")
+            print(f"\n### {threads} thread{'s' if threads > 1 else ''} "
+                  f"(torch, onnxruntime{' and LiteRT' * args.tflite})\n")
             print("| backend | batch | median ms | mean ± std ms | img/s | speed-up vs eager |")
             print("|---|---:|---:|---:|---:|---:|")
             for batch in args.batch_sizes:

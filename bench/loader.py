@@ -33,8 +33,8 @@ import functools
 import json
 import math
 import os
-import shutil
 import resource
+import shutil
 import signal
 import socket
 import statistics
@@ -85,7 +85,7 @@ class MotoServer:
             except OSError:
                 if time.time() > deadline:
                     self.stop()
-                    raise TimeoutError(f"moto server not listening on {self.endpoint} after 60 s")
+                    raise TimeoutError(f"moto server not listening on {self.endpoint} after 60 s") from None
                 time.sleep(0.1)
 
     def cpu_seconds(self) -> float:
@@ -252,7 +252,7 @@ class ImageFolderMethod(Method):
                             num_workers=self.workers, prefetch_factor=4 if self.workers else None,
                             persistent_workers=False, generator=torch.Generator().manual_seed(epoch))
         n = 0
-        for images, labels in loader:
+        for _images, labels in loader:
             n += len(labels)
         return n
 
@@ -349,10 +349,11 @@ def write_jpeg_folder(manifest: dict, shard_root: Path, root: Path) -> list[Path
 
 def photos_main(args, workdir: Path) -> int:
     """The 224 px table (see the module docstring)."""
+    from torchvision.transforms import v2
+
     import shards
     from bench.decode import write_photo_crops
     from imgcls.config import AugmentConfig, DataConfig
-    from torchvision.transforms import v2
 
     t0, load = time.perf_counter(), os.getloadavg()
     source = workdir / "photo-crops"
@@ -456,7 +457,7 @@ def ops_report(count: int, reps: int) -> str:
         pipeline, cells = Pipeline([{"op": name, "p": 1}]), []
         for size in OPS_SIZES:
             times = []
-            for rep in range(reps + 1):
+            for _rep in range(reps + 1):
                 t0 = time.perf_counter()
                 for image, w in zip(images[size], uniforms):
                     pipeline(image, w)

@@ -11,8 +11,9 @@
 2. Read amplification at 8/64/512 ranks x 8 workers: the reader's own plans
    (ShardReader.worker_plans on that manifest, no I/O), each worker's reads cut by
    shardio.shard.windows over a synthetic index (samples of 80-140 kB), ranges coalesced by
-   shardio.shard.coalesce (gaps fetched up to 10% of the samples' bytes, to save requests). Bytes fetched per epoch over the dataset's bytes: whole
-   shards (before) and ranged reads (now, index files included), and GETs per worker.
+   shardio.shard.coalesce (gaps fetched up to 10% of the samples' bytes, to save requests).
+   Bytes fetched per epoch over the dataset's bytes: whole shards (before) and ranged reads
+   (now, index files included), and GETs per worker.
 3. A worker's peak memory (tracemalloc, the worker-side code in this process) over one epoch
    of two real shards (raw 128x128x3 samples, ~140 MB each), against its bytes in flight
    (two data.read_window_mb windows: the one it decodes, the next one fetched meanwhile).

@@ -172,7 +172,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=3, help="repetitions (default: %(default)s)")
     parser.add_argument("--max-batch", type=int, default=32, help="server --max-batch (default: %(default)s)")
     parser.add_argument("--max-wait-ms", type=float, default=5.0, help="server --max-wait-ms (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=1, help="onnxruntime threads, server and in-process (default: 1)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="onnxruntime threads, server and in-process (default: 1)")
     args = parser.parse_args(argv)
 
     if args.checkpoint:
@@ -181,7 +182,8 @@ def main(argv: list[str] | None = None) -> None:
         what = f"{meta['model']} from {args.checkpoint} ({meta['weights']} weights), test images of {meta['data_url']}"
     else:
         model, meta = fresh_model(args.config, args.model)
-        images = (np.random.default_rng(0).random((256, 1, 28, 28), dtype=np.float32) - meta["mean"][0]) / meta["std"][0]
+        images = ((np.random.default_rng(0).random((256, 1, 28, 28), dtype=np.float32) - meta["mean"][0])
+                  / meta["std"][0])
         what = f"{meta['model']} from {args.config}, freshly initialised, 28x28x1 uniform-noise PNGs"
     files = png_bytes(images, meta)
 

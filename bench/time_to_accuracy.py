@@ -194,7 +194,8 @@ def main() -> None:
     if a and b:
         ta, tb = first_reaching(a, SEEDS_PLATEAU), first_reaching(b, SEEDS_PLATEAU)
         if ta and tb:
-            print(f"| speed-up to {100 * SEEDS_PLATEAU:.1f}% (B time / A time) | {tb['time'] / ta['time']:.1f}x | 1.0x |")
+            print(f"| speed-up to {100 * SEEDS_PLATEAU:.1f}% (B time / A time) "
+                  f"| {tb['time'] / ta['time']:.1f}x | 1.0x |")
     print(f"\nload average (1 min) at start {load_start[0]:.1f}, at end {load_end[0]:.1f} on {os.cpu_count()} cores")
     if a:
         reached = first_reaching(a, SEEDS_PLATEAU)

@@ -8,8 +8,8 @@ tinted, each image scaled to 40-300 px with a random aspect ratio, saved as JPEG
 WebP), built into shards that keep the source bytes. Both runs use configs/photos.yaml
 (RandomResizedCrop 224, AdamW at an effective lr of 1e-3, cosine, label smoothing; no EMA in
 so short a run) through jobs/train.py under a 2-process torchrun, and differ only in
-model.pretrained; each is evaluated on the test split (resize 256 + center-crop 224). Prints a markdown table, mean ± std
-over seeds, with its provenance.
+model.pretrained; each is evaluated on the test split (resize 256 + center-crop 224). Prints a
+markdown table, mean ± std over seeds, with its provenance.
 """
 from __future__ import annotations
 
@@ -48,7 +48,8 @@ def train_and_evaluate(run_dir: Path, data: str, seed: int, pretrained: str, arg
     if out.returncode != 0:
         sys.exit(f"failed: {' '.join(cmd)}\n{out.stderr[-3000:]}")
     seconds = time.perf_counter() - start
-    out = subprocess.run([sys.executable, "jobs/evaluate.py", str(run_dir / "checkpoints" / "best.pt"), "--split", "test"],
+    out = subprocess.run([sys.executable, "jobs/evaluate.py", str(run_dir / "checkpoints" / "best.pt"),
+                          "--split", "test"],
                          cwd=REPO, capture_output=True, text=True, check=True)
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     return {"acc": summary["acc"], "balanced_acc": summary["balanced_acc"], "train_s": seconds}

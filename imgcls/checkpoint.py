@@ -88,7 +88,8 @@ class RNGState:
 
     def load_state_dict(self, states: list) -> None:
         if self.rank >= len(states):
-            log.warning("checkpoint holds RNG states for %d ranks; rank %d starts from its seed", len(states), self.rank)
+            log.warning("checkpoint holds RNG states for %d ranks; rank %d starts from its seed",
+                        len(states), self.rank)
             return
         mine = states[self.rank]
         version, internal, gauss = mine["python"]
@@ -150,7 +151,7 @@ def save_best(run_dir: str, step: int, data: bytes, retry_s: float = storage.DEF
     older = [n for n in names if OLD_BEST.fullmatch(n) and not n.startswith(name)]
     for url in (storage.join(directory, n) for n in older):
         with contextlib.suppress(FileNotFoundError):
-            storage.retrying(lambda: fs.rm_file(storage.filesystem(url)[1]), url, retry_s)
+            storage.retrying(lambda url=url: fs.rm_file(storage.filesystem(url)[1]), url, retry_s)
     return storage.join(directory, name)
 
 
@@ -177,7 +178,7 @@ def prune(run_dir: str, newest_step: int, keep_last: int, retry_s: float = stora
         for victim in (url, url + CHECKSUM_SUFFIX):  # the checkpoint first: never one without its sum
             fs, path = storage.filesystem(victim)
             with contextlib.suppress(FileNotFoundError):
-                storage.retrying(lambda: fs.rm_file(path), victim, retry_s)
+                storage.retrying(lambda fs=fs, path=path: fs.rm_file(path), victim, retry_s)
     return stale
 
 
@@ -262,7 +263,8 @@ def move_aside(url: str, retry_s: float = storage.DEFAULT_RETRY_S) -> str:
     # the sidecar first, never meets a checkpoint without its sidecar
     for src, dst in ((url, dest), (url + CHECKSUM_SUFFIX, dest + CHECKSUM_SUFFIX)):
         with contextlib.suppress(FileNotFoundError):  # no sidecar, or another rank was first
-            storage.retrying(lambda: fs.mv(storage.filesystem(src)[1], storage.filesystem(dst)[1]), src, retry_s)
+            storage.retrying(lambda src=src, dst=dst: fs.mv(storage.filesystem(src)[1], storage.filesystem(dst)[1]),
+                             src, retry_s)
     log.warning("moved corrupt checkpoint %s to %s", url, dest)
     return dest
 

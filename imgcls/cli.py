@@ -4,8 +4,9 @@
     def main(argv=None): ...
 
 A user error (a config typo, a missing file or shard, a device that is not there, a run dir
-another job holds or took over, a full disk or quota, storage that stays unreachable, an object store without credentials) prints
-`error: <message>` once, from rank 0, and exits with code 2, as the shards CLI does. Under
+another job holds or took over, a full disk or quota, storage that stays unreachable, an object
+store without credentials) prints `error: <message>` once, from rank 0, and exits with code 2,
+as the shards CLI does. Under
 torchrun the message also goes to torch's error file (torch's @record), so torchrun's summary
 names it instead of `error_file: <N/A>`. Any other exception is a bug and keeps its traceback.
 """

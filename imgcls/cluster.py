@@ -268,11 +268,13 @@ def submit(cfg: Config, opts: SlurmOptions, cluster: str = "slurm", sweeps: list
         configs = [from_dict(json.loads((d / "config.json").read_text())) for d in task_dirs]
     else:
         if not cfg.data.url:  # refused here, not by every rank of a queued job
-            raise ConfigError("data.url is empty: set data.url=PATH_OR_URL, a dataset written by `python -m shards build`")
+            raise ConfigError("data.url is empty: set data.url=PATH_OR_URL, a dataset written by "
+                              "`python -m shards build`")
         absolute_paths(cfg)
         run_dir = Path(cfg.run.dir)
         if (run_dir / "submit.json").exists():
-            raise FileExistsError(f"{run_dir} already holds a submitted run: use --resume {run_dir}, or another run.dir")
+            raise FileExistsError(f"{run_dir} already holds a submitted run: use --resume {run_dir}, "
+                                  "or another run.dir")
         grid = sweep_grid(list(sweeps))
         configs, task_dirs = [], []
         for i, overrides in enumerate(grid):

@@ -17,8 +17,8 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Literal
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
@@ -436,7 +436,8 @@ def _coerce(value, hint, key):
             return float(value)
         except ValueError:
             pass
-    if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
+    if hint in (int, float, str, bool) and not (isinstance(value, hint)
+                                                 and not (hint is int and isinstance(value, bool))):
         raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
     return value
 
@@ -691,6 +692,7 @@ def reference_markdown() -> str:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             kind = (" &#124; ".join(_yaml_word(c) for c in typing.get_args(hint)) if typing.get_origin(hint) is Literal
                     else getattr(hint, "__name__", str(hint)))
-            lines.append(f"| `{name}.{f.name}` | {kind} | `{json.dumps(default)}` | {docs[f.name].replace('|', '&#124;')} |")
+            lines.append(f"| `{name}.{f.name}` | {kind} | `{json.dumps(default)}` "
+                         f"| {docs[f.name].replace('|', '&#124;')} |")
         lines.append("")
     return "\n".join(lines)

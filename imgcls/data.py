@@ -40,8 +40,15 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from imgcls.augment import (InputTransform, PhotoTransform, crop_flip, draw_params, eval_resize_crop, jpeg_scale,
-                            photometric)
+from imgcls.augment import (
+    InputTransform,
+    PhotoTransform,
+    crop_flip,
+    draw_params,
+    eval_resize_crop,
+    jpeg_scale,
+    photometric,
+)
 from imgcls.config import DataConfig
 from imgcls.signals import keep_worker_through_cancel
 from shardio import manifest as manifests
@@ -337,8 +344,8 @@ class ShardReader(IterableDataset):
         for segment in self.consumed if epoch == self.epoch else []:
             layout = Layout(segment["world_size"], segment["workers"], segment["batch_size"])
             if not 0 <= segment["batches"] <= layout.batches_per_rank(len(live)):
-                raise DataError(f"{self.cfg.url}: split {self.split!r} cannot hold the checkpoint's {segment['batches']} "
-                                f"batches under {layout} (were the shards rebuilt?)")
+                raise DataError(f"{self.cfg.url}: split {self.split!r} cannot hold the checkpoint's "
+                                f"{segment['batches']} batches under {layout} (were the shards rebuilt?)")
             live = np.delete(live, layout.consumed(len(live), segment["batches"]))
         return live
 

@@ -41,7 +41,8 @@ def evaluate(model, reader: ShardReader, device, autocast, num_classes: int, *, 
     distributed.all_reduce(totals)
     distributed.all_reduce(confusion.matrix)
     count = max(1.0, totals[2].item())
-    return {"loss": totals[0].item() / count, "acc": confusion.accuracy, "balanced_acc": confusion.balanced_accuracy, "top5": totals[1].item() / count,
+    return {"loss": totals[0].item() / count, "acc": confusion.accuracy, "balanced_acc": confusion.balanced_accuracy,
+            "top5": totals[1].item() / count,
             "macro_f1": confusion.macro_f1, "count": int(totals[2].item()), "confusion": confusion}
 
 
@@ -108,7 +109,8 @@ def model_from_checkpoint(state: dict, manifest: dict, use_ema: bool = True):
         from imgcls.pruning import apply_pruning, make_permanent
         apply_pruning(model, cfg.prune)
     if use_ema and "ema" in state:  # AveragedModel's state: module.* plus n_averaged
-        model.load_state_dict({k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")})
+        model.load_state_dict({k.removeprefix("module."): v for k, v in state["ema"].items()
+                               if k.startswith("module.")})
         weights = "ema"
     else:
         model.load_state_dict(state["model"])

@@ -25,8 +25,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imgcls.inference import (META_KEY, TORCHSCRIPT_SUFFIX, Predictor, load_checkpoint_model, load_torchscript,
-                              quiet_torchscript, tflite_with_metadata, write_sidecar)
+from imgcls.inference import (
+    META_KEY,
+    TORCHSCRIPT_SUFFIX,
+    Predictor,
+    load_checkpoint_model,
+    load_torchscript,
+    quiet_torchscript,
+    tflite_with_metadata,
+    write_sidecar,
+)
 from imgcls.progress import TaskProgress
 
 FORMATS = ("onnx", "torchscript", "tflite")

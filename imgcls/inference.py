@@ -42,9 +42,11 @@ from shardio.image import MAX_PIXELS, Encoded, image_array
 log = logging.getLogger(__name__)
 
 META_FORMAT = "imgcls.model/1"
-META_KEY = "imgcls"              # ONNX metadata_props / TFLite metadata name; TorchScript extra file is META_KEY + ".json"
+# ONNX metadata_props / TFLite metadata name; the TorchScript extra file is META_KEY + ".json"
+META_KEY = "imgcls"
 TORCHSCRIPT_SUFFIX = ".torchscript.pt"
 MODEL_FORMATS = ("checkpoint", "onnx", "torchscript", "tflite")
+_CPU = torch.device("cpu")  # the default `device` (immutable, so shared safely)
 
 
 class UntrustedFormatError(ValueError):
@@ -215,7 +217,7 @@ def onnx_providers(device: torch.device) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def onnx_session(path: str | Path, threads: int = 0, device: torch.device = torch.device("cpu")):
+def onnx_session(path: str | Path, threads: int = 0, device: torch.device = _CPU):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -235,7 +237,7 @@ class Predictor:
 
     @classmethod
     def from_torch(cls, module: torch.nn.Module, meta: dict, kind: str = "pytorch",
-                   device: torch.device = torch.device("cpu")) -> Predictor:
+                   device: torch.device = _CPU) -> Predictor:
         module = module.to(device)
 
         def run(images):
@@ -245,7 +247,7 @@ class Predictor:
 
     @classmethod
     def from_onnx(cls, path: str | Path, meta: dict | None = None, threads: int = 0,
-                  device: torch.device = torch.device("cpu")) -> Predictor:
+                  device: torch.device = _CPU) -> Predictor:
         session = onnx_session(path, threads, device)
         name = session.get_inputs()[0].name
         return cls(lambda images: session.run(None, {name: images})[0], meta or read_meta(path), "onnx")

@@ -172,7 +172,8 @@ class Lease:
                 self._write(version)
             except _Conflict:
                 winner, _ = self._store.read()
-                self._lost = f"{self.run_dir}: the lease was taken over by {describe(winner) if winner else 'another job'}"
+                self._lost = (f"{self.run_dir}: the lease was taken over by "
+                              f"{describe(winner) if winner else 'another job'}")
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.heartbeat_s) and not self._lost:

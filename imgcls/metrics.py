@@ -273,7 +273,8 @@ class PrecisionRecallCurves:
         lines = [f"{'':>{width}s}  {'avg prec':>9}  {'support':>9}", ""]
         for name, ap, support in zip(class_names, self.average_precision.tolist(), self.support.tolist()):
             lines.append(f"{name:>{width}s}  {ap:>9.{digits}f}  {support:>9}")
-        lines += ["", f"{'mean AP':>{width}s}  {self.mean_average_precision:>9.{digits}f}  {int(self.support.sum()):>9}"]
+        lines += ["", f"{'mean AP':>{width}s}  {self.mean_average_precision:>9.{digits}f}  "
+                      f"{int(self.support.sum()):>9}"]
         return "\n".join(lines) + "\n"
 
 

@@ -96,7 +96,8 @@ def plot_pr_curves(curves, class_names: Sequence[str], path: str | Path, max_cla
     for c in drawn:
         precision, recall, _ = curves.curve(c)
         # a step curve from (0, first precision), as sklearn's PrecisionRecallDisplay draws it
-        ax.step(torch.cat([recall.new_zeros(1), recall]).cpu().numpy(), torch.cat([precision[:1], precision]).cpu().numpy(),
+        ax.step(torch.cat([recall.new_zeros(1), recall]).cpu().numpy(),
+                torch.cat([precision[:1], precision]).cpu().numpy(),
                 where="post", linewidth=1.2, label=f"{names[c]} (AP {ap[c]:.3f})")
     subset = f": the {len(drawn)} of {len(present)} classes with the lowest AP" if len(drawn) < len(present) else ""
     ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="recall", ylabel="precision",

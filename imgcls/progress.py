@@ -99,7 +99,8 @@ class TaskProgress:
             self.last_line = now
             rate = self.done / max(now - self.start, 1e-9)
             eta = format_duration((self.total - self.done) / rate) if rate else "?"
-            log.info("%s: %d/%d %s, %.0f %s/s, ETA %s", self.name, self.done, self.total, self.unit, rate, self.unit, eta)
+            log.info("%s: %d/%d %s, %.0f %s/s, ETA %s", self.name, self.done, self.total, self.unit, rate, self.unit,
+                     eta)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -34,8 +34,16 @@ from imgcls.config import Config, ConfigError, redacted, save_config, to_dict
 from imgcls.data import DataError, ShardReader, first_images, input_size, read_manifest, start_epoch
 from imgcls.evaluation import evaluate, evaluate_multilabel, model_from_checkpoint
 from imgcls.jsonl import parse_jsonl
-from imgcls.losses import (balanced_class_weights, classification_loss, distillation_loss, mix_batch, multilabel_loss,
-                           one_hot_targets, positive_weights, resolve_loss)
+from imgcls.losses import (
+    balanced_class_weights,
+    classification_loss,
+    distillation_loss,
+    mix_batch,
+    multilabel_loss,
+    one_hot_targets,
+    positive_weights,
+    resolve_loss,
+)
 from imgcls.models import apply_unfreeze_schedule, build_model, describe_stem, is_user_model
 from imgcls.models.parts import param_groups
 from imgcls.precision import autocast, precision_name, resolve_precision
@@ -373,7 +381,8 @@ class Trainer:
         cfg = self.cfg
         model = build_model(cfg.model, len(self.classes), channels, input_size(cfg.data, self.manifest)).to(self.device)
         if not self.checkpointer.resuming and cfg.model.whiten_images and hasattr(model, "init_whitening"):
-            model.init_whitening(first_images(cfg.data, "train", cfg.model.whiten_images, self.manifest).to(self.device))
+            model.init_whitening(first_images(cfg.data, "train", cfg.model.whiten_images,
+                                              self.manifest).to(self.device))
         if cfg.prune.sparsity > 0:  # before loading a checkpoint, whose state has the masks
             from imgcls.pruning import apply_pruning
             apply_pruning(model, cfg.prune)

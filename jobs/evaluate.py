@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 
 from imgcls.cli import entry_point
-from jobs import ArgumentParser, add_device_argument, add_output_argument
 from imgcls.evaluation import evaluate_checkpoint
 from imgcls.tracking import configure_logging
+from jobs import ArgumentParser, add_device_argument, add_output_argument
 
 
 def build_parser() -> ArgumentParser:
@@ -35,8 +35,9 @@ def main(argv: list[str] | None = None) -> dict:
                                  device=args.device)
     if is_main:
         print(result["report"])
-        summary = {k: result[k] for k in ("split", "weights", "views", "count", "acc", "balanced_acc", "top5", "macro_f1",
-                                            "mean_average_precision", "map", "micro_f1", "threshold", "loss", "out_dir")
+        summary = {k: result[k] for k in ("split", "weights", "views", "count", "acc", "balanced_acc", "top5",
+                                            "macro_f1", "mean_average_precision", "map", "micro_f1", "threshold",
+                                            "loss", "out_dir")
                    if k in result}  # a multi-label split has no views, balanced accuracy or top-5
         print(json.dumps(summary))
     return result

@@ -1,4 +1,5 @@
-"""Export a checkpoint for deployment: `python jobs/export.py CHECKPOINT --format onnx|torchscript|tflite [--output PATH]`.
+"""Export a checkpoint for deployment:
+`python jobs/export.py CHECKPOINT --format onnx|torchscript|tflite [--output PATH]`.
 
 Exports the EMA weights when the checkpoint has them, in fp32; ONNX gets a dynamic batch axis,
 TFLite (litert-torch; `pip install -e .[tflite]`) a batch of 1. The class names, input shape and
@@ -20,9 +21,9 @@ import json
 import sys
 
 from imgcls.cli import entry_point
-from jobs import ArgumentParser, add_output_argument
 from imgcls.export import FORMATS, export_checkpoint
 from imgcls.tracking import configure_logging
+from jobs import ArgumentParser, add_output_argument
 
 
 def build_parser() -> ArgumentParser:

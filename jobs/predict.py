@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from imgcls.cli import entry_point
-from jobs import ArgumentParser, add_device_argument
 from imgcls.inference import MODEL_FORMATS, class_probs, labels_over, load_image, open_model, top_classes
+from jobs import ArgumentParser, add_device_argument
 
 
 def image_files(args: list[str]) -> list[str]:
@@ -92,7 +92,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("images", nargs="+", help="image files, folders or globs")
     parser.add_argument("--top-k", type=int, default=3, help="default: %(default)s")
     parser.add_argument("--batch-size", type=int, default=64, help="default: %(default)s")
-    parser.add_argument("--output", default="", help="write the predictions to a .json or .csv file (default: print them only)")
+    parser.add_argument("--output", default="",
+                        help="write the predictions to a .json or .csv file (default: print them only)")
     parser.add_argument("--data", default="", help="checkpoints only: shard dataset URL for the class names "
                                                    "(default: the checkpoint's data.url)")
     parser.add_argument("--threads", type=int, default=0, help="torch/onnxruntime/LiteRT threads; 0: their default")

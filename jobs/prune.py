@@ -32,9 +32,7 @@ from pathlib import Path
 import torch
 
 from imgcls import checkpoint
-from shardio import storage
 from imgcls.cli import entry_point
-from jobs import ArgumentParser
 from imgcls.config import Config, apply_override, from_dict, to_dict
 from imgcls.data import ShardReader, read_manifest
 from imgcls.evaluation import evaluate, model_from_checkpoint, run_dir_of
@@ -42,12 +40,15 @@ from imgcls.precision import autocast, resolve_precision
 from imgcls.pruning import METHODS, apply_pruning, sparsity_report
 from imgcls.tracking import configure_logging
 from imgcls.trainer import train
+from jobs import ArgumentParser
+from shardio import storage
 
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(__doc__)
     p.add_argument("checkpoint", help="a checkpoint file or URL (RUN_DIR/checkpoints/*.pt)")
-    p.add_argument("--sparsity", type=float, default=0.5, help="fraction of weights (or channels) to zero (default: %(default)s)")
+    p.add_argument("--sparsity", type=float, default=0.5,
+                   help="fraction of weights (or channels) to zero (default: %(default)s)")
     p.add_argument("--method", choices=METHODS, default="unstructured", help="default: %(default)s")
     p.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs (default: %(default)s)")
     p.add_argument("--run-dir", default="", help="default: RUN_DIR-pruned-METHOD-PERCENT")
@@ -143,7 +144,8 @@ def print_report(r: dict) -> None:
           f"({r['train_status']}), {r['split']} split; run dir {r['run_dir']}")
     rows = [("original checkpoint", acc["original"], size["dense"], size["dense_gzip"]),
             ("pruned, before fine-tuning", acc["pruned"], None, None),
-            (f"pruned + fine-tuned ({r['fine_tuned_weights']})", acc["fine_tuned"], size["pruned"], size["pruned_gzip"])]
+            (f"pruned + fine-tuned ({r['fine_tuned_weights']})", acc["fine_tuned"], size["pruned"],
+             size["pruned_gzip"])]
     print(f"{'':34} {'accuracy':>9} {'file bytes':>11} {'gzip bytes':>11}")
     for name, a, raw, gz in rows:
         print(f"{name:34} {a:>9.4f} {raw if raw else '':>11} {gz if gz else '':>11}")

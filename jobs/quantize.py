@@ -22,11 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from imgcls.cli import entry_point
-from jobs import ArgumentParser, add_output_argument
 from imgcls.export import accuracy, export_checkpoint, export_tflite, quantize_int8, quantize_tflite_int8, read_samples
 from imgcls.inference import Predictor, compare_latency, load_checkpoint_model, read_meta
 from imgcls.tracking import configure_logging
-
+from jobs import ArgumentParser, add_output_argument
 
 TFLITE_ROWS = ("tflite fp32", "tflite int8")
 
@@ -46,7 +45,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--calibration-samples", type=int, default=512, help="default: %(default)s")
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration draw (default: %(default)s)")
     parser.add_argument("--data", default="", help="shard dataset URL (default: the model's data_url)")
-    parser.add_argument("--test-samples", type=int, default=0, help="test samples for accuracy; 0: all (default: %(default)s)")
+    parser.add_argument("--test-samples", type=int, default=0,
+                        help="test samples for accuracy; 0: all (default: %(default)s)")
     add_output_argument(parser, "INT8 ONNX file (default: MODEL.int8.onnx)")
     parser.add_argument("--report", default="", help="JSON report (default: INT8 file with .quantize.json)")
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime threads; 0: its default")
@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> dict:
         models.update({name: Predictor.from_tflite(paths[name], meta, args.threads) for name in TFLITE_ROWS})
     batches = [images[np.arange(b) % len(images)] for b in (1, 64)]  # real images; repeated if the split is tiny
     latency = compare_latency(models, batches, args.reps)
-    rows = {name: {"path": str(path), "bytes": path.stat().st_size, "accuracy": accuracy(models[name], images, labels, name=name),
+    rows = {name: {"path": str(path), "bytes": path.stat().st_size,
+                   "accuracy": accuracy(models[name], images, labels, name=name),
                    **{f"batch{b}": latency[name, b] for b in (1, 64)}}
             for name, path in paths.items()}
     result = {"calibration_samples": len(calibration), "test_samples": len(images), "threads": args.threads,
@@ -104,7 +105,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"{rows['int8']['batch1']['median_ms'] / rows['fp32']['batch1']['median_ms']:.2f} (batch 1), x"
           f"{rows['int8']['batch64']['median_ms'] / rows['fp32']['batch64']['median_ms']:.2f} (batch 64) vs fp32")
     if args.tflite:
-        print(f"TFLite: accuracy drop {result['tflite_accuracy_drop_pp']:.2f} pp, size x{result['tflite_size_ratio']:.2f}, "
+        print(f"TFLite: accuracy drop {result['tflite_accuracy_drop_pp']:.2f} pp, "
+              f"size x{result['tflite_size_ratio']:.2f}, "
               f"latency x{rows['tflite int8']['batch1']['median_ms'] / rows['tflite fp32']['batch1']['median_ms']:.2f}"
               f" (batch 1) vs TFLite fp32")
     report = Path(args.report or int8.with_suffix(".quantize.json"))

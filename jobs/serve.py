@@ -25,8 +25,8 @@ from __future__ import annotations
 import sys
 
 from imgcls.cli import entry_point
-from jobs import ArgumentParser, add_device_argument
 from imgcls.inference import MODEL_FORMATS, open_model
+from jobs import ArgumentParser, add_device_argument
 
 
 def build_parser() -> ArgumentParser:
@@ -62,7 +62,8 @@ def build_parser() -> ArgumentParser:
                         help="alert when live accuracy is this many points below validation (default: %(default)s)")
     parser.add_argument("--alert-min-feedback", type=int, default=100,
                         help="feedback labels needed before live accuracy counts (default: %(default)s)")
-    parser.add_argument("--format", choices=MODEL_FORMATS, default="", help="the model's format (default: from its name)")
+    parser.add_argument("--format", choices=MODEL_FORMATS, default="",
+                        help="the model's format (default: from its name)")
     parser.add_argument("--data", default="", help="checkpoints only: shard dataset URL for the class names "
                                                    "(default: the checkpoint's data.url)")
     parser.add_argument("--threads", type=int, default=0, help="torch/onnxruntime/LiteRT threads; 0: their default")

@@ -35,7 +35,8 @@ def add_slurm_arguments(p, job_name: str = "imgcls") -> None:
                    help="slurm; local: submitit's local processes; debug: in this process (default: %(default)s)")
     p.add_argument("--nodes", type=int, default=1, help="default: %(default)s")
     p.add_argument("--gpus-per-node", type=int, default=0, help="one task per GPU; 0: CPU tasks (default: %(default)s)")
-    p.add_argument("--tasks-per-node", type=int, default=1, help="CPU tasks per node when --gpus-per-node is 0 (default: %(default)s)")
+    p.add_argument("--tasks-per-node", type=int, default=1,
+                   help="CPU tasks per node when --gpus-per-node is 0 (default: %(default)s)")
     p.add_argument("--cpus-per-task", type=int, default=1, help="default: %(default)s")
     p.add_argument("--mem-gb", type=float, default=0,
                    help="memory per node in GB; 0: the partition's default (default: %(default)s)")
@@ -50,7 +51,8 @@ def add_slurm_arguments(p, job_name: str = "imgcls") -> None:
     p.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE", help="extra sbatch option")
     p.add_argument("--setup", action="append", default=[], metavar="LINE",
                    help="shell line run before the tasks, e.g. 'module load cuda' (repeatable)")
-    p.add_argument("--signal-margin", type=int, default=120, help="seconds of USR2 warning before the time limit (default: %(default)s)")
+    p.add_argument("--signal-margin", type=int, default=120,
+                   help="seconds of USR2 warning before the time limit (default: %(default)s)")
 
 
 # SlurmOptions field -> the argparse dest it comes from

@@ -24,12 +24,12 @@ from pathlib import Path
 import yaml
 
 from imgcls import checkpoint
-from shardio import storage
 from imgcls.cli import entry_point
-from jobs import ArgumentParser
 from imgcls.jsonl import read_jsonl
 from imgcls.lease import DEFAULT_TIMEOUT_S, LEASE_FILE, is_live
 from imgcls.tracking import read_metrics
+from jobs import ArgumentParser
+from shardio import storage
 
 
 def sacct_state(job_id: str) -> str:
@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if args.json:
             print(json.dumps(rows, indent=2))
         else:
-            print(f"{'run dir':40} {'job':>10} {'state':12} {'requeues':>8} {'step':>7} {'epoch':>5} {'loss':>7} {'val acc':>7}  log")
+            print(f"{'run dir':40} {'job':>10} {'state':12} {'requeues':>8} {'step':>7} {'epoch':>5} {'loss':>7} "
+                  f"{'val acc':>7}  log")
             for r in rows:
                 loss = f"{r['train_loss']:.4f}" if r["train_loss"] is not None else "-"
                 acc = f"{r['val_acc']:.4f}" if r["val_acc"] is not None else "-"

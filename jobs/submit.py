@@ -16,11 +16,12 @@ import json
 import sys
 
 from imgcls.cli import entry_point
-from jobs import ArgumentParser
 from imgcls.cluster import submit
 from imgcls.config import load_config
 from imgcls.tracking import configure_logging, wandb_mode
+from jobs import ArgumentParser
 from jobs.slurm_args import SLURM_FIELDS, add_slurm_arguments, slurm_options
+
 
 def given_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
     """The dests of the options that `argv` names (with --resume: the saved ones to change)."""

@@ -39,10 +39,10 @@ from optuna.trial import TrialState
 
 from imgcls import hpo
 from imgcls.cli import entry_point
-from jobs import ArgumentParser
 from imgcls.cluster import SUBMITIT_INPUTS, _run_task, make_executor, make_private, snapshot_code
 from imgcls.config import absolute_paths, from_dict, load_config, redact_text, save_config, to_dict
 from imgcls.tracking import configure_logging
+from jobs import ArgumentParser
 from jobs.slurm_args import add_slurm_arguments, slurm_options
 
 log = logging.getLogger("sweep")
@@ -52,7 +52,8 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(__doc__)
     p.add_argument("--config", default="configs/sweep_example.yaml", help="YAML config (default: %(default)s)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every trial")
-    p.add_argument("--n-trials", type=int, default=12, help="finished (COMPLETE or PRUNED) trials to reach (default: %(default)s)")
+    p.add_argument("--n-trials", type=int, default=12,
+                   help="finished (COMPLETE or PRUNED) trials to reach (default: %(default)s)")
     p.add_argument("--parallel", type=int, default=4, help="trials running at once (default: %(default)s)")
     p.add_argument("--sweep-dir", default="", help="default: the config's run.dir")
     p.add_argument("--storage", default="", help="optuna storage URL (default: sqlite:///SWEEP_DIR/study.db)")
@@ -62,8 +63,10 @@ def build_parser() -> ArgumentParser:
                    help="no pruning until this many trials completed (default: %(default)s)")
     p.add_argument("--pruner-warmup-epochs", type=int, default=1,
                    help="no pruning before this epoch (default: %(default)s: from the first epoch's end)")
-    p.add_argument("--max-failures", type=int, default=0, help="stop after this many failed trials (default: --n-trials)")
-    p.add_argument("--poll", type=float, default=2.0, help="seconds between checks of the running jobs (default: %(default)s)")
+    p.add_argument("--max-failures", type=int, default=0,
+                   help="stop after this many failed trials (default: --n-trials)")
+    p.add_argument("--poll", type=float, default=2.0,
+                   help="seconds between checks of the running jobs (default: %(default)s)")
     add_slurm_arguments(p, job_name="imgcls-sweep")  # per trial, as in jobs/submit.py
     return p
 

@@ -10,10 +10,11 @@ import json
 import sys
 
 from imgcls.cli import entry_point
-from jobs import ArgumentParser
 from imgcls.config import config_yaml, load_config
 from imgcls.tracking import configure_logging
 from imgcls.trainer import train
+from jobs import ArgumentParser
+
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(__doc__)

@@ -13,7 +13,8 @@ from typing import Iterable, Iterator
 import numpy as np
 from PIL import Image
 
-from shardio.image import FORMATS as DECODED_FORMATS, MAX_PIXELS, Encoded, UnsupportedFormat, check_size  # noqa: F401 (re-exported)
+from shardio.image import FORMATS as DECODED_FORMATS  # noqa: F401 (re-exported)
+from shardio.image import MAX_PIXELS, Encoded, UnsupportedFormat, check_size  # noqa: F401 (MAX_PIXELS re-exported)
 
 FORMAT = "imgcls.shards/1"
 # "source": each image keeps its source file's bytes (JPEG, PNG or WebP), so a shard's image

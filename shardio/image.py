@@ -58,8 +58,8 @@ def check_size(width: int, height: int, max_pixels: int = MAX_PIXELS) -> None:
 
 class Encoded:
     """One encoded image with its header read: `format` (sniffed), `size` (width, height),
-    checked against `max_pixels` (serve sets a lower budget). ValueError (UnsupportedFormat for a foreign format) when the
-    bytes are not a decodable image; `array` decodes."""
+    checked against `max_pixels` (serve sets a lower budget). ValueError (UnsupportedFormat for a
+    foreign format) when the bytes are not a decodable image; `array` decodes."""
 
     def __init__(self, data: bytes, max_pixels: int = MAX_PIXELS):
         self.data, self.image = data, None

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
+
 from . import storage
 from .format import read_tar, read_tar_spans
 

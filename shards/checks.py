@@ -96,7 +96,8 @@ def _check_shard(dest: str, shard: dict, manifest: dict, deep: bool) -> tuple[li
                     image, label = decode_sample(sample, manifest)
                     counts[label] += 1
                     _check_size(image, sizes, len(keys) - 1, sample["__key__"])
-                    indexed = (label[0] if label else -1) if isinstance(label, list) else label  # multi-label: the first
+                    # multi-label: the first
+                    indexed = (label[0] if label else -1) if isinstance(label, list) else label
                     if labels is not None and len(keys) <= len(labels) and labels[len(keys) - 1] != indexed:
                         problems.append(f"{url}: sample {sample['__key__']}: label {label}, the index says "
                                         f"{labels[len(keys) - 1]}")

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.slurm_cluster import slurm_cluster  # noqa: F401  (the session fixture of test_cluster.py)
+
 REPO = Path(__file__).resolve().parents[1]
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -281,15 +283,18 @@ def torchrun_command(args: list[str], nproc: int) -> list[str]:
 
 def start_torchrun(args: list[str], nproc: int = 2, env: dict | None = None) -> subprocess.Popen:
     """jobs/train.py under torchrun in the background; read its log with read_line(p, stream=p.stderr)."""
-    return subprocess.Popen(torchrun_command(args, nproc), cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    return subprocess.Popen(torchrun_command(args, nproc), cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def torchrun(args: list[str], nproc: int = 2, env: dict | None = None, check: bool = True, timeout: int = 300):
-    result = subprocess.run(torchrun_command(args, nproc), cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    result = subprocess.run(torchrun_command(args, nproc), cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
                             capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
-        raise AssertionError(f"torchrun failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+        raise AssertionError(f"torchrun failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
+                             f"{result.stderr[-6000:]}")
     return result
 
 
@@ -564,7 +569,8 @@ def start_lease_holder(run_dir: str, job_id: str, timeout_s: float, start_at: fl
     """A separate python process that takes the run dir's lease and holds it until killed.
     Its first stdout line is 'acquired' or 'held: <why>' (exit code 3). `prefix`: a command
     that runs it (say, in another PID namespace)."""
-    return subprocess.Popen([*prefix, sys.executable, "-c", LEASE_HOLDER, run_dir, job_id, str(timeout_s), str(start_at)],
+    return subprocess.Popen([*prefix, sys.executable, "-c", LEASE_HOLDER, run_dir, job_id, str(timeout_s),
+                             str(start_at)],
                             cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

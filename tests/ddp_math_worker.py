@@ -4,13 +4,12 @@ import contextlib
 import sys
 
 import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from imgcls import distributed
-from imgcls.config import Config
-from imgcls.config import ModelConfig
+from imgcls.config import Config, ModelConfig
 from imgcls.models import build_model
 from imgcls.trainer import MicroBatch, forward_backward, make_optimizer
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 GLOBAL_BATCH = 32
 

@@ -101,8 +101,9 @@ ALL_OPS = [{"op": "vflip"}, {"op": "rotate90"}, {"op": "translate", "frac": 0.2}
 
 
 def test_every_op_resumes_exactly_mid_epoch(bands_dataset):
-    """(The 200-sample test split, read as training data.) A reader restarted at batch 4 yields the uninterrupted epoch's batches, and a reader on
-    another worker count gives every sample the same augmented image."""
+    """(The 200-sample test split, read as training data.) A reader restarted at batch 4 yields the
+    uninterrupted epoch's batches, and a reader on another worker count gives every sample the same
+    augmented image."""
     assert {o.get("op") for o in ALL_OPS} | {"gauss_blur", "median_blur", "motion_blur", "blur", "hflip"} >= set(OPS)
 
     def epoch_one(workers, position=0, ops=ALL_OPS):

@@ -31,8 +31,10 @@ def test_every_job_has_help(name):
     ("train", ["data.url=/nonexistent/ds"], "error: no shard manifest at /nonexistent/ds/manifest.json"),
     ("train", [], "error: data.url is empty: set data.url=PATH_OR_URL"),
     # enumerated keys are checked when the config is read, not at first use on a queued job's ranks
-    ("train", ["--print-config", "optim.name=adam"], "error: optim.name=adam: expected one of sgd, adamw; did you mean adamw?"),
-    ("train", ["--print-config", "train.precision=fp8"], "error: train.precision=fp8: expected one of auto, bf16, fp16, fp32"),
+    ("train", ["--print-config", "optim.name=adam"],
+     "error: optim.name=adam: expected one of sgd, adamw; did you mean adamw?"),
+    ("train", ["--print-config", "train.precision=fp8"],
+     "error: train.precision=fp8: expected one of auto, bf16, fp16, fp32"),
     ("train", ["--print-config", "run.device=gpu"], "error: run.device=gpu: expected one of auto, cuda, cpu"),
     ("submit", ["--cluster", "debug", "data.url=/nonexistent/ds", "schedule.name=linear", "data.augment.crop=none"],
      "error: schedule.name=linear: expected one of cosine, step, constant"),
@@ -141,7 +143,8 @@ def test_every_option_has_help_that_shows_its_default():
     for name, parser in all_parsers():
         parser.format_help()  # every %(default)s and %(choices)s must expand
         for action in parser._actions:
-            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)) or action.help == argparse.SUPPRESS:
+            if (isinstance(action, (argparse._HelpAction, argparse._SubParsersAction))
+                    or action.help == argparse.SUPPRESS):
                 continue
             flag = action.nargs == 0  # store_true/false/const: present or not
             valued = action.default not in (None, [], argparse.SUPPRESS) and not flag
@@ -177,8 +180,9 @@ def test_object_store_mistakes_are_one_line_with_a_hint(tmp_path):
         "no credentials": (["evaluate", checkpoint], base,
                            f"error: {checkpoint}.sha256: no credentials for the object store: set AWS_ACCESS_KEY_ID "
                            "and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"),
-        "closed endpoint": (["train", "--config", "", "data.url=s3://no-such-bucket/data", f"run.dir={tmp_path / 'run'}",
-                             "track.wandb=disabled"], {**base, **keys, "AWS_ENDPOINT_URL": "http://127.0.0.1:1"},
+        "closed endpoint": (["train", "--config", "", "data.url=s3://no-such-bucket/data",
+                             f"run.dir={tmp_path / 'run'}", "track.wandb=disabled"],
+                            {**base, **keys, "AWS_ENDPOINT_URL": "http://127.0.0.1:1"},
                             "error: s3://no-such-bucket/data/manifest.json: storage unreachable for "),
         "no endpoint": (["evaluate", checkpoint], {**base, **keys},
                         f"error: {checkpoint}.sha256: storage unreachable for "),

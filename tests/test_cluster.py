@@ -15,7 +15,6 @@ import torch
 
 from imgcls import checkpoint
 from tests.conftest import REPO, build_bands_dataset, torchrun
-from tests.slurm_cluster import slurm_cluster  # noqa: F401  (fixture)
 from tests.wandb_records import logged_steps
 
 pytestmark = pytest.mark.slurm
@@ -102,7 +101,8 @@ def test_preempted_job_checkpoints_requeues_and_matches_an_uninterrupted_run(slu
     wait_for(lambda: logged_step(run_dir) >= 20, 120, "the job to train 20 steps")
     urgent = slurm_cluster.sbatch("-p", "urgent", "-N", "4", "--exclusive", "--wrap", "sleep 3")
     assert wait_state(slurm_cluster, str(urgent), {"COMPLETED"}, 120) == "COMPLETED"
-    assert wait_state(slurm_cluster, job, {"COMPLETED", "FAILED", "CANCELLED"}, 240) == "COMPLETED", log_tail(run_dir, job)
+    assert wait_state(slurm_cluster, job, {"COMPLETED", "FAILED", "CANCELLED"}, 240) == "COMPLETED", \
+        log_tail(run_dir, job)
 
     runs = attempts(run_dir)
     assert len(runs) >= 2 and runs[-1]["restart_count"] >= 1, runs

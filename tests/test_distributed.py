@@ -95,7 +95,8 @@ def test_gpu_check_runs_its_checks_on_cpu(tmp_path):
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     checks = {row["check"]: row for row in report["checks"]}
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert {"train bf16 python", "train fp16 torchrun", "stop + resume bitwise", "evaluate", "export onnx"} <= set(checks)
+    assert {"train bf16 python", "train fp16 torchrun", "stop + resume bitwise", "evaluate",
+            "export onnx"} <= set(checks)
     assert "backend gloo" in checks["train bf16 torchrun"]["startup"]  # a group at world size 1
     assert checks["stop + resume bitwise"]["differing_tensors"] == []
     # the input path a user meets: source JPEGs, RandomResizedCrop in the workers, against in-memory images

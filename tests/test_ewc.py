@@ -58,7 +58,7 @@ def test_fisher_is_the_mean_squared_per_sample_gradient_of_a_draw_from_the_model
     model, data_cfg, manifest = previous_model(state_config(state).ewc)
     prev = checkpoint.load(previous)
     assert "ema" in prev
-    for name, p in model.named_parameters():
+    for name, _p in model.named_parameters():
         assert torch.equal(state["ewc"]["anchor"][name], prev["model"][name]), name
     assert not all(torch.equal(prev["model"][n], prev["ema"]["module." + n]) for n, _ in model.named_parameters())
 

@@ -241,9 +241,9 @@ def test_predict_refuses_a_torchscript_file_named_like_a_checkpoint(torchscript_
 def test_tflite_export_of_fast_cnn_whose_global_max_pool_litert_cannot_lower(tmp_path):
     """fast_cnn (the default recipe's model) ends in AdaptiveMaxPool2d(1), which litert-torch
     has no lowering for; the export swaps in an equal max over H and W."""
+    from imgcls.config import ModelConfig
     from imgcls.export import export_tflite
     from imgcls.inference import META_FORMAT, Predictor
-    from imgcls.config import ModelConfig
     from imgcls.models import build_model
 
     torch.manual_seed(0)

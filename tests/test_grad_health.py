@@ -45,7 +45,8 @@ def test_grad_norm_is_logged_and_a_non_finite_one_names_its_step(bands_dataset, 
          f"run.dir={run_dir}", *TINY_RUN, "model.name=tests.user_nets:inf_grad_net", "model.kwargs={good_steps: 12}",
          "train.sync_every=10", "train.ckpt_every=100", "train.grad_clip=0"],
         cwd=REPO, capture_output=True, text=True, timeout=180,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
+        env={**os.environ, "OMP_NUM_THREADS": "1",
+             "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
     assert out.returncode != 0
     assert "non-finite gradient norm at step 13 (epoch 0)" in out.stderr
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

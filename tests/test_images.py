@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 import shards
-from imgcls.data import DataError, ShardReader
 from imgcls.config import DataConfig
+from imgcls.data import DataError, ShardReader
 from imgcls.inference import load_image
 from shardio.format import write_tar
 from shardio.image import UnsupportedFormat
@@ -50,7 +50,8 @@ def tar_dataset(root, samples) -> str:
     """A one-shard val split of (key, label, ext, bytes) samples, indexed by `shards index`."""
     root.mkdir()
     (root / "val-000000.tar").write_bytes(write_tar(samples))
-    (root / "train-000000.tar").write_bytes(write_tar([("t0", 0, "png", encoded("PNG")), ("t1", 1, "png", encoded("PNG"))]))
+    (root / "train-000000.tar").write_bytes(write_tar([("t0", 0, "png", encoded("PNG")),
+                                                       ("t1", 1, "png", encoded("PNG"))]))
     shards.index(str(root), progress=False, workers=1)
     return str(root)
 
@@ -58,11 +59,13 @@ def tar_dataset(root, samples) -> str:
 def test_reader_refuses_a_bmp_member_named_png_naming_the_shard_and_key(tmp_path):
     root = tmp_path / "ds"
     root.mkdir()
-    (root / "val-000000.tar").write_bytes(write_tar([("good", 0, "png", encoded("PNG")), ("t1", 1, "png", encoded("PNG"))]))
+    (root / "val-000000.tar").write_bytes(write_tar([("good", 0, "png", encoded("PNG")),
+                                                     ("t1", 1, "png", encoded("PNG"))]))
     (root / "train-000000.tar").write_bytes(write_tar([("t0", 0, "png", encoded("PNG"))]))
     shards.index(str(root), progress=False, workers=1)
     # swapped in after indexing (index refuses it too), checksums off: the reader must refuse it
-    (root / "val-000000.tar").write_bytes(write_tar([("good", 0, "png", encoded("PNG")), ("bad", 1, "png", encoded("BMP"))]))
+    (root / "val-000000.tar").write_bytes(write_tar([("good", 0, "png", encoded("PNG")),
+                                                     ("bad", 1, "png", encoded("BMP"))]))
     reader = ShardReader(DataConfig(url=str(root), image_size=32, eval_batch_size=2, num_workers=0,
                                     verify_checksums=False), "val", train=False)
     with pytest.raises(DataError, match=r"val-000000.tar, sample bad: not an image in a format decoded here"):
@@ -117,11 +120,9 @@ def test_a_thin_image_costs_no_more_than_the_output_in_predict_and_a_val_shard(t
 def test_the_clamped_eval_transform_keeps_the_center_crop():
     """Cutting a long source to MAX_ASPECT before resizing changes the output by rounding only."""
     import torch
-
-    from imgcls.augment import MAX_ASPECT, resize_uint8
     from torchvision.transforms.v2 import functional as TF
 
-    from imgcls.augment import eval_resize_crop
+    from imgcls.augment import MAX_ASPECT, eval_resize_crop, resize_uint8
     rng = np.random.default_rng(0)
     smooth = resize_uint8(torch.from_numpy(rng.integers(0, 255, (3, 8, 8 * 3 * MAX_ASPECT), dtype=np.uint8)),
                           (60, 60 * 3 * MAX_ASPECT))
@@ -137,8 +138,10 @@ def test_index_refuses_duplicate_members_naming_the_shard_and_key(tmp_path):
     root = tmp_path / "ds"
     root.mkdir()
     png = encoded("PNG")
-    (root / "train-000000.tar").write_bytes(write_tar([("a", 0, "png", png), ("d", 0, "png", png), ("d", 1, "png", png)]))
-    with pytest.raises(ValueError, match=r"train-000000.tar is not a readable tar: sample d: member 'd.cls' appears twice"):
+    (root / "train-000000.tar").write_bytes(write_tar([("a", 0, "png", png), ("d", 0, "png", png),
+                                                       ("d", 1, "png", png)]))
+    with pytest.raises(ValueError,
+                       match=r"train-000000.tar is not a readable tar: sample d: member 'd.cls' appears twice"):
         shards.index(str(root), progress=False, workers=1)
 
 

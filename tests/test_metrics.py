@@ -152,7 +152,8 @@ plot_confusion_matrix(np.eye(3), ["a", "b", "c"], sys.argv[1] + ".warm.png")  # 
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = time.perf_counter()
 drawn = plot_confusion_matrix(m, names, sys.argv[1])
-print(json.dumps({"s": time.perf_counter() - start, "mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024,
+print(json.dumps({"s": time.perf_counter() - start,
+                  "mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024,
                   "drawn": drawn}))
 """
 
@@ -344,10 +345,13 @@ def test_evaluate_reports_average_precision_alone_and_on_two_ranks(bands_checkpo
 
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
                           f"--master-port={free_port()}", "--master-addr=127.0.0.1", str(REPO / "jobs" / "evaluate.py"),
-                          bands_checkpoint, "--data", noisy, "--out", str(tmp_path / "two")],  # the old name still works
-                         cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          bands_checkpoint, "--data", noisy,
+                          "--out", str(tmp_path / "two")],  # the old name still works
+                         cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert two.returncode == 0, two.stderr[-3000:]
-    assert json.loads((tmp_path / "two" / "metrics.json").read_text())["average_precision"] == saved["average_precision"]
+    assert (json.loads((tmp_path / "two" / "metrics.json").read_text())["average_precision"]
+            == saved["average_precision"])
 
 
 def test_on_batch_sees_each_batch_with_its_labels_under_test_time_views(bands_checkpoint, tmp_path):

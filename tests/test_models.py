@@ -7,13 +7,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from imgcls.config import ModelConfig
-from imgcls.models import (apply_unfreeze_schedule, build_model,
-                           efficientnet_lite0_weights, freeze_backbone, head_name,
-                           head_parameters, load_pretrained)
 from torchvision.ops import SqueezeExcitation
 
+from imgcls.config import ModelConfig
+from imgcls.models import (
+    apply_unfreeze_schedule,
+    build_model,
+    efficientnet_lite0_weights,
+    freeze_backbone,
+    head_name,
+    head_parameters,
+    load_pretrained,
+)
 from tests.conftest import REPO, SMALL
 
 NAMES = ["simple_cnn", "resnet18", "resnet34", "mobilenet_v3_small", "efficientnet_lite0",
@@ -55,7 +60,8 @@ def test_unknown_name_lists_close_names():
 
 def test_training_our_models_does_not_import_torchvision():
     # torchvision's import takes ~1.5 s of every rank's start-up (it imports torch._dynamo)
-    code = ("import sys; from imgcls.trainer import train; from imgcls.config import ModelConfig; from imgcls.models import build_model; "
+    code = ("import sys; from imgcls.trainer import train; from imgcls.config import ModelConfig; "
+            "from imgcls.models import build_model; "
             "build_model(ModelConfig(name='fast_cnn'), 10, 1); print(sorted(m for m in sys.modules "
             "if m.split('.')[0] == 'torchvision'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -85,7 +85,8 @@ def test_map_f1_and_the_threshold_match_a_brute_force_count():
     at = curves.at_thresholds()
     for b in (10, 35, 50, 80):
         expected = brute_force(scores, targets, b / 100)
-        assert np.allclose(at["f1"][:, b].numpy(), expected["f1"]) and np.isclose(float(at["micro_f1"][b]), expected["micro"])
+        assert (np.allclose(at["f1"][:, b].numpy(), expected["f1"])
+                and np.isclose(float(at["micro_f1"][b]), expected["micro"]))
         assert np.allclose(at["precision"][:, b].numpy(), expected["precision"])
     best = curves.best_threshold()
     micro = [brute_force(scores, targets, b / 100)["micro"] for b in range(100)]
@@ -152,7 +153,8 @@ def test_multi_label_evaluate_export_and_predict_every_label_over_the_threshold(
     stdout, _, _ = job("evaluate", ckpt, "--output", str(tmp_path / "eval"))
     assert "avg prec" in stdout and f"at threshold {threshold:.3f}" in stdout
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert saved["task"] == "multilabel" and saved["threshold"] == threshold and set(saved["per_class"]) == {"0", "1", "2", "3"}
+    assert (saved["task"] == "multilabel" and saved["threshold"] == threshold
+            and set(saved["per_class"]) == {"0", "1", "2", "3"})
     assert saved["map"] > 0.6 and 0 <= saved["per_class"]["0"]["f1"] <= 1
 
     stdout, _, code = job("export", ckpt, "--format", "onnx", "--check-samples", "64", "--threads", "1")

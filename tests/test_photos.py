@@ -212,7 +212,8 @@ def test_photo_folder_builds_trains_from_s3_resumes_exactly_evaluates_and_predic
     stopped mid-epoch and resumed bit for bit -> evaluate -> predict."""
     folder = build_photo_folder(tmp_path / "photos", per_class=8, seed=1)
     url = f"{s3_bucket}/photos"
-    subprocess.run([sys.executable, "-m", "shards", "build", str(folder), url, "--shard-samples", "10", "--no-progress"],
+    subprocess.run([sys.executable, "-m", "shards", "build", str(folder), url, "--shard-samples", "10",
+                    "--no-progress"],
                    cwd=REPO, check=True, capture_output=True, timeout=120)
     assert read_manifest(url)["encoding"] == "source"  # the files' own JPEG, PNG and WebP bytes
     args = [f"data.url={url}", *PHOTO_RUN]

@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 from imgcls import checkpoint
 from imgcls.config import load_config, redacted, save_config
 from tests.conftest import REPO, TINY_RUN

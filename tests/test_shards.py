@@ -19,9 +19,9 @@ import pytest
 from PIL import Image
 
 import shards
-from shards.cli import main as cli_main, parse_bytes
 from shardio.format import decode_image, encode_image
-
+from shards.cli import main as cli_main
+from shards.cli import parse_bytes
 from tests.conftest import FASHION_MNIST, REPO, needs_fashion_mnist
 
 FOLDER_COUNTS = {"cat": 12, "dog": 9, "emu": 6}

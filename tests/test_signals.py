@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from tests.conftest import REPO, SMALL
 from imgcls.signals import StopRequest, keep_worker_through_cancel, wants_requeue
+from tests.conftest import REPO, SMALL
 
 
 @pytest.fixture

@@ -40,7 +40,8 @@ def test_status_lists_runs_started_without_submit(bands_dataset, tmp_path, s3_bu
 
     import s3fs
 
-    s3fs.S3FileSystem(skip_instance_cache=True).put(str(runs / "finished"), f"{s3_bucket}/runs/finished", recursive=True)
+    s3fs.S3FileSystem(skip_instance_cache=True).put(str(runs / "finished"), f"{s3_bucket}/runs/finished",
+                                                    recursive=True)
     on_s3 = rows_by_name(f"{s3_bucket}/runs")["finished"]
     assert on_s3 == {**finished, "run_dir": f"{s3_bucket}/runs/finished"}
 

