@@ -124,7 +124,7 @@ def train(kind: str, data: dict, seed: int, epochs: int, batch: int, lr: float, 
 @torch.no_grad()
 def scores(model: torch.nn.Module, kind: str, x: torch.Tensor) -> np.ndarray:
     logits = torch.cat([model(x[i:i + 500]) for i in range(0, len(x), 500)])
-    return (torch.sigmoid(logits) if kind == "multi-label" else torch.softmax(logits, 1)).numpy()
+    return (torch.sigmoid(logits) if kind == "multi-label" else torch.softmax(logits, 1)).cpu().numpy()
 
 
 def average_precision(score: np.ndarray, positive: np.ndarray) -> float:
@@ -189,13 +189,13 @@ def main() -> None:
             model = train(kind, data, seed, args.epochs, args.batch, args.lr, args.width)
             seconds = time.time() - start
             test = scores(model, kind, data["test"][0])
-            target = data["test"][1].numpy()
+            target = data["test"][1].cpu().numpy()
             row = results.setdefault(kind, {})
             row.setdefault("mAP", []).append(mean_ap(test, target))
             row.setdefault("top-2 exact", []).append(top2_exact(test, target))
             row.setdefault("train s", []).append(seconds)
             if kind == "multi-label":
-                t = val_threshold(scores(model, kind, data["val"][0]), data["val"][1].numpy())
+                t = val_threshold(scores(model, kind, data["val"][0]), data["val"][1].cpu().numpy())
                 row.setdefault("subset acc @ val threshold", []).append(
                     float(np.mean(((test >= t) == (target > 0)).all(1))))
             print(f"seed {seed} {kind}: " + ", ".join(f"{k} {v[-1]:.4f}" for k, v in row.items()), flush=True)

@@ -56,7 +56,7 @@ def _pil_filter(x: torch.Tensor, image_filter) -> torch.Tensor:
     """A PIL ImageFilter over CHW uint8: PIL's C filters are ~50x an unfold-and-median here."""
     from PIL import Image
 
-    channels = [x.permute(1, 2, 0).numpy()] if x.shape[0] == 3 else [c.numpy() for c in x]
+    channels = [x.permute(1, 2, 0).cpu().numpy()] if x.shape[0] == 3 else [c.cpu().numpy() for c in x]
     out = [np.array(Image.fromarray(np.ascontiguousarray(c)).filter(image_filter)) for c in channels]
     if x.shape[0] == 3:
         return torch.from_numpy(out[0]).permute(2, 0, 1).contiguous()
