@@ -202,7 +202,7 @@ def load(url: str, retry_s: float = storage.DEFAULT_RETRY_S) -> dict:
     # the sidecar first: a checkpoint always goes (pruned, moved aside) before its sidecar
     expected = _expected_sha256(url, retry_s)
     data = storage.read_bytes(url, retry_s)
-    target = _pointer_target(data)
+    target = pointer_target(data)
     if target is not None:  # best.pt: the file it names
         return load(storage.join(posixpath.dirname(url), target), retry_s)
     if expected is None:
@@ -215,7 +215,7 @@ def load(url: str, retry_s: float = storage.DEFAULT_RETRY_S) -> dict:
         raise CorruptCheckpoint(f"{url}: not a loadable checkpoint ({len(data)} bytes): {e}") from e
 
 
-def _pointer_target(data: bytes) -> str | None:
+def pointer_target(data: bytes) -> str | None:
     """The file name a pointer (best.pt) holds; None for a checkpoint."""
     if not data.startswith(b"{") or len(data) > 4096:
         return None

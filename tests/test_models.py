@@ -134,7 +134,7 @@ def test_pretrained_round_trip(tmp_path, wrap):
         state = {f"module.{k}": v for k, v in state.items()}
     torch.save(state, tmp_path / "w.pth")
     torch.manual_seed(1)  # a different init: everything must come from the file
-    loaded = build_model(ModelConfig(name="resnet18", se=True,
+    loaded = build_model(ModelConfig(name="resnet18", se=True, small_stem=True,  # as the source's (auto, no weights)
                                      pretrained=str(tmp_path / "w.pth")), 10, 1)
     expected = source.state_dict()
     assert loaded.state_dict().keys() == expected.keys()
@@ -186,7 +186,8 @@ def test_rgb_stem_folds_into_grey(tmp_path):
 def test_efficientnet_lite0_imagenet_fine_tunes():
     imagenet = torch.load(efficientnet_lite0_weights(), weights_only=True)
     torch.manual_seed(0)
-    model = build_model(ModelConfig(name="efficientnet_lite0", pretrained="imagenet",
+    # 32 px inputs: the small stem over the pretrained weights, asked for (auto keeps their own)
+    model = build_model(ModelConfig(name="efficientnet_lite0", pretrained="imagenet", small_stem=True,
                                     freeze_backbone=True, unfreeze_schedule=[[1, "all"]]),
                         num_classes=10, in_channels=1)
     assert torch.equal(model._conv_stem.weight,

@@ -51,6 +51,7 @@ def test_evaluate_export_and_quantize_report_their_progress(bands_checkpoint, tm
     assert isinstance(result, dict), stderr[-3000:]
     ends = [r.getMessage().split(" in ")[0] for r in caplog.records if r.name == "imgcls.progress"]
     assert ends == ["evaluate test: 200 images",  # the bands test split
+                    "read val samples: 400 images",  # export's reference behaviour on val
                     "read test samples: 200 images", "check onnx against pytorch: 200 images",  # export's check
                     "read train samples: 64 images", "ONNX calibration: 64 images",  # quantize
                     "read test samples: 200 images", "fp32 accuracy: 200 images", "int8 accuracy: 200 images"]

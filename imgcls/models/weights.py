@@ -36,10 +36,15 @@ def adapt_input_channels(weight: torch.Tensor, in_channels: int) -> torch.Tensor
 
 
 def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    from imgcls.checkpoint import pointer_target
     from shardio import storage  # imported here: models has no other use for fsspec
 
     try:
         data = storage.read_bytes(path)
+        target = pointer_target(data)
+        if target is not None:  # a run's best.pt names its best-STEP.pt beside it
+            path = storage.join(path.rsplit("/", 1)[0] if "/" in path else ".", target)
+            data = storage.read_bytes(path)
         if path.endswith(".safetensors"):  # timm's and the Hugging Face hub's weights files
             from safetensors.torch import load
 
