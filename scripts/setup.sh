@@ -13,7 +13,7 @@ fi
 .venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
 # compat: the checkout is on sys.path (a .pth), so a user's own shards/ or jobs/ folder in the
 # working directory cannot shadow the package the way the default editable finder lets it
-.venv/bin/python -m pip install -q -e '.[pretrained,deploy,tflite,serve,test]' --config-settings editable_mode=compat
+.venv/bin/python -m pip install -q -e '.[pretrained,deploy,tflite,serve,test,bench]' --config-settings editable_mode=compat
 
 if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

@@ -111,8 +111,8 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(dat
     run_dir = str(tmp_path / "nan")
     torchrun([f"data.url={dataset}", f"run.dir={run_dir}", *SMALL, "train.max_steps=5"])
     good = final_state(run_dir)
-    # resume with a zero std: every input is inf, so the next step's loss is not finite
-    out = torchrun([f"data.url={dataset}", f"run.dir={run_dir}", *SMALL, "data.std=[0.0]", *syncs,
+    # resume with a mean past float32's range: every input is -inf, so the next step's loss is not finite
+    out = torchrun([f"data.url={dataset}", f"run.dir={run_dir}", *SMALL, "data.mean=[3.0e38]", *syncs,
                     "train.allow_config_change=true"], check=False)
     assert out.returncode != 0
     assert "non-finite loss at step 6" in out.stderr
