@@ -127,3 +127,39 @@ def distillation_loss(student_logits, teacher_logits, temperature: float):
     t = temperature
     return F.kl_div(F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
                     reduction="batchmean", log_target=True) * t * t
+
+
+class Objective:
+    """The loss of one micro-batch: cross-entropy or focal loss with label smoothing, against
+    the Mixup/CutMix targets when the batch was mixed, plus distillation from a teacher, plus
+    a weight penalty (EWC). The penalty is added to every micro-batch's loss, which
+    forward_backward divides by their number: once per optimizer step, on every rank alike."""
+
+    def __init__(self, train_cfg=None, distill_cfg=None, teacher: torch.nn.Module | None = None, penalty=None,
+                 class_weights: torch.Tensor | None = None, loss: str = "ce"):
+        self.label_smoothing = train_cfg.label_smoothing if train_cfg else 0.0
+        self.focal_gamma = train_cfg.focal_gamma if train_cfg else 0.0
+        self.loss = loss or "ce"  # resolve_loss's: ce, or a sigmoid loss over one-hot/multi-hot targets
+        self.distill, self.teacher, self.penalty, self.class_weights = distill_cfg, teacher, penalty, class_weights
+
+    def __call__(self, logits, images, labels, mix: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+        def loss_for(targets):
+            if self.loss != "ce":
+                smooth, classes = self.label_smoothing, logits.shape[1]
+                targets = one_hot_targets(targets, classes) * (1 - smooth) + smooth / classes
+                return multilabel_loss(logits, targets, self.loss, pos_weight=self.class_weights,
+                                       focal_gamma=self.focal_gamma or 2.0)
+            return classification_loss(logits, targets, label_smoothing=self.label_smoothing,
+                                       focal_gamma=self.focal_gamma, class_weights=self.class_weights)
+        loss = loss_for(labels)
+        if mix is not None:
+            labels_b, lam = mix
+            loss = lam * loss + (1 - lam) * loss_for(labels_b)
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_logits = self.teacher(images).float()
+            alpha = self.distill.alpha
+            loss = (1 - alpha) * loss + alpha * distillation_loss(logits, teacher_logits, self.distill.temperature)
+        if self.penalty is not None:
+            loss = loss + self.penalty()
+        return loss

@@ -34,18 +34,9 @@ from imgcls.config import Config, ConfigError, redacted, save_config, to_dict
 from imgcls.data import DataError, ShardReader, first_images, input_size, read_manifest, start_epoch
 from imgcls.evaluation import evaluate, evaluate_multilabel, model_from_checkpoint
 from imgcls.jsonl import parse_jsonl
-from imgcls.losses import (
-    balanced_class_weights,
-    classification_loss,
-    distillation_loss,
-    mix_batch,
-    multilabel_loss,
-    one_hot_targets,
-    positive_weights,
-    resolve_loss,
-)
+from imgcls.losses import Objective, balanced_class_weights, mix_batch, positive_weights, resolve_loss
 from imgcls.models import apply_unfreeze_schedule, build_model, describe_stem, is_user_model
-from imgcls.models.parts import param_groups
+from imgcls.optim import effective_batch, effective_lr, make_optimizer, make_schedule
 from imgcls.precision import autocast, precision_name, resolve_precision
 from imgcls.progress import ProgressReport
 from imgcls.signals import StopRequest, wants_requeue
@@ -101,124 +92,6 @@ def record_resume(run_dir: str, step: int) -> int:
     while stalled + 1 < len(steps) and steps[-2 - stalled] == step:
         stalled += 1
     return stalled
-
-
-def effective_batch(cfg: Config, world_size: int) -> int:
-    return cfg.data.batch_size * cfg.train.accum_steps * world_size
-
-
-def effective_lr(cfg: Config, world_size: int) -> float:
-    """Linear scaling rule (Goyal et al. 2017): lr ∝ effective batch."""
-    return cfg.optim.lr * effective_batch(cfg, world_size) / cfg.optim.base_batch
-
-
-def make_optimizer(cfg: Config, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
-    """No weight decay on biases and norm weights (1-d tensors), as is standard; a learning rate
-    per part with optim.head_lr_mult and optim.layer_decay (imgcls.models.parts)."""
-    o = cfg.optim
-    if not (o.head_lr_mult > 0 and 0 < o.layer_decay <= 1):
-        raise ConfigError(f"optim.head_lr_mult={o.head_lr_mult} must be > 0 and optim.layer_decay={o.layer_decay} "
-                          "in (0, 1]")
-    groups = param_groups(model, lr, o.weight_decay, o.head_lr_mult, o.layer_decay)
-    if cfg.optim.name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov)
-    if cfg.optim.name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr)
-    raise ValueError(f"optim.name: unknown optimizer {cfg.optim.name!r} (sgd | adamw)")
-
-
-class SampleSchedule:
-    """The learning rate as a function of the training samples seen by all ranks together,
-    not of the step count: a run resumed on another number of ranks (so another effective
-    batch and linearly scaled peak lr) stays where it was on its schedule.
-
-    lr = peak × factor(samples): linear warmup over `warmup` samples, then cosine to
-    min_lr_ratio at `total`, step decay by gamma every `step_epochs` epochs, or constant.
-    """
-
-    def __init__(self, cfg, optimizer, *, batch: int, samples_per_epoch: int, total: int):
-        self.cfg, self.optimizer, self.batch = cfg, optimizer, batch
-        self.samples_per_epoch, self.total = samples_per_epoch, total
-        self.warmup = int(cfg.warmup_epochs * samples_per_epoch // batch) * batch
-        if cfg.name not in ("cosine", "step", "constant"):
-            raise ValueError(f"schedule.name: unknown schedule {cfg.name!r} (cosine | step | constant)")
-        self.peak = [group["lr"] for group in optimizer.param_groups]
-        self.samples = 0
-        self._apply()
-
-    def factor(self) -> float:
-        s, n = self.cfg, self.samples
-        if n < self.warmup:
-            return (n + self.batch) / self.warmup
-        if s.name == "cosine":
-            t = (n - self.warmup) / max(self.batch, self.total - self.warmup)
-            return s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-        if s.name == "step":
-            return s.gamma ** (n // (s.step_epochs * self.samples_per_epoch))
-        return 1.0
-
-    def step(self) -> None:
-        """After an optimizer step: `batch` more samples seen."""
-        self.samples += self.batch
-        self._apply()
-
-    def _apply(self) -> None:
-        factor = self.factor()
-        for group, peak in zip(self.optimizer.param_groups, self.peak):
-            group["lr"] = peak * factor
-
-    def get_last_lr(self) -> list[float]:
-        return [group["lr"] for group in self.optimizer.param_groups]
-
-    def state_dict(self) -> dict:
-        return {"samples": self.samples}
-
-    def load_state_dict(self, state: dict) -> None:
-        # a checkpoint of torch's LambdaLR (step-based, before this schedule): steps x batch
-        self.samples = state["samples"] if "samples" in state else state["last_epoch"] * self.batch
-        self._apply()
-
-
-def make_schedule(cfg: Config, optimizer, steps_per_epoch: list[int], world_size: int) -> SampleSchedule:
-    batch = effective_batch(cfg, world_size)
-    return SampleSchedule(cfg.schedule, optimizer, batch=batch, samples_per_epoch=steps_per_epoch[0] * batch,
-                          total=sum(steps_per_epoch) * batch)
-
-
-class Objective:
-    """The loss of one micro-batch: cross-entropy or focal loss with label smoothing, against
-    the Mixup/CutMix targets when the batch was mixed, plus distillation from a teacher, plus
-    a weight penalty (EWC). The penalty is added to every micro-batch's loss, which
-    forward_backward divides by their number: once per optimizer step, on every rank alike."""
-
-    def __init__(self, train_cfg=None, distill_cfg=None, teacher: torch.nn.Module | None = None, penalty=None,
-                 class_weights: torch.Tensor | None = None, loss: str = "ce"):
-        self.label_smoothing = train_cfg.label_smoothing if train_cfg else 0.0
-        self.focal_gamma = train_cfg.focal_gamma if train_cfg else 0.0
-        self.loss = loss or "ce"  # resolve_loss's: ce, or a sigmoid loss over one-hot/multi-hot targets
-        self.distill, self.teacher, self.penalty, self.class_weights = distill_cfg, teacher, penalty, class_weights
-
-    def __call__(self, logits, images, labels, mix: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
-        def loss_for(targets):
-            if self.loss != "ce":
-                smooth, classes = self.label_smoothing, logits.shape[1]
-                targets = one_hot_targets(targets, classes) * (1 - smooth) + smooth / classes
-                return multilabel_loss(logits, targets, self.loss, pos_weight=self.class_weights,
-                                       focal_gamma=self.focal_gamma or 2.0)
-            return classification_loss(logits, targets, label_smoothing=self.label_smoothing,
-                                       focal_gamma=self.focal_gamma, class_weights=self.class_weights)
-        loss = loss_for(labels)
-        if mix is not None:
-            labels_b, lam = mix
-            loss = lam * loss + (1 - lam) * loss_for(labels_b)
-        if self.teacher is not None:
-            with torch.no_grad():
-                teacher_logits = self.teacher(images).float()
-            alpha = self.distill.alpha
-            loss = (1 - alpha) * loss + alpha * distillation_loss(logits, teacher_logits, self.distill.temperature)
-        if self.penalty is not None:
-            loss = loss + self.penalty()
-        return loss
 
 
 def forward_backward(ddp, micro_batches: list[MicroBatch], scaler, autocast_ctx, *,

@@ -9,7 +9,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from imgcls import distributed
 from imgcls.config import Config, ModelConfig
 from imgcls.models import build_model
-from imgcls.trainer import MicroBatch, forward_backward, make_optimizer
+from imgcls.optim import make_optimizer
+from imgcls.trainer import MicroBatch, forward_backward
 
 GLOBAL_BATCH = 32
 

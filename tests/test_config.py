@@ -126,8 +126,8 @@ def test_the_optimizer_and_precision_docs_say_what_the_code_does():
     import torch
 
     from imgcls.config import OptimConfig, TrainConfig, field_docs
+    from imgcls.optim import make_optimizer
     from imgcls.precision import resolve_precision
-    from imgcls.trainer import make_optimizer
 
     cfg = load_config(None, ["optim.name=adamw", "optim.momentum=0.5"])
     optimizer = make_optimizer(cfg, torch.nn.Linear(2, 2), lr=0.1)

@@ -9,7 +9,7 @@ import torch
 from imgcls.config import Config, ConfigError, ModelConfig
 from imgcls.models import apply_unfreeze_schedule, build_model
 from imgcls.models.parts import stages
-from imgcls.trainer import make_optimizer, make_schedule
+from imgcls.optim import make_optimizer, make_schedule
 
 
 def group_lr(optimizer) -> dict[int, float]:

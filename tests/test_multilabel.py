@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from imgcls.losses import mix_batch, multilabel_loss, positive_weights, resolve_loss
+from imgcls.losses import Objective, mix_batch, multilabel_loss, positive_weights, resolve_loss
 from imgcls.metrics import PrecisionRecallCurves
-from imgcls.trainer import MicroBatch, Objective, correct, forward_backward
+from imgcls.trainer import MicroBatch, correct, forward_backward
 from tests.conftest import TINY_RUN, train_process
 
 LOGITS = torch.randn(16, 5, generator=torch.Generator().manual_seed(0)) * 3

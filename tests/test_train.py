@@ -316,7 +316,7 @@ def test_rerunning_a_finished_run_says_it_is_done(uninterrupted, dataset, tmp_pa
 
 def test_the_schedule_is_defined_in_samples_so_another_world_size_keeps_its_place():
     from imgcls.config import Config
-    from imgcls.trainer import make_optimizer, make_schedule
+    from imgcls.optim import make_optimizer, make_schedule
 
     cfg = Config()
     cfg.data.batch_size, cfg.optim.lr, cfg.optim.base_batch = 32, 0.1, 64
