@@ -31,9 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from imgcls import checkpoint  # noqa: E402
-from imgcls.config import from_dict  # noqa: E402
-from imgcls.data import ShardReader, read_manifest  # noqa: E402
-from imgcls.evaluation import model_from_checkpoint  # noqa: E402
+from imgcls.data import ShardReader  # noqa: E402
+from imgcls.models.trained import load_model  # noqa: E402
 from jobs import add_output_argument  # noqa: E402
 from shards import build  # noqa: E402
 from shards.sources import FASHION_MNIST_CLASSES, open_source  # noqa: E402
@@ -83,11 +82,9 @@ def train(run_dir: Path, data: str, nproc: int, overrides: list[str]) -> str:
 
 def accuracies(ckpt: str, data: str, classes: list[int]) -> tuple[float, float]:
     """(10-way accuracy, accuracy with the argmax over `classes` only) on the test split."""
-    state = checkpoint.load(ckpt)
-    manifest = read_manifest(data)
-    model, _ = model_from_checkpoint(state, manifest, use_ema=False)
-    data_cfg = from_dict(state["config"]).data
-    data_cfg.url, data_cfg.num_workers = data, 0
+    trained = load_model(ckpt, use_ema=False, data_url=data)
+    model, manifest, data_cfg = trained.model, trained.manifest, trained.config.data
+    data_cfg.num_workers = 0
     reader = ShardReader(data_cfg, "test", train=False, manifest=manifest)
     mask = torch.full((len(manifest["classes"]),), -torch.inf)
     mask[classes] = 0

@@ -6,8 +6,8 @@ import json
 import torch
 import torch.nn.functional as F
 
-from imgcls import checkpoint, distributed
-from imgcls.data import ShardReader, read_manifest
+from imgcls import distributed
+from imgcls.data import ShardReader
 from imgcls.metrics import ConfusionMatrix, PrecisionRecallCurves
 from imgcls.precision import autocast, resolve_precision
 from imgcls.progress import TaskProgress
@@ -92,34 +92,6 @@ def tta_logits(model, images: torch.Tensor, *, flip: bool = False, shift: bool =
     return logits
 
 
-def model_from_checkpoint(state: dict, manifest: dict, use_ema: bool = True):
-    """(model in eval mode, "ema" | "model"): the checkpoint's architecture, for the classes and
-    images of `manifest`, with its weights, the EMA ones when present and wanted."""
-    from imgcls.config import from_dict
-    from imgcls.data import input_size
-    from imgcls.models import build_model
-    from imgcls.models.zoo import stem_choice
-
-    cfg = from_dict(state["config"])
-    size = input_size(cfg.data, manifest)
-    cfg.model.small_stem = stem_choice(cfg.model, size)[0]  # the stem it was trained with, pretrained or not
-    cfg.model.pretrained = ""  # every weight is in the checkpoint; the original file need not exist here
-    model = build_model(cfg.model, len(manifest["classes"]), manifest["image"]["channels"], size)
-    if cfg.prune.sparsity > 0:  # the state holds weight_orig/weight_mask: load into a masked model
-        from imgcls.pruning import apply_pruning, make_permanent
-        apply_pruning(model, cfg.prune)
-    if use_ema and "ema" in state:  # AveragedModel's state: module.* plus n_averaged
-        model.load_state_dict({k.removeprefix("module."): v for k, v in state["ema"].items()
-                               if k.startswith("module.")})
-        weights = "ema"
-    else:
-        model.load_state_dict(state["model"])
-        weights = "model"
-    if cfg.prune.sparsity > 0:
-        make_permanent(model)  # a plain `weight` with the zeros baked in
-    return model.eval(), weights
-
-
 def run_dir_of(checkpoint_url: str) -> str:
     """RUN_DIR for RUN_DIR/checkpoints/step-N.pt."""
     return checkpoint_url.rsplit("/", 2)[0]
@@ -131,17 +103,12 @@ def evaluate_checkpoint(checkpoint_url: str, split: str = "test", data_url: str 
     confusion.png and pr_curves.png to OUT_DIR (default RUN_DIR/eval/SPLIT). The report and
     metrics.json hold the average precision per class. Works under torchrun or alone; `device`
     as jobs/evaluate.py's --device (auto: this rank's GPU when CUDA is usable)."""
-    from imgcls.config import from_dict
+    from imgcls.models.trained import load_model
 
     dist = distributed.init_distributed(device, device_key="--device ")
-    state = checkpoint.load(checkpoint_url)
-    cfg = from_dict(state["config"])
-    if data_url:
-        cfg.data.url = data_url
-    manifest = read_manifest(cfg.data.url, cfg.data.read_retry_s)
-    classes = manifest["classes"]
-    model, weights = model_from_checkpoint(state, manifest, use_ema)
-    model = model.to(dist.device)
+    trained = load_model(checkpoint_url, dist.device, use_ema=use_ema, data_url=data_url)
+    model, weights, cfg, state, classes = trained.model, trained.weights, trained.config, trained.state, trained.classes
+    manifest = trained.manifest
     reader = ShardReader(cfg.data, split, rank=dist.rank, world_size=dist.world_size, train=False, manifest=manifest)
     precision = resolve_precision(cfg.train.precision, dist.device)
     if reader.multilabel:
@@ -172,7 +139,7 @@ def evaluate_checkpoint(checkpoint_url: str, split: str = "test", data_url: str 
         write_report(out, result, report, confusion, curves, classes)
         result["out_dir"] = out
         result["report"] = report
-    del model
+    del model, trained
     distributed.shutdown()
     return result
 

@@ -32,8 +32,8 @@ from torch.func import functional_call, grad, vmap
 
 from imgcls import distributed
 from imgcls.augment import sample_uniforms
-from imgcls.config import ConfigError, from_dict
-from imgcls.data import ShardReader, read_manifest
+from imgcls.config import ConfigError
+from imgcls.data import ShardReader
 
 log = logging.getLogger(__name__)
 FISHER_DRAW = -1  # the "epoch" of the label draws' hash: apart from every augmentation draw
@@ -120,20 +120,15 @@ def sgd_step_limit(optim_cfg) -> float:
 def previous_model(ewc_cfg):
     """(the previous checkpoint's model with its raw weights, in eval mode; the data config it
     was trained with, pointed at ewc.data_url when given; that data's manifest)."""
-    from imgcls.checkpoint import load
-    from imgcls.evaluation import model_from_checkpoint
+    from imgcls.models.trained import load_model
 
     try:
-        state = load(ewc_cfg.previous)
+        previous = load_model(ewc_cfg.previous, use_ema=False, data_url=ewc_cfg.data_url)
     except FileNotFoundError:
         raise ConfigError(f"ewc.previous: no checkpoint at {ewc_cfg.previous}") from None
-    previous_cfg = from_dict(state["config"])
     # its mean/std too: the Fisher is of the model on the inputs it was trained on
-    data_cfg = replace(previous_cfg.data, url=ewc_cfg.data_url or previous_cfg.data.url, num_workers=0,
-                       eval_batch_size=ewc_cfg.batch_size)
-    manifest = read_manifest(data_cfg.url)
-    model, _ = model_from_checkpoint(state, manifest, use_ema=False)
-    return model, data_cfg, manifest
+    data_cfg = replace(previous.config.data, num_workers=0, eval_batch_size=ewc_cfg.batch_size)
+    return previous.model, data_cfg, previous.manifest
 
 
 def rank_quota(shards: list[dict], total: int, rank: int, world_size: int) -> int:

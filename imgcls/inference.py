@@ -152,22 +152,17 @@ def load_checkpoint_model(checkpoint_url: str, data_url: str = "",
                           use_ema: bool = True) -> tuple[torch.nn.Module, dict]:
     """(model in eval mode, meta) for a checkpoint, with the EMA weights when it has them
     (as evaluation does). The class names come from the dataset's manifest."""
-    from imgcls import checkpoint
-    from imgcls.data import read_manifest
-    from imgcls.evaluation import model_from_checkpoint
+    from imgcls.models.trained import load_model
 
     refuse_torchscript(checkpoint_url)
     try:
-        state = checkpoint.load(checkpoint_url)
+        trained = load_model(checkpoint_url, use_ema=use_ema, data_url=data_url)
     except RuntimeError as e:  # a remote TorchScript archive: torch's own refusal is a page long
         if "TorchScript" in str(e):
             raise UntrustedFormatError(_torchscript_refusal(checkpoint_url)) from None
         raise
-    data_url = data_url or state["config"]["data"]["url"]
-    manifest = read_manifest(data_url)
-    model, kind = model_from_checkpoint(state, manifest, use_ema)
-    model = model.float()
-    return model, checkpoint_meta(state, manifest, kind, checkpoint_url, data_url)
+    meta = checkpoint_meta(trained.state, trained.manifest, trained.weights, checkpoint_url, trained.config.data.url)
+    return trained.model.float(), meta
 
 
 @contextlib.contextmanager

@@ -4,7 +4,7 @@
 trained parameter) times `weight_mask` (a buffer), recomputed by a forward pre-hook before
 every forward. So fine-tuning keeps the zeros, and the state_dict holds weight_orig/weight_mask:
 a checkpoint resumes exactly when the masks are applied to the fresh model before
-load_state_dict (the trainer does; imgcls.evaluation.model_from_checkpoint does too and then
+load_state_dict (the trainer does; imgcls.models.trained.load_model does too and then
 calls `make_permanent`, which bakes the zeros into a plain `weight`).
 
 Methods (PruneConfig.method):

@@ -32,7 +32,7 @@ from imgcls import distributed
 from imgcls.checkpoint import Checkpointer, RNGState
 from imgcls.config import Config, ConfigError, redacted, save_config, to_dict
 from imgcls.data import DataError, ShardReader, first_images, input_size, read_manifest, start_epoch
-from imgcls.evaluation import evaluate, evaluate_multilabel, model_from_checkpoint
+from imgcls.evaluation import evaluate, evaluate_multilabel
 from imgcls.jsonl import parse_jsonl
 from imgcls.losses import Objective, balanced_class_weights, mix_batch, positive_weights, resolve_loss
 from imgcls.models import apply_unfreeze_schedule, build_model, describe_stem, is_user_model
@@ -280,10 +280,10 @@ class Trainer:
     def _teacher(self) -> torch.nn.Module | None:
         if not self.cfg.distill.teacher:
             return None
-        from imgcls.checkpoint import load
+        from imgcls.models.trained import load_model
 
-        teacher, _ = model_from_checkpoint(load(self.cfg.distill.teacher), self.manifest)
-        return teacher.to(self.device).requires_grad_(False)
+        teacher = load_model(self.cfg.distill.teacher, self.device, manifest=self.manifest).model
+        return teacher.requires_grad_(False)
 
     def _ewc(self):
         """The EWC penalty's state (ewc.previous): computed on a fresh run, restored on a resume."""

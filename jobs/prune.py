@@ -35,7 +35,8 @@ from imgcls import checkpoint
 from imgcls.cli import entry_point
 from imgcls.config import Config, apply_override, from_dict, to_dict
 from imgcls.data import ShardReader, read_manifest
-from imgcls.evaluation import evaluate, model_from_checkpoint, run_dir_of
+from imgcls.evaluation import evaluate, run_dir_of
+from imgcls.models.trained import model_from_state
 from imgcls.precision import autocast, resolve_precision
 from imgcls.pruning import METHODS, apply_pruning, sparsity_report
 from imgcls.tracking import configure_logging
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = fine_tune_config(args, source["config"])
     manifest = read_manifest(cfg.data.url)
 
-    original, _ = model_from_checkpoint(source, manifest, use_ema=False)  # where fine-tuning starts
+    original, _ = model_from_state(source, manifest, use_ema=False)  # where fine-tuning starts
     if from_dict(source["config"]).prune.sparsity > 0:
         # pruning a pruned run again: load_pretrained reads plain `weight` tensors, not
         # weight_orig/weight_mask, so start from its weights with the zeros baked in
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     result = train(cfg)
     final, final_url = checkpoint.load_latest(cfg.run.dir)
-    tuned, weights = model_from_checkpoint(final, manifest)  # masks made permanent
+    tuned, weights = model_from_state(final, manifest)  # masks made permanent
     after = accuracy(tuned, cfg, args.split, manifest)
     sparsity = sparsity_report(tuned, cfg.prune.method)
     buffer = io.BytesIO()

@@ -15,8 +15,8 @@ import torch
 from imgcls import checkpoint
 from imgcls.config import ModelConfig, from_dict
 from imgcls.data import read_manifest
-from imgcls.evaluation import model_from_checkpoint
 from imgcls.models import build_model
+from imgcls.models.trained import model_from_state
 from imgcls.pruning import apply_pruning, make_permanent, sparsity_report
 from tests.conftest import REPO, build_bands_dataset, torchrun
 
@@ -106,7 +106,7 @@ def test_fine_tuning_keeps_the_zeros_and_resumes_bitwise(trained, dataset, tmp_p
     start = checkpoint.load(trained)["model"]
     moved = [k for k, v in effective_weights(a["model"]).items() if not torch.equal(v, start[k] * masks[k + "_mask"])]
     assert moved
-    model, weights = model_from_checkpoint(a, read_manifest(cfg.data.url))
+    model, weights = model_from_state(a, read_manifest(cfg.data.url))
     assert weights == "ema" and sparsity_report(model, "unstructured")["pruned"] == pytest.approx(0.5, abs=1e-3)
 
 

@@ -213,13 +213,14 @@ def test_test_time_augmentation_averages_the_logits_of_the_views(uninterrupted):
 
     from imgcls.config import from_dict
     from imgcls.data import ShardReader, read_manifest
-    from imgcls.evaluation import evaluate, model_from_checkpoint
+    from imgcls.evaluation import evaluate
+    from imgcls.models.trained import model_from_state
 
     run_dir, _ = uninterrupted
     state = checkpoint.load(f"{run_dir}/checkpoints/best.pt")
     cfg = from_dict(state["config"])
     manifest = read_manifest(cfg.data.url)
-    model, _ = model_from_checkpoint(state, manifest)
+    model, _ = model_from_state(state, manifest)
     cfg.data.num_workers = 0
     reader = ShardReader(cfg.data, "test", train=False, manifest=manifest)
     batches = list(reader.loader())

@@ -1,7 +1,8 @@
 """Model zoo: `build_model(cfg, num_classes, in_channels, input_size)` and the fine-tuning helpers.
 
 Modules by job: `networks` (ours), `zoo` (build_model and the torchvision, timm and
-EfficientNet adapters), `weights` (loading pretrained files), `freezing`.
+EfficientNet adapters), `weights` (loading pretrained files), `freezing`, `trained` (`load_model`: a
+trained model rebuilt from its checkpoint).
 
 Models: `simple_cnn`, `fast_cnn` and `tutorial_cnn` (ours), ResNet-18/34 (torchvision, with a small-image stem and
 optional squeeze-and-excitation), `efficientnet_lite0` (PyPI `efficientnet-lite-pytorch`, ImageNet
@@ -29,6 +30,7 @@ Freezing works by toggling `requires_grad`, never by rebuilding the model:
   usually what one wants when the new data differs from ImageNet.
 """
 from imgcls.models.freezing import apply_unfreeze_schedule, freeze_backbone, head_name, head_parameters
+from imgcls.models.trained import TrainedModel, load_model, model_from_state
 from imgcls.models.weights import LoadReport, adapt_input_channels, load_pretrained
 from imgcls.models.zoo import (
     OWN_MODELS,
@@ -42,4 +44,5 @@ from imgcls.models.zoo import (
 
 __all__ = ["apply_unfreeze_schedule", "freeze_backbone", "head_name", "head_parameters", "LoadReport",
            "adapt_input_channels", "load_pretrained", "OWN_MODELS", "UnknownModel", "build_model",
-           "efficientnet_lite0_weights", "describe_stem", "is_user_model", "torchvision_models"]
+           "efficientnet_lite0_weights", "describe_stem", "is_user_model", "torchvision_models", "TrainedModel",
+           "load_model", "model_from_state"]
