@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from imgcls import distributed
 from imgcls.checkpoint import Checkpointer, RNGState
 from imgcls.config import Config, ConfigError, redacted, save_config, to_dict
-from imgcls.data import DataError, ShardReader, first_images, input_size, read_manifest, start_epoch
+from imgcls.data import DataError, ShardReader, TrainLoader, first_images, input_size, read_manifest
 from imgcls.evaluation import evaluate, evaluate_multilabel
 from imgcls.jsonl import parse_jsonl
 from imgcls.losses import Objective, balanced_class_weights, mix_batch, positive_weights, resolve_loss
@@ -195,21 +195,23 @@ class Trainer:
         self.manifest = read_manifest(cfg.data.url, cfg.data.read_retry_s)
         self.classes = self.manifest["classes"]
         channels = self.manifest["image"]["channels"]
-        self.reader = ShardReader(cfg.data, "train", rank=dist.rank, world_size=dist.world_size,
-                                  seed=cfg.run.seed, manifest=self.manifest)
+        # the data position's one owner: the trainer takes batches from it and asks it where it is
+        self.data = TrainLoader(ShardReader(cfg.data, "train", rank=dist.rank, world_size=dist.world_size,
+                                            seed=cfg.run.seed, manifest=self.manifest),
+                                epochs=cfg.train.epochs, pin_memory=device.type == "cuda",
+                                before_start=checkpointer.wait)  # no fork while a background write holds locks
         self.val_reader = (ShardReader(cfg.data, "val", rank=dist.rank, world_size=dist.world_size,
                                        seed=cfg.run.seed, train=False, manifest=self.manifest)
                            if self.manifest["splits"].get("val", {}).get("count") else None)
-        self.upcoming = None  # the next epoch's batches, started at the end of this one
         checkpointer.check_config(cfg.train.allow_config_change)
         self.model = self._build_model(channels)
         accum = cfg.train.accum_steps
-        self.steps_per_epoch = [self.reader.batches_per_epoch(e) // accum for e in range(cfg.train.epochs)]
-        if min(self.steps_per_epoch, default=0) == 0:
+        steps_per_epoch = self.data.steps_per_epoch(accum)
+        if min(steps_per_epoch, default=0) == 0:
             raise DataError(f"{cfg.data.url}: fewer than accum_steps={accum} batches of {cfg.data.batch_size} per rank")
         self.lr = effective_lr(cfg, dist.world_size)
         self.optimizer = make_optimizer(cfg, self.model, self.lr)
-        self.scheduler = make_schedule(cfg, self.optimizer, self.steps_per_epoch, dist.world_size)
+        self.scheduler = make_schedule(cfg, self.optimizer, steps_per_epoch, dist.world_size)
         self.dtype = resolve_precision(cfg.train.precision, device)
         self.autocast = autocast(device, self.dtype)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
@@ -227,7 +229,7 @@ class Trainer:
         self.tracker.fence = self.checkpointer.fence  # every write to the run dir goes through the lease
         self.checkpointer.parts = {
             "model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler, "scaler": self.scaler,
-            "data": self.reader, "progress": self.progress, "tracker": self.tracker, "rng": RNGState(dist.rank),
+            "data": self.data, "progress": self.progress, "tracker": self.tracker, "rng": RNGState(dist.rank),
             **({"ema": self.ema} if self.ema is not None else {}),
             **({"ewc": self.ewc} if self.ewc is not None else {})}
         self.objective = Objective(cfg.train, cfg.distill, self._teacher(),
@@ -299,8 +301,6 @@ class Trainer:
             return
         url = self.checkpointer.restore()
         self.progress.restarts += 1
-        # on another layout (world size, workers) the reader reads what is left of this epoch
-        self.steps_per_epoch[self.reader.epoch] = self.reader.batches_per_epoch() // self.cfg.train.accum_steps
         if self.dist.is_main:  # the other ranks are ended by torchrun/srun if this raises
             self.checkpointer.fence()
             stalled = record_resume(self.cfg.run.dir, self.progress.step)
@@ -308,7 +308,7 @@ class Trainer:
                 raise RuntimeError(f"{self.cfg.run.dir}: resumed {stalled} times at step {self.progress.step} without "
                                    f"progress (train.max_requeues={self.cfg.train.max_requeues}); giving up")
             log.info("resumed from %s at step %d (epoch %d, %d samples of it read, batch %d of this layout)", url,
-                     self.progress.step, self.reader.epoch, self.reader.samples, self.reader.position)
+                     self.progress.step, self.data.epoch, self.data.samples, self.data.position)
 
     OWN_STEMS = ("simple_cnn", "fast_cnn", "tutorial_cnn")  # model.small_stem does not apply
 
@@ -317,7 +317,7 @@ class Trainer:
         cfg, dist, device = self.cfg, self.dist, self.device
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
         counts = ", ".join(f"{s} {v['count']}" for s, v in self.manifest["splits"].items())
-        start = (f"resuming at step {self.progress.step} (epoch {self.reader.epoch}, batch {self.reader.position})"
+        start = (f"resuming at step {self.progress.step} (epoch {self.data.epoch}, batch {self.data.position})"
                  if self.progress.restarts else "fresh")
         stem = ("" if cfg.model.name in self.OWN_STEMS or is_user_model(cfg.model.name) else
                 f"{cfg.model.name} with {describe_stem(cfg.model, input_size(cfg.data, self.manifest))}; ")
@@ -340,11 +340,13 @@ class Trainer:
         if dist.is_main:
             self.plots = EpochPlots(cfg.run.dir, self.classes, self.tracker.log_image, self.checkpointer.fence)
         if dist.is_main and cfg.track.progress:
-            self.report = ProgressReport(sum(self.steps_per_epoch), self.progress.step, cfg.train.epochs,
+            # on another layout (world size, workers) the current epoch holds what is left of it
+            steps = sum(self.data.steps_per_epoch(cfg.train.accum_steps))
+            self.report = ProgressReport(steps, self.progress.step, cfg.train.epochs,
                                          cfg.track.progress_every_s)
         status, reason, self.unplotted, self.last_plot = "done", "", None, time.monotonic()
         try:
-            while self.reader.epoch < cfg.train.epochs:
+            while not self.data.done:
                 reason = self.train_epoch()
                 if reason:
                     status = "stopped"
@@ -354,7 +356,7 @@ class Trainer:
                 if status != "done":
                     break
         finally:  # an early stop or an error: shut the next epoch's started workers down
-            self.upcoming = None
+            self.data.stop()
         if self.unplotted is not None:
             self.plots.submit(self.tracker.records, self.unplotted.matrix, self.progress.step)
         if self.plots is not None:
@@ -372,38 +374,37 @@ class Trainer:
         url = self.checkpointer.restore()
         if self.dist.is_main:
             log.info("%s is already done: %d epochs, step %d (%s); nothing to train (raise train.epochs to go on)",
-                     self.cfg.run.dir, self.reader.epoch, self.progress.step, url)
+                     self.cfg.run.dir, self.data.epoch, self.progress.step, url)
         return True
 
     def result(self, status: str, reason: str) -> dict:
         best = self.progress.best
-        return {"status": status, "reason": reason, "step": self.progress.step, "epoch": self.reader.epoch,
+        return {"status": status, "reason": reason, "step": self.progress.step, "epoch": self.data.epoch,
                 "best": best if math.isfinite(best) else None, "run_id": self.tracker.run_id,
                 "restarts": self.progress.restarts}
 
     def train_epoch(self) -> str:
-        """Train from the reader's position to the end of its epoch. Returns why it stopped
+        """Train from the data's position to the end of its epoch. Returns why it stopped
         early ("signal USR2", "max_steps"), or "" at the end of the epoch."""
-        cfg, reader, epoch = self.cfg, self.reader, self.reader.epoch
-        accum, steps = cfg.train.accum_steps, self.steps_per_epoch[epoch]
+        cfg, data, epoch = self.cfg, self.data, self.data.epoch
+        accum = cfg.train.accum_steps
         if apply_unfreeze_schedule(self.model, cfg.model.unfreeze_schedule, epoch) and self.dist.is_main:
             log.info("epoch %d: unfroze layers per model.unfreeze_schedule", epoch)
         # DDP is (re)built each epoch: it registers hooks only for parameters that require grad.
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         ddp = DDP(self.compiled, device_ids=device_ids) if self.dist.enabled else self.compiled
-        batches = self.upcoming if self.upcoming is not None else self.start_loader()
-        self.upcoming = None
+        data.start()  # unless the last epoch's end started it already
         if self.report is not None:
             self.report.set_epoch(epoch)
         reason = ""
         try:
-            for index in range(reader.position // accum, steps):
-                micro_batches = [self.micro_batch(next(batches), epoch, micro) for micro in range(accum)]
+            for left in range(data.steps_left(accum), 0, -1):
+                micro_batches = [self.micro_batch(next(data), epoch) for _ in range(accum)]
                 self.train_step(ddp, micro_batches)
                 step = self.progress.step
                 if step == cfg.train.max_steps:
                     reason = "max_steps"
-                if self.sync_due(step, last=index == steps - 1 or bool(reason)):
+                if self.sync_due(step, last=left == 1 or bool(reason)):
                     signalled = self.sync_flags()
                     if step % cfg.train.log_every == 0:
                         self.log_train(epoch)
@@ -414,16 +415,15 @@ class Trainer:
                     if step % cfg.train.ckpt_every == 0:
                         self.save()
         finally:  # on an error too: the workers ignore SIGTERM (imgcls.signals), so exit could not end them
-            del batches, ddp  # shut the epoch's workers down
+            data.stop()  # shut the epoch's workers down
+            del ddp
         return reason
 
-    def micro_batch(self, batch: dict, epoch: int, micro: int) -> MicroBatch:
+    def micro_batch(self, batch: dict, epoch: int) -> MicroBatch:
         """A loader batch as the model's input on the device, mixed when Mixup/CutMix is on."""
-        train, position = self.cfg.train, self.reader.position + micro
-        if batch["position"] != position:
-            raise DataError(f"reader order broke: got batch {batch['position']}, expected {position}")
+        train, position = self.cfg.train, batch["position"]  # checked by the loader: the epoch's batch number
         self.window["bad"] += batch["bad"]
-        images = self.reader.transform(batch, self.device, self.cfg.model.channels_last)
+        images = self.data.transform(batch, self.device, self.cfg.model.channels_last)
         labels = batch["label"].to(self.device, non_blocking=True)
         if train.mixup_alpha > 0 or train.cutmix_alpha > 0:
             images, labels_b, lam = mix_batch(images, labels, seed=self.cfg.run.seed, epoch=epoch, position=position,
@@ -443,7 +443,6 @@ class Trainer:
         if self.ema is not None:
             self.ema.update_parameters(self.model)
         self.progress.step += 1
-        self.reader.position += len(micro_batches)
         self.window["totals"] += totals
         self.first_bad_step = first_bad(self.first_bad_step, totals[0], self.progress.step)
         self.note_gradient(norm.to(self.device, torch.float64))
@@ -475,7 +474,7 @@ class Trainer:
         no_bad_step, no_bad_grad, stop = distributed.all_reduce(flags, "max").tolist()  # max: the earliest bad step
         if max(no_bad_step, no_bad_grad) > 0:  # the earlier of the two: a bad gradient makes a bad loss next
             what, no_bad = max(("loss", no_bad_step), ("gradient norm", no_bad_grad), key=lambda bad: bad[1])
-            raise NonFiniteLoss(f"non-finite {what} at step {int(NO_STEP - no_bad)} (epoch {self.reader.epoch}); "
+            raise NonFiniteLoss(f"non-finite {what} at step {int(NO_STEP - no_bad)} (epoch {self.data.epoch}); "
                                 "the last good checkpoint is kept")
         return stop > 0
 
@@ -495,11 +494,6 @@ class Trainer:
             self.report.metrics(record["train/loss"], record["train/images_per_s"])
         self.window = self._new_window()
 
-    def start_loader(self):
-        """The reader's batches from its position, its workers started now (data.start_epoch)."""
-        self.checkpointer.wait()  # no fork of loader workers while a background write holds locks
-        return start_epoch(self.reader, pin_memory=self.device.type == "cuda")
-
     def _new_window(self) -> dict:
         return {"totals": torch.zeros(3, dtype=torch.float64, device=self.device), "bad": 0,
                 "grad": torch.zeros(3, dtype=torch.float64, device=self.device),
@@ -507,10 +501,8 @@ class Trainer:
 
     def end_epoch(self) -> str:
         """Validation, early stopping, HPO pruning and the epoch's checkpoint."""
-        cfg, progress, epoch = self.cfg, self.progress, self.reader.epoch
-        self.reader.set_epoch(epoch + 1, 0)
-        if epoch + 1 < cfg.train.epochs:  # the next epoch's first reads overlap validation and the save
-            self.upcoming = self.start_loader()
+        cfg, progress, epoch = self.cfg, self.progress, self.data.epoch
+        self.data.next_epoch()  # its workers start now: the first reads overlap validation and the save
         record = self.validate(epoch + 1)
         improved = False
         if record is not None:

@@ -1,6 +1,6 @@
 """One sample on disk: image encoding, labels, keys and the tar container (docs/design.md).
 
-Shared by the writer (shards/), `verify --deep` and the reader in imgcls/data.py, so a sample is
+Shared by the writer (shards/), `verify --deep` and the reader in imgcls/data/, so a sample is
 encoded and decoded in exactly one place.
 """
 from __future__ import annotations
