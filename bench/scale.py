@@ -67,7 +67,7 @@ class Shape:
     window_mb: float = 16.0
     s3_images: int = 2400
     s3_shard_bytes: int = 20_000_000
-    reps: int = 2
+    reps: int = 4
 
 
 SMALL = Shape(train=12_000, val=500, classes=10, shard_bytes=1_200_000, ranks=(2, 8, 16), workers=4,
@@ -261,14 +261,51 @@ class SlowProxy:
         self.server.server_close()
 
 
+def _serve_proxy(conn, target_port: int, latency_s: float, bytes_per_s: float, cpus: set[int]) -> None:
+    """A SlowProxy in this (child) process, on `cpus`, until the parent closes `conn`."""
+    os.sched_setaffinity(0, cpus)
+    proxy = SlowProxy(target_port, latency_s, bytes_per_s)
+    conn.send(proxy.endpoint)
+    with contextlib.suppress(EOFError):
+        conn.recv()
+    proxy.close()
+
+
+@contextlib.contextmanager
+def server_side(server, latency_s: float, bytes_per_s: float):
+    """The proxy's endpoint, with moto and the proxy on the last CPU and this process (so its
+    loader workers) on the others: S3's own machines are not the client's, so their CPU must
+    not be taken from the reader's. On one CPU nothing is pinned (and the proxy runs here)."""
+    import multiprocessing
+
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        proxy = SlowProxy(server.port, latency_s, bytes_per_s)
+        try:
+            yield proxy.endpoint
+        finally:
+            proxy.close()
+        return
+    os.sched_setaffinity(server.proc.pid, {cpus[-1]})
+    ours, theirs = multiprocessing.get_context("fork").Pipe()
+    child = multiprocessing.get_context("fork").Process(
+        target=_serve_proxy, args=(theirs, server.port, latency_s, bytes_per_s, {cpus[-1]}), daemon=True)
+    child.start()
+    os.sched_setaffinity(0, set(cpus[:-1]))
+    try:
+        yield ours.recv()
+    finally:
+        ours.close()
+        child.join(10)
+        os.sched_setaffinity(0, set(cpus))
+
+
 def s3_figures(shape: Shape, workdir: Path, latency_s: float = 0.030, bytes_per_s: float = 80e6,
                pause_s: float = 2.0) -> dict:
     """images/s of the same shards read locally and from moto behind a SlowProxy."""
     import shards
     from bench.decode import write_photo_crops
-    from bench.loader import MotoServer, cpu_seconds, upload
-    from imgcls.config import AugmentConfig, DataConfig
-    from imgcls.data import ShardReader, start_epoch
+    from bench.loader import MotoServer, upload
     from shardio import storage
 
     write_photo_crops(workdir / "photos", shape.s3_images)
@@ -276,48 +313,59 @@ def s3_figures(shape: Shape, workdir: Path, latency_s: float = 0.030, bytes_per_
     shards.build(str(workdir / "photos"), str(local), split=(1, 0, 0), shard_bytes=shape.s3_shard_bytes,
                  progress=False, workers=2)
     server = MotoServer(workdir / "moto.log")
-    proxy = None
     saved = {k: os.environ.get(k) for k in server.env()}
     try:
         os.environ.update(server.env())
         storage._cache.clear()
         storage.filesystem("s3://bench-scale")[0].mkdir("bench-scale")
         upload(local, "s3://bench-scale/shards")
-        proxy = SlowProxy(server.port, latency_s, bytes_per_s)
-        endpoints = {"local": server.endpoint, "direct": server.endpoint, "s3": proxy.endpoint}
-        rates: dict[str, list[float]] = {name: [] for name in endpoints}
-        cpu: dict[str, list[float]] = {name: [] for name in endpoints}  # CPU s per image: workers, moto, proxy
-        for rep in range(shape.reps + 1):  # the first round warms up
-            for name, endpoint in endpoints.items():
-                url = str(local) if name == "local" else "s3://bench-scale/shards"
-                os.environ["AWS_ENDPOINT_URL"] = endpoint  # the workers fork with it
-                storage._cache.clear()
-                cfg = DataConfig(url=url, batch_size=32, num_workers=2, image_size=224, read_retry_s=30,
-                                 augment=AugmentConfig(flip=True))
-                reader = ShardReader(cfg, "train", seed=0)
-                reader.set_epoch(rep)
-                used = cpu_seconds() + server.cpu_seconds()
-                batches = start_epoch(reader)  # as the trainer does: at the last epoch's end,
-                time.sleep(pause_s)            # then validation and the checkpoint
-                start, images = time.perf_counter(), 0
-                for batch in batches:
-                    images += len(batch["key"])
-                del batches  # joins the workers: their CPU time is counted
-                if rep:
-                    rates[name].append(images / (time.perf_counter() - start))
-                    cpu[name].append((cpu_seconds() + server.cpu_seconds() - used) / images)
-        return {"local": float(np.mean(rates["local"])), "s3": float(np.mean(rates["s3"])),
-                "direct": float(np.mean(rates["direct"])),
-                "ratio": float(np.mean(rates["s3"]) / np.mean(rates["local"])), "images": shape.s3_images,
-                "cpu_ratio": float(np.mean(cpu["s3"]) / np.mean(cpu["local"])), "load": os.getloadavg()[0],
-                "latency_ms": latency_s * 1e3, "mb_per_s": bytes_per_s / 1e6}
+        with server_side(server, latency_s, bytes_per_s) as proxy_endpoint:
+            return _s3_epochs(shape, local, server, proxy_endpoint, pause_s) | {
+                "latency_ms": latency_s * 1e3, "mb_per_s": bytes_per_s / 1e6,
+                "client_cpus": len(os.sched_getaffinity(0))}
     finally:
-        if proxy is not None:
-            proxy.close()
         server.stop()
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
         storage._cache.clear()
+
+
+def _s3_epochs(shape: Shape, local: Path, server, proxy_endpoint: str, pause_s: float) -> dict:
+    """images/s and CPU per image of epochs read locally, from moto directly and through the
+    proxy, interleaved round by round (the first round warms up)."""
+    from bench.loader import cpu_seconds
+    from imgcls.config import AugmentConfig, DataConfig
+    from imgcls.data import ShardReader, start_epoch
+    from shardio import storage
+
+    endpoints = {"local": server.endpoint, "direct": server.endpoint, "s3": proxy_endpoint}
+    rates: dict[str, list[float]] = {name: [] for name in endpoints}
+    cpu: dict[str, list[float]] = {name: [] for name in endpoints}  # CPU s per image: workers and moto
+    for rep in range(shape.reps + 1):
+        for name, endpoint in endpoints.items():
+            url = str(local) if name == "local" else "s3://bench-scale/shards"
+            os.environ["AWS_ENDPOINT_URL"] = endpoint  # the workers fork with it
+            storage._cache.clear()
+            cfg = DataConfig(url=url, batch_size=32, num_workers=2, image_size=224, read_retry_s=30,
+                             augment=AugmentConfig(flip=True))
+            reader = ShardReader(cfg, "train", seed=0)
+            reader.set_epoch(rep)
+            used = cpu_seconds() + server.cpu_seconds()
+            batches = start_epoch(reader)  # as the trainer does: at the last epoch's end,
+            time.sleep(pause_s)            # then validation and the checkpoint
+            start, images = time.perf_counter(), 0
+            for batch in batches:
+                images += len(batch["key"])
+            del batches  # joins the workers: their CPU time is counted
+            if rep:
+                rates[name].append(images / (time.perf_counter() - start))
+                cpu[name].append((cpu_seconds() + server.cpu_seconds() - used) / images)
+    per_round = np.array(rates["s3"]) / np.array(rates["local"])
+    return {"local": float(np.mean(rates["local"])), "s3": float(np.mean(rates["s3"])),
+            "direct": float(np.mean(rates["direct"])),
+            "ratio": float(np.mean(rates["s3"]) / np.mean(rates["local"])),
+            "ratio_rounds": [round(float(r), 3) for r in per_round], "images": shape.s3_images,
+            "cpu_ratio": float(np.mean(cpu["s3"]) / np.mean(cpu["local"])), "load": os.getloadavg()[0]}
 
 
 # ---- the report -------------------------------------------------------------------------
@@ -366,7 +414,9 @@ def report(results: dict) -> str:
         lines.append(f"S3 behind {s['latency_ms']:.0f} ms and {s['mb_per_s']:.0f} MB/s per connection: "
                      f"{s['s3']:.0f} images/s vs {s['local']:.0f} local and {s['direct']:.0f} from moto without "
                      f"the proxy ({s['images']} 224 px JPEG crops); "
-                     f"CPU per image {s['cpu_ratio']:.2f}x local's (moto and the proxy on the same cores); "
+                     f"per round {', '.join(f'{r:.2f}x' for r in s['ratio_rounds'])}; "
+                     f"CPU per image {s['cpu_ratio']:.2f}x local's (moto's included); "
+                     f"the reader on {s['client_cpus']} CPU(s), moto and the proxy on another; "
                      f"load average {s['load']:.1f} on {os.cpu_count()} CPUs")
     lines += ["", "| figure | value | target | met |", "|---|---|---|---|"]
     for name, value, target, met in checks(results):
