@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from imgcls import checkpoint
-from tests.conftest import REPO, build_bands_dataset, torchrun
+from tests.conftest import REPO, build_bands_dataset, launch
 from tests.wandb_records import logged_steps
 
 pytestmark = pytest.mark.slurm
@@ -110,7 +110,7 @@ def test_preempted_job_checkpoints_requeues_and_matches_an_uninterrupted_run(slu
     assert state["progress"]["restarts"] >= 1
     # the same config, uninterrupted, under torchrun: bitwise the same weights
     reference_dir = tmp_path / "reference"
-    torchrun(job_config(dataset, reference_dir, epochs=12, wandb="disabled"))
+    launch(job_config(dataset, reference_dir, epochs=12, wandb="disabled"))
     reference = final_weights(reference_dir)
     assert state["progress"]["step"] == reference["progress"]["step"]
     for name, tensor in reference["model"].items():
