@@ -285,6 +285,12 @@ def photo_dataset(tmp_path_factory) -> str:
     return build_photo_dataset(tmp_path_factory.mktemp("photos"))
 
 
+@pytest.fixture(scope="session")
+def photo_folder(tmp_path_factory) -> Path:
+    """60 photo-like images: 5 classes x 12, 40 to 300 px, JPEG/PNG/WebP (needs_fashion_mnist)."""
+    return build_photo_folder(tmp_path_factory.mktemp("photo-folder") / "photos", per_class=12, classes=5, seed=3)
+
+
 def final_state(run_dir) -> dict:
     """The newest good checkpoint of a run dir."""
     from imgcls import checkpoint
@@ -572,6 +578,12 @@ def bands_dataset(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def small_bands_dataset(tmp_path_factory) -> str:
+    """The bands with half the samples (700 train / 200 val / 100 test): quicker sweep trials."""
+    return build_bands_dataset(tmp_path_factory.mktemp("small-bands"), n=1000)
+
+
+@pytest.fixture(scope="session")
 def reversed_bands_dataset(tmp_path_factory) -> str:
     """bands_dataset's images with the bands counted from the bottom: another task (EWC's task B)."""
     return build_bands_dataset(tmp_path_factory.mktemp("reversed-bands"), reverse=True)
@@ -586,6 +598,48 @@ def noisy_bands_dataset(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def multilabel_dataset(tmp_path_factory) -> str:
     return build_multilabel_bands(tmp_path_factory.mktemp("multilabel"))
+
+
+# Random pixels, labels 0..RANDOM_CLASSES-1 in turn: nothing to learn; the reader tests count
+# keys, bytes and batches.
+RANDOM_CLASSES = 5
+
+
+def random_npz(path: Path, n: int, size: int, channels: int = 1, seed: int = 0) -> str:
+    """`n` random uint8 images [size, size, channels] and their labels, as an .npz at `path`."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    np.savez(path, images=rng.integers(0, 256, (n, size, size, channels), dtype=np.uint8),
+             labels=np.arange(n) % RANDOM_CLASSES)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def s3_dataset(tmp_path_factory, s3_endpoint) -> str:
+    """~630 train samples of 8x8 gray noise in 13 shards of 50 on S3."""
+    import s3fs
+
+    import shards
+
+    s3fs.S3FileSystem(skip_instance_cache=True).mkdir("reader-data")
+    source = random_npz(tmp_path_factory.mktemp("src") / "data.npz", n=900, size=8)
+    shards.build(source, "s3://reader-data/ds", shard_samples=50, progress=False, workers=1)
+    return "s3://reader-data/ds"
+
+
+@pytest.fixture(scope="session")
+def big_shards(tmp_path_factory, s3_endpoint) -> str:
+    """600 train samples of 16x16x3 noise in two shards of 300 on S3: ranks read parts of shards."""
+    import s3fs
+
+    import shards
+
+    s3fs.S3FileSystem(skip_instance_cache=True).mkdir("index-data")
+    source = random_npz(tmp_path_factory.mktemp("src") / "d.npz", n=858, size=16, channels=3)
+    url = "s3://index-data/ds"
+    shards.build(source, url, shard_samples=300, split=(0.7, 0.2, 0.1), progress=False, workers=1)
+    return url
 
 
 # ---- launching training: in this process, or as real processes -----------------------------

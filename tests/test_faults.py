@@ -126,8 +126,7 @@ def test_an_include_loop_and_a_yaml_constructor_are_one_line_naming_the_file(tmp
         load_config(tmp_path / "a.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  epochs: !!python/object/apply:os.system ['echo pwned']\n")
-    out = subprocess.run([sys.executable, str(REPO / "jobs" / "train.py"), "--config", str(bad)], cwd=REPO,
-                         capture_output=True, text=True, timeout=120)
+    out = launch(["--config", str(bad)], nproc=None, check=False, timeout=120)
     assert out.returncode == 2 and "Traceback" not in out.stderr and "pwned" not in out.stdout, out.stderr[-3000:]
     assert out.stderr.strip().splitlines()[-1].startswith(f"error: config file {bad}: not valid YAML")
 
