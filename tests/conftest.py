@@ -103,14 +103,24 @@ def without_aws(tmp_path: Path) -> dict:
     return env
 
 
-# A tiny, deterministic, 2-epoch run on the bands dataset (CPU, seconds).
-SMALL = [
-    "model.name=simple_cnn", "model.width=8", "data.batch_size=16", "data.eval_batch_size=64",
-    "data.num_workers=1", "optim.lr=0.05", "optim.base_batch=64", "train.epochs=2",
-    "train.accum_steps=2", "train.log_every=2", "train.ckpt_every=5", "train.keep_last=2",
-    "track.wandb=disabled", "track.progress=false", "schedule.warmup_epochs=0.2",
-    "data.mean=[0.5]", "data.std=[0.25]", "run.deterministic=true", "train.ema_decay=0.9",
-    "model.channels_last=true", "train.label_smoothing=0.1", "train.eval_flip=true", "train.eval_shift=true",
+# ---- tiny runs: every test's overrides start from BASE_RUN ----------------------------------
+# Later overrides win (load_config applies them in order), so a test adds or changes keys on
+# top: [*BASE_RUN, "train.epochs=3"].
+
+# A run of a few seconds on the bands dataset: one epoch, no loader workers, no wandb.
+BASE_RUN = [
+    "model.name=simple_cnn", "model.width=8", "data.batch_size=32", "data.num_workers=0",
+    "train.epochs=1", "train.log_every=5", "track.wandb=disabled", "track.progress=false",
+]
+
+# A deterministic 2-epoch run (CPU, seconds) that accumulates micro-batches and keeps an EMA,
+# with test-time views: the bitwise-resume tests compare two of these step for step.
+EXACT_RUN = [
+    *BASE_RUN, "data.batch_size=16", "data.eval_batch_size=64", "data.num_workers=1", "optim.lr=0.05",
+    "optim.base_batch=64", "train.epochs=2", "train.accum_steps=2", "train.log_every=2", "train.ckpt_every=5",
+    "train.keep_last=2", "schedule.warmup_epochs=0.2", "data.mean=[0.5]", "data.std=[0.25]",
+    "run.deterministic=true", "train.ema_decay=0.9", "model.channels_last=true", "train.label_smoothing=0.1",
+    "train.eval_flip=true", "train.eval_shift=true",
 ]
 
 
@@ -264,9 +274,8 @@ def build_photo_dataset(workdir: Path, per_class: int = 6, shard_samples: int = 
 
 # A tiny 2-epoch run on photos at 32 px with every per-sample augmentation (CPU, seconds).
 PHOTO_RUN = [
-    "model.name=simple_cnn", "model.width=8", "data.image_size=32", "data.batch_size=8",
-    "data.eval_batch_size=32", "data.num_workers=1", "train.epochs=2", "train.log_every=1",
-    "track.wandb=disabled", "track.progress=false", "run.deterministic=true",
+    *BASE_RUN, "data.image_size=32", "data.batch_size=8", "data.eval_batch_size=32", "data.num_workers=1",
+    "train.epochs=2", "train.log_every=1", "run.deterministic=true",
     "data.augment.auto_augment=trivial", "data.augment.erasing=0.25", "data.augment.saturation=0.2",
 ]
 
@@ -276,26 +285,10 @@ def photo_dataset(tmp_path_factory) -> str:
     return build_photo_dataset(tmp_path_factory.mktemp("photos"))
 
 
-def torchrun_command(args: list[str], nproc: int) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-            f"--master-port={free_port()}", "--master-addr=127.0.0.1", str(REPO / "jobs" / "train.py"), *args]
-
-
-def start_torchrun(args: list[str], nproc: int = 2, env: dict | None = None) -> subprocess.Popen:
-    """jobs/train.py under torchrun in the background; read its log with read_line(p, stream=p.stderr)."""
-    return subprocess.Popen(torchrun_command(args, nproc), cwd=REPO,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def torchrun(args: list[str], nproc: int = 2, env: dict | None = None, check: bool = True, timeout: int = 300):
-    result = subprocess.run(torchrun_command(args, nproc), cwd=REPO,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
-                            capture_output=True, text=True, timeout=timeout)
-    if check and result.returncode != 0:
-        raise AssertionError(f"torchrun failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
-                             f"{result.stderr[-6000:]}")
-    return result
+@pytest.fixture(scope="session")
+def photo_folder(tmp_path_factory) -> Path:
+    """60 photo-like images: 5 classes x 12, 40 to 300 px, JPEG/PNG/WebP (needs_fashion_mnist)."""
+    return build_photo_folder(tmp_path_factory.mktemp("photo-folder") / "photos", per_class=12, classes=5, seed=3)
 
 
 def final_state(run_dir) -> dict:
@@ -316,25 +309,15 @@ def assert_same_weights(a: dict, b: dict) -> None:
 
 
 # ---- a trained model for the export, predict and serve tests ---------------------------------
-SMALL_BANDS_RUN = [
-    "model.name=simple_cnn", "model.width=16", "data.batch_size=32", "data.eval_batch_size=200",
-    "data.num_workers=0", "optim.lr=0.05", "optim.base_batch=64", "train.epochs=2",
-    "track.wandb=disabled", "track.progress=false", "data.mean=[0.5]", "data.std=[0.25]",
-    "train.ema_decay=0.9",
-]
-
-
 @pytest.fixture(scope="session")
-def bands_checkpoint(tmp_path_factory) -> str:
+def bands_checkpoint(bands_dataset, tmp_path_factory) -> str:
     """best.pt of a 2-epoch run (EMA weights) on the 4-class bands dataset (200 test samples),
     trained once per session."""
-    work = tmp_path_factory.mktemp("bands-run")
-    data = build_bands_dataset(work / "data")
-    out = subprocess.run([sys.executable, str(REPO / "jobs" / "train.py"), "--config", "", f"data.url={data}",
-                          f"run.dir={work / 'run'}", *SMALL_BANDS_RUN], cwd=REPO,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, f"training failed:\n{out.stderr[-3000:]}"
-    return str(work / "run" / "checkpoints" / "best.pt")
+    run_dir = tmp_path_factory.mktemp("bands-run") / "run"
+    launch(["--config", "", f"data.url={bands_dataset}", f"run.dir={run_dir}", *BASE_RUN, "model.width=16",
+            "data.eval_batch_size=200", "optim.lr=0.05", "optim.base_batch=64", "train.epochs=2",
+            "data.mean=[0.5]", "data.std=[0.25]", "train.ema_decay=0.9"], nproc=None)
+    return str(run_dir / "checkpoints" / "best.pt")
 
 
 def save_test_images(folder: Path, images, meta: dict, count: int) -> list[Path]:
@@ -362,8 +345,7 @@ def serving(model: str, *args: str, timeout: float = 60.0, log: Path | None = No
     port = free_port()
     out = open(log, "w") if log else subprocess.PIPE
     proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "serve.py"), model, "--port", str(port), *args],
-                            cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            stdout=out, stderr=subprocess.STDOUT, text=True)
+                            cwd=REPO, env=child_env(), stdout=out, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + timeout
@@ -571,7 +553,7 @@ def start_lease_holder(run_dir: str, job_id: str, timeout_s: float, start_at: fl
     that runs it (say, in another PID namespace)."""
     return subprocess.Popen([*prefix, sys.executable, "-c", LEASE_HOLDER, run_dir, job_id, str(timeout_s),
                              str(start_at)],
-                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            cwd=REPO, env=child_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -587,24 +569,130 @@ def read_line(proc: subprocess.Popen, timeout: float = 60.0, stream=None) -> str
         raise AssertionError(f"process ended (rc {proc.wait()}); stderr:\n{proc.stderr.read()[-3000:]}")
     return line
 
-# A run of a few seconds on the bands dataset: one process, no loader workers, no wandb.
-TINY_RUN = ["model.width=8", "data.batch_size=32", "data.num_workers=0", "train.epochs=1",
-            "train.log_every=5", "track.wandb=disabled", "track.progress=false"]
 
-
+# ---- datasets, built once per session; tests only read them -------------------------------
 @pytest.fixture(scope="session")
 def bands_dataset(tmp_path_factory) -> str:
+    """The 4-class bands (1400 train / 400 val / 200 test, 100 per shard)."""
     return build_bands_dataset(tmp_path_factory.mktemp("bands"))
 
 
-def train_process(args: list[str], env: dict | None = None, timeout: int = 180) -> subprocess.CompletedProcess:
-    """`python jobs/train.py ARGS` in one plain process (no torchrun); fails with its stderr."""
-    result = subprocess.run([sys.executable, str(REPO / "jobs" / "train.py"), *args], cwd=REPO,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
-                            capture_output=True, text=True, timeout=timeout)
-    if result.returncode != 0:
-        raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stderr[-6000:]}")
+@pytest.fixture(scope="session")
+def small_bands_dataset(tmp_path_factory) -> str:
+    """The bands with half the samples (700 train / 200 val / 100 test): quicker sweep trials."""
+    return build_bands_dataset(tmp_path_factory.mktemp("small-bands"), n=1000)
+
+
+@pytest.fixture(scope="session")
+def reversed_bands_dataset(tmp_path_factory) -> str:
+    """bands_dataset's images with the bands counted from the bottom: another task (EWC's task B)."""
+    return build_bands_dataset(tmp_path_factory.mktemp("reversed-bands"), reverse=True)
+
+
+@pytest.fixture(scope="session")
+def noisy_bands_dataset(tmp_path_factory) -> str:
+    """The bands with 30% of the labels random: a model that is right, but not always."""
+    return build_bands_dataset(tmp_path_factory.mktemp("noisy-bands"), label_noise=0.3)
+
+
+@pytest.fixture(scope="session")
+def multilabel_dataset(tmp_path_factory) -> str:
+    return build_multilabel_bands(tmp_path_factory.mktemp("multilabel"))
+
+
+# Random pixels, labels 0..RANDOM_CLASSES-1 in turn: nothing to learn; the reader tests count
+# keys, bytes and batches.
+RANDOM_CLASSES = 5
+
+
+def random_npz(path: Path, n: int, size: int, channels: int = 1, seed: int = 0) -> str:
+    """`n` random uint8 images [size, size, channels] and their labels, as an .npz at `path`."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    np.savez(path, images=rng.integers(0, 256, (n, size, size, channels), dtype=np.uint8),
+             labels=np.arange(n) % RANDOM_CLASSES)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def s3_dataset(tmp_path_factory, s3_endpoint) -> str:
+    """~630 train samples of 8x8 gray noise in 13 shards of 50 on S3."""
+    import s3fs
+
+    import shards
+
+    s3fs.S3FileSystem(skip_instance_cache=True).mkdir("reader-data")
+    source = random_npz(tmp_path_factory.mktemp("src") / "data.npz", n=900, size=8)
+    shards.build(source, "s3://reader-data/ds", shard_samples=50, progress=False, workers=1)
+    return "s3://reader-data/ds"
+
+
+@pytest.fixture(scope="session")
+def big_shards(tmp_path_factory, s3_endpoint) -> str:
+    """600 train samples of 16x16x3 noise in two shards of 300 on S3: ranks read parts of shards."""
+    import s3fs
+
+    import shards
+
+    s3fs.S3FileSystem(skip_instance_cache=True).mkdir("index-data")
+    source = random_npz(tmp_path_factory.mktemp("src") / "d.npz", n=858, size=16, channels=3)
+    url = "s3://index-data/ds"
+    shards.build(source, url, shard_samples=300, split=(0.7, 0.2, 0.1), progress=False, workers=1)
+    return url
+
+
+# ---- launching training: in this process, or as real processes -----------------------------
+def child_env(env: dict | None = None) -> dict:
+    """The env of every process a test starts: this checkout first on PYTHONPATH (its code, and
+    tests.user_nets, in every rank), one OpenMP thread each (the cores are shared), then `env`."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", **(env or {})}
+
+
+def launch_command(args: list[str], nproc: int | None, script: Path) -> list[str]:
+    if nproc is None:
+        return [sys.executable, str(script), *args]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+            f"--master-port={free_port()}", "--master-addr=127.0.0.1", str(script), *args]
+
+
+def launch(args: list[str], nproc: int | None = 2, *, script: Path = REPO / "jobs" / "train.py",
+           env: dict | None = None, check: bool = True, timeout: int = 300, background: bool = False):
+    """`script ARGS` (default jobs/train.py) under torchrun with `nproc` ranks on loopback, or
+    with nproc=None as one plain `python script ARGS` process. Returns the CompletedProcess, an
+    AssertionError with its output if it failed and `check`; with `background`, the running
+    Popen (read its log with read_line(p, stream=p.stderr), kill it, wait for it)."""
+    command = launch_command(args, nproc, script)
+    if background:
+        return subprocess.Popen(command, cwd=REPO, env=child_env(env), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    result = subprocess.run(command, cwd=REPO, env=child_env(env), capture_output=True, text=True,
+                            timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script.name} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
+                             f"{result.stderr[-6000:]}")
     return result
+
+
+def train_in_process(run_dir, data_url: str, *overrides: str) -> dict:
+    """jobs/train.py's main in this process (one rank, no group): its result dict. Seconds
+    faster than a new interpreter; use launch() where a test needs a process of its own."""
+    _, stderr, result = job("train", "--config", "", f"data.url={data_url}", f"run.dir={run_dir}", *overrides)
+    assert isinstance(result, dict), stderr[-3000:]
+    return result
+
+
+def wait_until(check, timeout: float = 30.0, what: str = "", proc: subprocess.Popen | None = None) -> None:
+    """Poll `check()` until true; a TimeoutError after `timeout`, or an AssertionError with its
+    stderr as soon as `proc` (the process that should make it true) has ended."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process ended (rc {proc.returncode}) before {what}:\n{proc.stderr.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not within {timeout}s: {what}")
+        time.sleep(0.1)
 
 
 def write_image_tree(root: Path, counts: dict[str, int], seed: int = 0) -> dict[str, Path]:

@@ -17,7 +17,7 @@ import torch
 from imgcls import checkpoint
 from imgcls.lease import Lease, LeaseHeld
 from shardio import storage
-from tests.conftest import build_bands_dataset, read_line, start_lease_holder, start_torchrun, torchrun
+from tests.conftest import EXACT_RUN, launch, read_line, start_lease_holder
 
 
 def make_state(step: int, n: int = 4096) -> dict:
@@ -150,14 +150,12 @@ def test_load_latest_fails_naming_the_url_when_an_outage_outlasts_the_budget(s3_
     assert saved_steps(run_dir) == [10]
 
 
-def test_a_run_resumes_at_its_step_after_an_s3_outage_at_start(tmp_path, s3_bucket, s3_outage):
-    from tests.test_train import SMALL
-
+def test_a_run_resumes_at_its_step_after_an_s3_outage_at_start(bands_dataset, s3_bucket, s3_outage):
     run_dir = f"{s3_bucket}/runs/resume-after-outage"
-    args = [f"data.url={build_bands_dataset(tmp_path / 'data')}", f"run.dir={run_dir}", *SMALL]
-    torchrun([*args, "train.max_steps=5"], nproc=1)
+    args = [f"data.url={bands_dataset}", f"run.dir={run_dir}", *EXACT_RUN]
+    launch([*args, "train.max_steps=5"], nproc=1)
     s3_outage.down()  # the resumed job starts while S3 is down ...
-    job = start_torchrun([*args, "train.max_steps=7"], nproc=1)
+    job = launch([*args, "train.max_steps=7"], nproc=1, background=True)
     log = []
     while not any("retrying" in line for line in log):  # ... and stays down until the job has met it
         log.append(read_line(job, timeout=120, stream=job.stderr))

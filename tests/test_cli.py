@@ -156,10 +156,10 @@ def test_every_option_has_help_that_shows_its_default():
 
 
 def test_an_unknown_model_is_one_line_with_a_did_you_mean(bands_dataset, tmp_path):
-    from tests.conftest import torchrun
+    from tests.conftest import BASE_RUN, launch
 
-    out = torchrun(["--config", "", f"data.url={bands_dataset}", "model.name=resnt18", f"run.dir={tmp_path / 'run'}",
-                    "track.wandb=disabled", "data.num_workers=0"], nproc=2, check=False)
+    out = launch(["--config", "", f"data.url={bands_dataset}", f"run.dir={tmp_path / 'run'}", *BASE_RUN,
+                  "model.name=resnt18"], nproc=2, check=False)
     assert out.returncode != 0 and "imgcls/models/" not in out.stderr, out.stderr[-3000:]  # torchrun's own follows
     lines = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1, out.stderr  # rank 0 only

@@ -14,21 +14,16 @@ import pytest
 import torch
 
 from imgcls import checkpoint
-from tests.conftest import REPO, build_bands_dataset, torchrun
+from tests.conftest import BASE_RUN, REPO, launch
 from tests.wandb_records import logged_steps
 
 pytestmark = pytest.mark.slurm
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return build_bands_dataset(tmp_path_factory.mktemp("data"))
-
-
 def job_config(dataset: str, run_dir: Path, epochs: int, wandb: str = "offline") -> list[str]:
-    return [f"data.url={dataset}", f"run.dir={run_dir}", f"train.epochs={epochs}", "model.width=16",
-            "data.batch_size=16", "data.num_workers=1", f"track.wandb={wandb}", "track.progress=false",
-            "train.log_every=5", "train.ckpt_every=20", "run.deterministic=true"]
+    return [f"data.url={dataset}", f"run.dir={run_dir}", *BASE_RUN, f"train.epochs={epochs}", "model.width=16",
+            "data.batch_size=16", "data.num_workers=1", f"track.wandb={wandb}", "train.ckpt_every=20",
+            "run.deterministic=true"]
 
 
 def submit(*args: str) -> str:
@@ -94,9 +89,9 @@ def final_weights(run_dir: Path) -> dict:
     return state
 
 
-def test_preempted_job_checkpoints_requeues_and_matches_an_uninterrupted_run(slurm_cluster, dataset, tmp_path):
+def test_preempted_job_checkpoints_requeues_and_matches_an_uninterrupted_run(slurm_cluster, bands_dataset, tmp_path):
     run_dir = tmp_path / "preempted"
-    args = job_config(dataset, run_dir, epochs=12)  # ~1 s per epoch: still running when preempted
+    args = job_config(bands_dataset, run_dir, epochs=12)  # ~1 s per epoch: still running when preempted
     job = submit("--nodes", "2", "--time", "10", *args)
     wait_for(lambda: logged_step(run_dir) >= 20, 120, "the job to train 20 steps")
     urgent = slurm_cluster.sbatch("-p", "urgent", "-N", "4", "--exclusive", "--wrap", "sleep 3")
@@ -110,7 +105,7 @@ def test_preempted_job_checkpoints_requeues_and_matches_an_uninterrupted_run(slu
     assert state["progress"]["restarts"] >= 1
     # the same config, uninterrupted, under torchrun: bitwise the same weights
     reference_dir = tmp_path / "reference"
-    torchrun(job_config(dataset, reference_dir, epochs=12, wandb="disabled"))
+    launch(job_config(bands_dataset, reference_dir, epochs=12, wandb="disabled"))
     reference = final_weights(reference_dir)
     assert state["progress"]["step"] == reference["progress"]["step"]
     for name, tensor in reference["model"].items():
@@ -126,11 +121,12 @@ def test_preempted_job_checkpoints_requeues_and_matches_an_uninterrupted_run(slu
     assert row["state"] == "COMPLETED" and row["requeues"] >= 1 and row["step"] == state["progress"]["step"]
 
 
-def test_time_limit_requeues_and_finishes_on_four_nodes(slurm_cluster, dataset, tmp_path):
+def test_time_limit_requeues_and_finishes_on_four_nodes(slurm_cluster, bands_dataset, tmp_path):
     run_dir = tmp_path / "timelimit"
     # USR2 40 s before a 2-minute limit: slurmctld checks limits every 30 s, so it comes 50-80 s
     # after the start; 160 epochs take about 140 s on an idle machine (80 took 70 s: too few)
-    job = submit("--nodes", "4", "--time", "2", "--signal-margin", "40", *job_config(dataset, run_dir, epochs=160))
+    job = submit("--nodes", "4", "--time", "2", "--signal-margin", "40",
+                 *job_config(bands_dataset, run_dir, epochs=160))
     assert wait_state(slurm_cluster, job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 720) == "COMPLETED", \
         log_tail(run_dir, job)
     state = final_weights(run_dir)
@@ -158,9 +154,9 @@ def rank_pid(job_id: str, rank: int) -> int | None:
     return None
 
 
-def test_usr2_requeues_then_a_killed_rank_fails_and_resume_finishes(slurm_cluster, dataset, tmp_path):
+def test_usr2_requeues_then_a_killed_rank_fails_and_resume_finishes(slurm_cluster, bands_dataset, tmp_path):
     run_dir = tmp_path / "killed"
-    job = submit("--nodes", "2", "--time", "10", *job_config(dataset, run_dir, epochs=20))
+    job = submit("--nodes", "2", "--time", "10", *job_config(bands_dataset, run_dir, epochs=20))
     wait_for(lambda: logged_step(run_dir) >= 10, 120, "the job to train 10 steps")
     subprocess.run(["scancel", "--signal=USR2", job], check=True, env={**os.environ, **slurm_cluster.env})
     # it checkpoints, requeues itself and starts again
@@ -199,9 +195,9 @@ def cancel_job(cluster, how: str, job_id: str, run_dir: Path) -> None:
 
 
 @pytest.mark.parametrize("how, wandb", [("scancel", "disabled"), ("status.py cancel", "offline")])
-def test_cancelled_job_stops_and_stays_cancelled(slurm_cluster, dataset, tmp_path, how, wandb):
+def test_cancelled_job_stops_and_stays_cancelled(slurm_cluster, bands_dataset, tmp_path, how, wandb):
     run_dir = tmp_path / "cancelled"
-    args = job_config(dataset, run_dir, epochs=40, wandb=wandb)  # with a loader worker: it ignores SIGTERM
+    args = job_config(bands_dataset, run_dir, epochs=40, wandb=wandb)  # with a loader worker: it ignores SIGTERM
     job = submit("--time", "10", *args)
     wait_for(lambda: logged_step(run_dir) >= 10, 120, "the job to train 10 steps")
     cancel_job(slurm_cluster, how, job, run_dir)
@@ -217,9 +213,9 @@ def test_cancelled_job_stops_and_stays_cancelled(slurm_cluster, dataset, tmp_pat
     assert final_weights(run_dir)["progress"]["step"] >= 10  # the last checkpoint, at the stop
 
 
-def test_cancelled_job_with_loader_workers_stops_cleanly(slurm_cluster, dataset, tmp_path):
+def test_cancelled_job_with_loader_workers_stops_cleanly(slurm_cluster, bands_dataset, tmp_path):
     run_dir = tmp_path / "cancelled"
-    job = submit("--time", "10", *job_config(dataset, run_dir, epochs=40, wandb="disabled"))  # num_workers=1
+    job = submit("--time", "10", *job_config(bands_dataset, run_dir, epochs=40, wandb="disabled"))  # num_workers=1
     wait_for(lambda: logged_step(run_dir) >= 10, 120, "the job to train 10 steps")
     slurm_cluster.run("scancel", job)
     assert wait_state(slurm_cluster, job, {"COMPLETED", "FAILED", "CANCELLED"}, 60) == "CANCELLED"
@@ -228,10 +224,10 @@ def test_cancelled_job_with_loader_workers_stops_cleanly(slurm_cluster, dataset,
     assert "stopped by signal SIGTERM" in log and "DataLoader worker" not in log, log[-3000:]
 
 
-def test_sweep_is_one_job_array_with_a_run_dir_per_task(slurm_cluster, dataset, tmp_path):
+def test_sweep_is_one_job_array_with_a_run_dir_per_task(slurm_cluster, bands_dataset, tmp_path):
     run_dir = tmp_path / "sweep"
     out = subprocess.run([sys.executable, str(REPO / "jobs" / "submit.py"), "--sweep", "model.width=4,8",
-                          f"data.url={dataset}", f"run.dir={run_dir}", "train.epochs=1", "data.num_workers=1",
+                          f"data.url={bands_dataset}", f"run.dir={run_dir}", "train.epochs=1", "data.num_workers=1",
                           "track.wandb=disabled", "track.progress=false"],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -245,7 +241,7 @@ def test_sweep_is_one_job_array_with_a_run_dir_per_task(slurm_cluster, dataset, 
     assert sorted(r["job_id"] for r in rows) == sorted(job_ids) and {r["state"] for r in rows} == {"COMPLETED"}
 
 
-def test_requeued_job_runs_its_snapshot_after_the_checkout_changed(slurm_cluster, dataset, tmp_path):
+def test_requeued_job_runs_its_snapshot_after_the_checkout_changed(slurm_cluster, bands_dataset, tmp_path):
     """The checkout is a copy of this repo, first on the job's path as an editable install would
     be; after the submit its shardio is broken: the requeued job must not notice."""
     import shutil
@@ -260,7 +256,7 @@ def test_requeued_job_runs_its_snapshot_after_the_checkout_changed(slurm_cluster
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": str(checkout)}
     run_dir = tmp_path / "run"
     out = subprocess.run([sys.executable, str(checkout / "jobs" / "submit.py"), "--time", "10",
-                          *job_config(dataset, run_dir, epochs=12, wandb="disabled")],
+                          *job_config(bands_dataset, run_dir, epochs=12, wandb="disabled")],
                          cwd=checkout, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-4000:]
     job = out.stdout.split("\n")[0].split()[1]

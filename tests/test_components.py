@@ -9,7 +9,7 @@ from imgcls.config import load_config, to_dict
 from imgcls.signals import StopRequest
 from imgcls.trainer import Progress, Trainer
 
-from .conftest import TINY_RUN
+from .conftest import BASE_RUN
 
 
 def parts(seed: int) -> dict:
@@ -44,7 +44,7 @@ def test_a_checkpointer_saves_and_restores_a_dict_of_parts(tmp_path):
 
 
 def test_a_trainer_built_from_a_config_takes_one_step(bands_dataset, tmp_path):
-    cfg = load_config(None, [f"data.url={bands_dataset}", f"run.dir={tmp_path / 'run'}", *TINY_RUN,
+    cfg = load_config(None, [f"data.url={bands_dataset}", f"run.dir={tmp_path / 'run'}", *BASE_RUN,
                              "train.max_steps=1", "run.device=cpu"])
     dist = distributed.init_distributed(cfg.run.device)
     assert not dist.enabled  # one process: no group, no torchrun

@@ -13,26 +13,7 @@ from imgcls.augment import draw_params
 from imgcls.config import AugmentConfig, DataConfig
 from imgcls.data import DataError, ShardReader, interleave
 from shardio.format import write_tar
-
-NUM_CLASSES = 5
-
-
-def make_npz(path, n=900, size=8, seed=0):
-    rng = np.random.default_rng(seed)
-    images = rng.integers(0, 256, size=(n, size, size, 1), dtype=np.uint8)
-    labels = np.arange(n) % NUM_CLASSES
-    np.savez(path, images=images, labels=labels)
-    return path
-
-
-@pytest.fixture(scope="module")
-def s3_dataset(tmp_path_factory, s3_endpoint):
-    """~630 train samples in 13 shards of 50 on S3."""
-    fs = s3fs.S3FileSystem(skip_instance_cache=True)
-    fs.mkdir("reader-data")
-    npz = make_npz(tmp_path_factory.mktemp("src") / "data.npz")
-    shards.build(str(npz), "s3://reader-data/ds", shard_samples=50, progress=False, workers=1)
-    return "s3://reader-data/ds"
+from tests.conftest import RANDOM_CLASSES, random_npz
 
 
 def cfg(url, **kw):
@@ -143,9 +124,9 @@ def test_more_ranks_times_workers_than_shards_still_reads_every_key_once(s3_data
 # ---- bad data: each gets a message naming the shard (and key) ----------------------------
 @pytest.fixture
 def bad_dataset(tmp_path, s3_bucket):
-    npz = make_npz(tmp_path / "data.npz", n=300)
+    source = random_npz(tmp_path / "data.npz", n=300, size=8)
     url = f"{s3_bucket}/ds"
-    shards.build(str(npz), url, shard_samples=50, progress=False, workers=1)
+    shards.build(source, url, shard_samples=50, progress=False, workers=1)
     return url
 
 
@@ -207,7 +188,7 @@ def _samples_with(data, bad):
         if i == 0 and "image" in bad:
             image = image[:-3]
         if i == 1 and "label" in bad:
-            label = NUM_CLASSES + 4
+            label = RANDOM_CLASSES + 4
         out.append((s["__key__"], label, "raw", image))
     return write_tar(out), [samples[0]["__key__"], samples[1]["__key__"]]
 

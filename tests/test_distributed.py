@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from imgcls import distributed
-from tests.conftest import REPO, build_bands_dataset, torchrun
+from tests.conftest import BASE_RUN, REPO, launch
 
 
 def test_cuda_gets_one_group_for_both_devices_and_cpu_gets_gloo(monkeypatch):
@@ -54,10 +54,9 @@ def test_unknown_device_is_refused():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where CUDA is not usable")
-def test_asking_for_cuda_without_cuda_is_one_line_from_rank_0(tmp_path):
-    data = build_bands_dataset(tmp_path / "data", n=400)
-    out = torchrun([f"data.url={data}", f"run.dir={tmp_path / 'run'}", "run.device=cuda", "track.wandb=disabled"],
-                   check=False)
+def test_asking_for_cuda_without_cuda_is_one_line_from_rank_0(bands_dataset, tmp_path):
+    out = launch([f"data.url={bands_dataset}", f"run.dir={tmp_path / 'run'}", *BASE_RUN, "run.device=cuda"],
+                 check=False)
     assert out.returncode != 0
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: run.device=cuda, but CUDA is not usable here (torch.cuda.is_available() is False: "

@@ -2,19 +2,13 @@
 same optimizer steps (real torchrun processes, gloo). The model has no BatchNorm: with it,
 each rank normalises with its own micro-batch statistics and the running stats follow rank 0,
 so the two layouts would legitimately differ (see docs/training.md, "Batch size and learning rate")."""
-import os
-import subprocess
-import sys
-
 import torch
 
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, launch
 
 
 def run(nproc: int, accum: int, out, steps: int = 5) -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
-           "--master-addr=127.0.0.1", str(REPO / "tests" / "ddp_math_worker.py"), str(accum), str(steps), str(out)]
-    subprocess.run(cmd, cwd=REPO, check=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    launch([str(accum), str(steps), str(out)], nproc, script=REPO / "tests" / "ddp_math_worker.py")
     return torch.load(out, weights_only=True)
 
 

@@ -4,22 +4,14 @@ training sample exactly once, less the documented remainder (docs/design.md, "Re
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from imgcls.data import read_manifest
-from tests.conftest import REPO, build_bands_dataset, free_port
+from tests.conftest import REPO, launch
 
 STOP = 9        # batches per rank read before the stop
 BATCH = 16
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return build_bands_dataset(tmp_path_factory.mktemp("data"))  # 1400 train samples, 14 shards
 
 
 def read(url, nproc: int, workers: int, out, stop: int = -1, state=None, batch_size: int = BATCH) -> dict:
@@ -27,12 +19,8 @@ def read(url, nproc: int, workers: int, out, stop: int = -1, state=None, batch_s
     if state is not None:
         (out.parent / f"{out.stem}.state.json").write_text(json.dumps(state))
         state = out.parent / f"{out.stem}.state.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
-           "--master-addr=127.0.0.1", str(REPO / "tests" / "elastic_worker.py"), url, str(workers),
-           str(batch_size), str(stop), str(state or "-"), str(out)]
-    result = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
+    launch([url, str(workers), str(batch_size), str(stop), str(state or "-"), str(out)], nproc,
+           script=REPO / "tests" / "elastic_worker.py")
     return json.loads(out.read_text())
 
 
@@ -41,29 +29,30 @@ def keys(run: dict) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def stopped(dataset, tmp_path_factory):
+def stopped(bands_dataset, tmp_path_factory):
     """Epoch 1 on 2 ranks x 2 workers, stopped after STOP batches per rank."""
-    return read(dataset, 2, 2, tmp_path_factory.mktemp("stopped") / "run.json", stop=STOP)
+    return read(bands_dataset, 2, 2, tmp_path_factory.mktemp("stopped") / "run.json", stop=STOP)
 
 
 @pytest.mark.parametrize("nproc,workers,batch_size", [(1, 3, BATCH), (3, 1, 8)])
 def test_stopped_on_two_ranks_resumed_on_another_count_reads_every_sample_once(
-        dataset, stopped, tmp_path, nproc, workers, batch_size):
+        bands_dataset, stopped, tmp_path, nproc, workers, batch_size):
     assert stopped["state"]["position"] == STOP and stopped["state"]["samples"] == 2 * STOP * BATCH
-    resumed = read(dataset, nproc, workers, tmp_path / "resumed.json", state=stopped["state"], batch_size=batch_size)
+    resumed = read(bands_dataset, nproc, workers, tmp_path / "resumed.json", state=stopped["state"],
+                   batch_size=batch_size)
     assert resumed["state"]["consumed"] == [{"world_size": 2, "workers": 2, "batch_size": BATCH, "batches": STOP}]
     assert {len(rank) for rank in resumed["keys"]} == {resumed["batches"]}  # equal batches per rank
     seen = keys(stopped) + keys(resumed)
     assert len(seen) == len(set(seen)), "a sample was read twice in the epoch"
-    total = read_manifest(dataset)["splits"]["train"]["count"]
+    total = read_manifest(bands_dataset)["splits"]["train"]["count"]
     left = total - 2 * STOP * BATCH
     assert len(seen) == total - left % (nproc * batch_size)  # only the documented remainder is missing
     assert resumed["state"]["samples"] == len(seen)
 
 
-def test_same_layout_resume_reads_exactly_the_uninterrupted_tail(dataset, stopped, tmp_path):
-    whole = read(dataset, 2, 2, tmp_path / "whole.json")
-    resumed = read(dataset, 2, 2, tmp_path / "resumed.json", state=stopped["state"])
+def test_same_layout_resume_reads_exactly_the_uninterrupted_tail(bands_dataset, stopped, tmp_path):
+    whole = read(bands_dataset, 2, 2, tmp_path / "whole.json")
+    resumed = read(bands_dataset, 2, 2, tmp_path / "resumed.json", state=stopped["state"])
     assert resumed["state"]["consumed"] == []
     for rank in range(2):
         assert stopped["keys"][rank] + resumed["keys"][rank] == whole["keys"][rank]

@@ -11,29 +11,28 @@ from imgcls.augment import sample_uniforms
 from imgcls.data import ShardReader
 from imgcls.distributed import DistInfo
 from imgcls.ewc import FISHER_DRAW, fisher_sums, previous_model
-from tests.conftest import SMALL, build_bands_dataset, final_state, torchrun
+from tests.conftest import EXACT_RUN, build_bands_dataset, final_state, launch
 
 FISHER_SAMPLES = 250  # spans three 100-sample shards: the ranks hold unequal shares
 
 
 @pytest.fixture(scope="module")
-def tasks(tmp_path_factory):
+def tasks(bands_dataset, reversed_bands_dataset):
     """(task A's data, task B's data: the same images, the bands counted from the other end)."""
-    work = tmp_path_factory.mktemp("tasks")
-    return build_bands_dataset(work / "a"), build_bands_dataset(work / "b", reverse=True)
+    return bands_dataset, reversed_bands_dataset
 
 
 @pytest.fixture(scope="module")
 def previous(tasks, tmp_path_factory):
-    """Task A's final checkpoint (with an EMA beside the raw weights, as SMALL trains one)."""
+    """Task A's final checkpoint (with an EMA beside the raw weights, as EXACT_RUN trains one)."""
     run_dir = tmp_path_factory.mktemp("runs") / "a"
-    torchrun([f"data.url={tasks[0]}", f"run.dir={run_dir}", *SMALL])
+    launch([f"data.url={tasks[0]}", f"run.dir={run_dir}", *EXACT_RUN])
     return checkpoint.list_checkpoints(str(run_dir))[-1]
 
 
 def task_b(tasks, previous, run_dir, *extra, check=True):
-    return torchrun([f"data.url={tasks[1]}", f"run.dir={run_dir}", *SMALL, f"model.pretrained={previous}", *extra],
-                    check=check)
+    return launch([f"data.url={tasks[1]}", f"run.dir={run_dir}", *EXACT_RUN, f"model.pretrained={previous}", *extra],
+                  check=check)
 
 
 def ewc_args(previous, importance):
@@ -147,8 +146,8 @@ def test_a_head_for_other_classes_is_left_out_of_the_penalty(previous, tmp_path)
     """Task B with 3 classes after task A's 4: the head (fc) starts as initialised and is not
     protected; every other weight is."""
     three = build_bands_dataset(tmp_path / "data", classes=3)
-    out = torchrun([f"data.url={three}", f"run.dir={tmp_path / 'run'}", *SMALL, "train.epochs=1",
-                    f"model.pretrained={previous}", *ewc_args(previous, 10)])
+    out = launch([f"data.url={three}", f"run.dir={tmp_path / 'run'}", *EXACT_RUN, "train.epochs=1",
+                 f"model.pretrained={previous}", *ewc_args(previous, 10)])
     assert "ewc: not protected (absent from, or shaped unlike, the previous model): fc.weight, fc.bias" in out.stderr
     fisher = final_state(tmp_path / "run")["ewc"]["fisher"]
     assert "fc.weight" not in fisher and "stage1.0.weight" in fisher and len(fisher) == 18

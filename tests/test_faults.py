@@ -17,7 +17,7 @@ from imgcls.config import ConfigError, TrackConfig, load_config
 from imgcls.lease import Lease, LeaseLost
 from shardio import storage
 
-from .conftest import REPO, TINY_RUN
+from .conftest import BASE_RUN, REPO, launch, wait_until
 
 TRACK = TrackConfig(wandb="disabled", progress=False)
 
@@ -59,17 +59,13 @@ def test_a_thawed_training_holder_stops_with_one_line_and_writes_nothing(tmp_pat
     """A trainer frozen past its lease timeout, then thawed after another job took the run dir:
     it used to append older steps to the new holder's metrics.jsonl."""
     run_dir = tmp_path / "run"
-    args = [*TINY_RUN, f"data.url={bands_dataset}", f"run.dir={run_dir}", "train.epochs=100",
+    args = [*BASE_RUN, f"data.url={bands_dataset}", f"run.dir={run_dir}", "train.epochs=100",
             "train.log_every=1", "run.lease_timeout_s=2"]
-    proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "train.py"), *args], cwd=REPO,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = launch(args, nproc=None, background=True)
     metrics = run_dir / "metrics.jsonl"
     try:
-        deadline = time.monotonic() + 120
-        while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
-            time.sleep(0.1)
+        wait_until(lambda: metrics.exists() and metrics.read_text().count("\n") >= 3, timeout=120,
+                   what="3 metrics lines", proc=proc)
         proc.send_signal(signal.SIGSTOP)
         time.sleep(2.5)
         taker = Lease(str(run_dir), job_id="taker", timeout_s=2).acquire()
@@ -99,9 +95,8 @@ def small_tmpfs(tmp_path):
 def test_a_full_disk_while_checkpointing_is_one_line(small_tmpfs, bands_dataset):
     (small_tmpfs / "filler").write_bytes(b"\0" * (2 * 2**20 - 64 * 1024))  # ~64 kB left
     run_dir = small_tmpfs / "run"
-    out = subprocess.run([sys.executable, str(REPO / "jobs" / "train.py"), *TINY_RUN, f"data.url={bands_dataset}",
-                          f"run.dir={run_dir}", "model.width=32"], cwd=REPO, capture_output=True, text=True,
-                         timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    out = launch([*BASE_RUN, f"data.url={bands_dataset}", f"run.dir={run_dir}", "model.width=32"], nproc=None,
+                 check=False, timeout=180)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
     line = out.stderr.strip().splitlines()[-1]
     assert line.startswith("error: ") and "No space left on device" in line and str(run_dir) in line, out.stderr[-3000:]
@@ -131,8 +126,7 @@ def test_an_include_loop_and_a_yaml_constructor_are_one_line_naming_the_file(tmp
         load_config(tmp_path / "a.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  epochs: !!python/object/apply:os.system ['echo pwned']\n")
-    out = subprocess.run([sys.executable, str(REPO / "jobs" / "train.py"), "--config", str(bad)], cwd=REPO,
-                         capture_output=True, text=True, timeout=120)
+    out = launch(["--config", str(bad)], nproc=None, check=False, timeout=120)
     assert out.returncode == 2 and "Traceback" not in out.stderr and "pwned" not in out.stdout, out.stderr[-3000:]
     assert out.stderr.strip().splitlines()[-1].startswith(f"error: config file {bad}: not valid YAML")
 

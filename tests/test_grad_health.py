@@ -3,14 +3,11 @@ unscaled gradient (GradScaler), and a non-finite gradient norm stopping the run 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import torch
 
 from imgcls.trainer import clip_grad_norm
-from tests.conftest import REPO, TINY_RUN
+from tests.conftest import BASE_RUN, launch
 
 
 def test_clipping_under_fp16_unscales_first():
@@ -40,13 +37,9 @@ def test_clipping_under_fp16_unscales_first():
 
 def test_grad_norm_is_logged_and_a_non_finite_one_names_its_step(bands_dataset, tmp_path):
     run_dir = tmp_path / "run"
-    out = subprocess.run(
-        [sys.executable, str(REPO / "jobs" / "train.py"), "--config", "", f"data.url={bands_dataset}",
-         f"run.dir={run_dir}", *TINY_RUN, "model.name=tests.user_nets:inf_grad_net", "model.kwargs={good_steps: 12}",
-         "train.sync_every=10", "train.ckpt_every=100", "train.grad_clip=0"],
-        cwd=REPO, capture_output=True, text=True, timeout=180,
-        env={**os.environ, "OMP_NUM_THREADS": "1",
-             "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
+    out = launch(["--config", "", f"data.url={bands_dataset}", f"run.dir={run_dir}", *BASE_RUN,
+                  "model.name=tests.user_nets:inf_grad_net", "model.kwargs={good_steps: 12}", "train.sync_every=10",
+                  "train.ckpt_every=100", "train.grad_clip=0"], nproc=None, check=False, timeout=180)
     assert out.returncode != 0
     assert "non-finite gradient norm at step 13 (epoch 0)" in out.stderr
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -309,19 +309,16 @@ def test_plot_pr_curves_draws_the_lowest_ap_classes_beyond_the_limit(tmp_path):
         plot_pr_curves(curves, names[:3], tmp_path / "bad.png")
 
 
-def test_evaluate_reports_average_precision_alone_and_on_two_ranks(bands_checkpoint, tmp_path):
+def test_evaluate_reports_average_precision_alone_and_on_two_ranks(bands_checkpoint, noisy_bands_dataset, tmp_path):
     """jobs/evaluate.py on a copy of the bands test split with 30% of the labels randomised (so
     AP is neither 0 nor 1): AP per class in metrics.json and on stdout, equal to the exact AP of
     the model's probabilities, and the same from two torchrun ranks (each with its own shard)."""
-    import subprocess
-    import sys
-
     from imgcls.export import read_samples
     from imgcls.inference import load_checkpoint_model
     from imgcls.precision import autocast, resolve_precision
-    from tests.conftest import REPO, build_bands_dataset, free_port, job
+    from tests.conftest import REPO, job, launch
 
-    noisy = build_bands_dataset(tmp_path / "noisy", label_noise=0.3)
+    noisy = noisy_bands_dataset
     stdout, _, result = job("evaluate", bands_checkpoint, "--data", noisy, "--output", str(tmp_path / "one"))
     saved = json.loads((tmp_path / "one" / "metrics.json").read_text())
     assert list(saved["average_precision"]) == ["0", "1", "2", "3"]
@@ -343,18 +340,14 @@ def test_evaluate_reports_average_precision_alone_and_on_two_ranks(bands_checkpo
     assert ap == pytest.approx(exact, abs=0.01)
     assert 0.3 < min(ap) and max(ap) < 0.95, "labels too clean or too noisy for AP to tell anything"
 
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
-                          f"--master-port={free_port()}", "--master-addr=127.0.0.1", str(REPO / "jobs" / "evaluate.py"),
-                          bands_checkpoint, "--data", noisy,
-                          "--out", str(tmp_path / "two")],  # the old name still works
-                         cwd=REPO, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    two = launch([bands_checkpoint, "--data", noisy, "--out", str(tmp_path / "two")],  # the old name still works
+                 nproc=2, script=REPO / "jobs" / "evaluate.py", check=False)
     assert two.returncode == 0, two.stderr[-3000:]
     assert (json.loads((tmp_path / "two" / "metrics.json").read_text())["average_precision"]
             == saved["average_precision"])
 
 
-def test_on_batch_sees_each_batch_with_its_labels_under_test_time_views(bands_checkpoint, tmp_path):
+def test_on_batch_sees_each_batch_with_its_labels_under_test_time_views(bands_checkpoint, noisy_bands_dataset):
     """The hook evaluate_checkpoint gives `evaluate`: over 7 batches, with mirror and shifted
     views, the curves equal the exact AP of the test-time-view probabilities, and evaluate's own
     accuracy is that of the same logits."""
@@ -365,9 +358,8 @@ def test_on_batch_sees_each_batch_with_its_labels_under_test_time_views(bands_ch
     from imgcls.evaluation import evaluate, tta_logits
     from imgcls.export import read_samples
     from imgcls.inference import load_checkpoint_model
-    from tests.conftest import build_bands_dataset
 
-    noisy = build_bands_dataset(tmp_path / "noisy", label_noise=0.3)
+    noisy = noisy_bands_dataset
     model, meta = load_checkpoint_model(bands_checkpoint, noisy)
     reader = ShardReader(DataConfig(url=noisy, eval_batch_size=32, num_workers=0, mean=meta["mean"], std=meta["std"]),
                          "test", train=False)

@@ -1,5 +1,4 @@
 import logging
-import os
 import subprocess
 import sys
 
@@ -19,7 +18,7 @@ from imgcls.models import (
     head_parameters,
     load_pretrained,
 )
-from tests.conftest import REPO, SMALL
+from tests.conftest import EXACT_RUN, launch
 
 NAMES = ["simple_cnn", "resnet18", "resnet34", "mobilenet_v3_small", "efficientnet_lite0",
          "shufflenet_v2_x0_5"]
@@ -376,9 +375,7 @@ def test_small_stem_auto_keeps_the_pretrained_stem_at_any_size(tmp_path, bands_d
     assert asked.conv1.kernel_size == (3, 3) and isinstance(asked.maxpool, nn.Identity)
 
     # the start-up line says which stem and why
-    out = subprocess.run([sys.executable, str(REPO / "jobs" / "train.py"), f"data.url={bands_dataset}",
-                          f"run.dir={tmp_path / 'run'}", *SMALL, "model.name=resnet18", f"model.pretrained={weights}",
-                          "train.max_steps=1"], cwd=REPO, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = launch([f"data.url={bands_dataset}", f"run.dir={tmp_path / 'run'}", *EXACT_RUN, "model.name=resnet18",
+                  f"model.pretrained={weights}", "train.max_steps=1"], nproc=None, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "backend none; resnet18 with own stem (auto: kept for the pretrained weights); precision" in out.stderr

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from imgcls.losses import Objective, mix_batch, multilabel_loss, positive_weights, resolve_loss
 from imgcls.metrics import PrecisionRecallCurves
 from imgcls.trainer import MicroBatch, correct, forward_backward
-from tests.conftest import TINY_RUN, train_process
+from tests.conftest import BASE_RUN, launch
 
 LOGITS = torch.randn(16, 5, generator=torch.Generator().manual_seed(0)) * 3
 TARGETS = (torch.rand(16, 5, generator=torch.Generator().manual_seed(1)) < 0.3).float()
@@ -99,18 +99,12 @@ def test_map_f1_and_the_threshold_match_a_brute_force_count():
 
 def test_a_sigmoid_loss_trains_single_label_data_with_positive_weights_and_mixup(bands_dataset, tmp_path):
     run_dir = tmp_path / "bce"
-    out = train_process(["--config", "", f"data.url={bands_dataset}", f"run.dir={run_dir}", *TINY_RUN,
-                         "train.epochs=2", "train.loss=asl", "train.class_weights=balanced", "train.mixup_alpha=0.2"])
+    out = launch(["--config", "", f"data.url={bands_dataset}", f"run.dir={run_dir}", *BASE_RUN,
+                 "train.epochs=2", "train.loss=asl", "train.class_weights=balanced", "train.mixup_alpha=0.2"],
+                 nproc=None)
     assert "positive weights (balanced): 3.33 3.03 2.85 2.83" in out.stderr  # negatives / positives per class
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r for r in records if "val/acc" in r][-1]["val/acc"] > 0.6  # four classes: chance is 0.25
-
-
-@pytest.fixture(scope="module")
-def multilabel_dataset(tmp_path_factory) -> str:
-    from tests.conftest import build_multilabel_bands
-
-    return build_multilabel_bands(tmp_path_factory.mktemp("multilabel"))
 
 
 def test_multi_label_shards_train_with_bce_by_default_and_validate_map_and_threshold(multilabel_dataset, tmp_path):
@@ -124,8 +118,8 @@ def test_multi_label_shards_train_with_bce_by_default_and_validate_map_and_thres
     assert (batch["label"].sum(1) > 1).any() and (batch["label"].sum(1) == 0).any()  # several labels, or none
 
     run_dir = tmp_path / "run"
-    out = train_process(["--config", "", f"data.url={multilabel_dataset}", f"run.dir={run_dir}", *TINY_RUN,
-                         "train.epochs=3", "optim.lr=0.2", "train.mixup_alpha=0.2", "train.class_weights=balanced"])
+    out = launch(["--config", "", f"data.url={multilabel_dataset}", f"run.dir={run_dir}", *BASE_RUN,
+                 "train.epochs=3", "optim.lr=0.2", "train.mixup_alpha=0.2", "train.class_weights=balanced"], nproc=None)
     assert "val mAP" in out.stderr and "positive weights (balanced)" in out.stderr
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in records if "val/map" in r][-1]
@@ -133,8 +127,8 @@ def test_multi_label_shards_train_with_bce_by_default_and_validate_map_and_thres
     state = torch.load(checkpoint.list_checkpoints(str(run_dir))[-1], weights_only=False)
     assert state["progress"]["threshold"] == last["val/threshold"]
     with pytest.raises(AssertionError, match="needs a sigmoid loss"):
-        train_process(["--config", "", f"data.url={multilabel_dataset}", f"run.dir={tmp_path / 'ce'}", *TINY_RUN,
-                       "train.loss=ce"])
+        launch(["--config", "", f"data.url={multilabel_dataset}", f"run.dir={tmp_path / 'ce'}", *BASE_RUN,
+               "train.loss=ce"], nproc=None)
 
 
 def test_multi_label_evaluate_export_and_predict_every_label_over_the_threshold(multilabel_dataset, tmp_path):
@@ -146,8 +140,8 @@ def test_multi_label_evaluate_export_and_predict_every_label_over_the_threshold(
     from tests.conftest import job, last_json, save_test_images
 
     run_dir = tmp_path / "run"
-    train_process(["--config", "", f"data.url={multilabel_dataset}", f"run.dir={run_dir}", *TINY_RUN,
-                   "train.epochs=2", "optim.lr=0.2", "train.loss=focal"])
+    launch(["--config", "", f"data.url={multilabel_dataset}", f"run.dir={run_dir}", *BASE_RUN,
+           "train.epochs=2", "optim.lr=0.2", "train.loss=focal"], nproc=None)
     ckpt = checkpoint.list_checkpoints(str(run_dir))[-1]
     threshold = torch.load(ckpt, weights_only=False)["progress"]["threshold"]
     stdout, _, _ = job("evaluate", ckpt, "--output", str(tmp_path / "eval"))

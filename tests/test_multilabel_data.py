@@ -90,14 +90,14 @@ def test_multi_label_from_a_label_file_on_s3_end_to_end(s3_bucket, tmp_path):
     from imgcls.export import read_samples
     from imgcls.inference import read_meta
     from tests.conftest import (
-        SMALL,
+        EXACT_RUN,
         assert_same_weights,
         final_state,
         job,
         last_json,
+        launch,
         save_test_images,
         serving,
-        torchrun,
         upload_folder,
     )
 
@@ -107,10 +107,10 @@ def test_multi_label_from_a_label_file_on_s3_end_to_end(s3_bucket, tmp_path):
     m = shards.build(f"{s3_bucket}/kaggle/labels.csv", url, shard_samples=100, progress=False, workers=1)
     assert m["task"] == "multilabel" and m["source"]["layout"] == "label file"
 
-    run = [f"data.url={url}", *SMALL, "optim.lr=0.2", "train.label_smoothing=0", "train.mixup_alpha=0.2"]
-    torchrun([*run, f"run.dir={tmp_path / 'whole'}"])
-    torchrun([*run, f"run.dir={tmp_path / 'split'}", "train.max_steps=7"])
-    out = torchrun([*run, f"run.dir={tmp_path / 'split'}"])
+    run = [f"data.url={url}", *EXACT_RUN, "optim.lr=0.2", "train.label_smoothing=0", "train.mixup_alpha=0.2"]
+    launch([*run, f"run.dir={tmp_path / 'whole'}"])
+    launch([*run, f"run.dir={tmp_path / 'split'}", "train.max_steps=7"])
+    out = launch([*run, f"run.dir={tmp_path / 'split'}"])
     assert "resumed from" in out.stderr and "val mAP" in out.stderr
     assert_same_weights(final_state(tmp_path / "whole")["model"], final_state(tmp_path / "split")["model"])
 

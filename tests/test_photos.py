@@ -22,7 +22,7 @@ from imgcls.inference import load_image
 from shardio.format import read_tar, write_tar
 from shardio.image import Encoded
 
-from .conftest import PHOTO_RUN, REPO, build_photo_folder, needs_fashion_mnist, torchrun
+from .conftest import PHOTO_RUN, REPO, build_photo_folder, launch, needs_fashion_mnist
 
 pytestmark = needs_fashion_mnist()
 SIZE = 48
@@ -218,10 +218,10 @@ def test_photo_folder_builds_trains_from_s3_resumes_exactly_evaluates_and_predic
     assert read_manifest(url)["encoding"] == "source"  # the files' own JPEG, PNG and WebP bytes
     args = [f"data.url={url}", *PHOTO_RUN]
     straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
-    torchrun([*args, f"run.dir={straight}"])
-    first = torchrun([*args, f"run.dir={stopped}", "train.max_steps=2"])
+    launch([*args, f"run.dir={straight}"])
+    first = launch([*args, f"run.dir={stopped}", "train.max_steps=2"])
     assert json.loads(first.stdout.strip().splitlines()[-1])["status"] == "stopped"
-    torchrun([*args, f"run.dir={stopped}"])
+    launch([*args, f"run.dir={stopped}"])
     a, _ = checkpoint.load_latest(straight)
     b, _ = checkpoint.load_latest(stopped)
     assert b["progress"]["restarts"] == 1 and a["progress"]["step"] == b["progress"]["step"]

@@ -18,14 +18,13 @@ from imgcls.data import read_manifest
 from imgcls.models import build_model
 from imgcls.models.trained import model_from_state
 from imgcls.pruning import apply_pruning, make_permanent, sparsity_report
-from tests.conftest import REPO, build_bands_dataset, torchrun
+from tests.conftest import BASE_RUN, REPO, launch
 
-SMALL = [
-    "model.name=simple_cnn", "model.width=8", "data.batch_size=16", "data.eval_batch_size=200",
-    "data.num_workers=0", "optim.lr=0.05", "optim.base_batch=64", "train.epochs=2",
-    "train.accum_steps=2", "train.log_every=5", "train.ckpt_every=1000", "train.keep_last=2",
-    "track.wandb=disabled", "track.progress=false", "data.mean=[0.5]", "data.std=[0.25]",
-    "run.deterministic=true", "train.ema_decay=0.9",
+# Deterministic and accumulating, with an EMA, and a checkpoint only at the end of each epoch.
+PRUNE_RUN = [
+    *BASE_RUN, "data.batch_size=16", "data.eval_batch_size=200", "optim.lr=0.05", "optim.base_batch=64",
+    "train.epochs=2", "train.accum_steps=2", "train.ckpt_every=1000", "train.keep_last=2", "data.mean=[0.5]",
+    "data.std=[0.25]", "run.deterministic=true", "train.ema_decay=0.9",
 ]
 
 
@@ -34,15 +33,10 @@ def last_json(stdout: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return build_bands_dataset(tmp_path_factory.mktemp("data"))
-
-
-@pytest.fixture(scope="module")
-def trained(dataset, tmp_path_factory):
+def trained(bands_dataset, tmp_path_factory):
     """A tiny trained checkpoint to prune."""
     run_dir = tmp_path_factory.mktemp("runs") / "base"
-    out = torchrun([f"data.url={dataset}", f"run.dir={run_dir}", *SMALL, "train.ema_decay=0"], nproc=1)
+    out = launch([f"data.url={bands_dataset}", f"run.dir={run_dir}", *PRUNE_RUN, "train.ema_decay=0"], nproc=1)
     assert last_json(out.stdout)["status"] == "done"
     return str(run_dir / "checkpoints" / "best.pt")
 
@@ -79,15 +73,15 @@ def effective_weights(state: dict) -> dict:
             if k.endswith("weight_orig")}
 
 
-def test_fine_tuning_keeps_the_zeros_and_resumes_bitwise(trained, dataset, tmp_path):
+def test_fine_tuning_keeps_the_zeros_and_resumes_bitwise(trained, bands_dataset, tmp_path):
     prune = [f"model.pretrained={trained}", "prune.sparsity=0.5", "prune.method=unstructured"]
     straight = tmp_path / "straight"
-    out = torchrun([f"data.url={dataset}", f"run.dir={straight}", *SMALL, *prune])
+    out = launch([f"data.url={bands_dataset}", f"run.dir={straight}", *PRUNE_RUN, *prune])
     assert last_json(out.stdout)["status"] == "done"
     stopped = tmp_path / "stopped"
-    out = torchrun([f"data.url={dataset}", f"run.dir={stopped}", *SMALL, *prune, "train.max_steps=9"])
+    out = launch([f"data.url={bands_dataset}", f"run.dir={stopped}", *PRUNE_RUN, *prune, "train.max_steps=9"])
     assert last_json(out.stdout)["status"] == "stopped"
-    torchrun([f"data.url={dataset}", f"run.dir={stopped}", *SMALL, *prune])
+    launch([f"data.url={bands_dataset}", f"run.dir={stopped}", *PRUNE_RUN, *prune])
 
     a, _ = checkpoint.load_latest(str(straight))
     b, _ = checkpoint.load_latest(str(stopped))

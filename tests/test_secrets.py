@@ -10,7 +10,7 @@ from pathlib import Path
 
 from imgcls import checkpoint
 from imgcls.config import load_config, redacted, save_config
-from tests.conftest import REPO, TINY_RUN
+from tests.conftest import BASE_RUN, REPO, launch
 
 SECRET = "s3cr3t-PW"
 DATABASE = f"postgresql://alice:{SECRET}@db.example:5432/optuna"
@@ -42,7 +42,7 @@ def test_a_submitted_run_keeps_credentials_out_of_its_files(bands_dataset, tmp_p
     run_dir = tmp_path / "run"
     out = subprocess.run([sys.executable, str(REPO / "jobs" / "submit.py"), "--cluster", "debug", "--wait",
                           "--setup", f"export WANDB_API_KEY={SECRET}", f"data.url={bands_dataset}",
-                          f"run.dir={run_dir}", *TINY_RUN, "track.wandb=offline", f"hpo.storage={DATABASE}"],
+                          f"run.dir={run_dir}", *BASE_RUN, "track.wandb=offline", f"hpo.storage={DATABASE}"],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-4000:]
     assert SECRET not in out.stdout + out.stderr
@@ -58,9 +58,7 @@ def test_a_submitted_run_keeps_credentials_out_of_its_files(bands_dataset, tmp_p
 
 
 def test_checkpoints_hold_the_masked_config(bands_dataset, tmp_path):
-    from tests.conftest import train_process
-
     run_dir = tmp_path / "run"
-    train_process([f"data.url={bands_dataset}", f"run.dir={run_dir}", *TINY_RUN, f"hpo.storage={DATABASE}"])
+    launch([f"data.url={bands_dataset}", f"run.dir={run_dir}", *BASE_RUN, f"hpo.storage={DATABASE}"], nproc=None)
     state, _ = checkpoint.load_latest(str(run_dir))
     assert state["config"]["hpo"]["storage"] == "postgresql://alice:***@db.example:5432/optuna"

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from imgcls.export import export_checkpoint, read_samples
 from imgcls.inference import read_meta
-from tests.conftest import job, save_test_images, serving
+from tests.conftest import job, save_test_images, serving, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -213,14 +213,6 @@ def add_version(repo, name: str, version: int, model: str | None) -> None:
         (staging / "model.onnx").write_bytes(b"not an onnx file")
     (repo / name).mkdir(parents=True, exist_ok=True)
     staging.rename(repo / name / str(version))
-
-
-def wait_until(check, timeout: float = 30.0, what: str = "") -> None:
-    deadline = time.time() + timeout
-    while not check():
-        if time.time() > deadline:
-            raise TimeoutError(f"not within {timeout}s: {what}")
-        time.sleep(0.2)
 
 
 def test_repository_versions_traffic_split_metrics_and_reload(models, images, tmp_path):

@@ -8,7 +8,6 @@ import time
 import tracemalloc
 from dataclasses import replace
 
-import numpy as np
 import pytest
 import torch
 
@@ -19,24 +18,7 @@ from shardio import manifest as manifests
 from shardio import shard as shardfile
 from shardio import storage
 from shardio.format import read_tar
-
-
-def npz(path, n, size, channels=3, seed=0):
-    rng = np.random.default_rng(seed)
-    np.savez(path, images=rng.integers(0, 256, (n, size, size, channels), dtype=np.uint8),
-             labels=np.arange(n) % 5)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def big_shards(tmp_path_factory, s3_endpoint):
-    """600 train samples of 16x16x3 in two shards of 300 on S3: ranks read parts of shards."""
-    import s3fs
-    s3fs.S3FileSystem(skip_instance_cache=True).mkdir("index-data")
-    source = npz(tmp_path_factory.mktemp("src") / "d.npz", n=858, size=16)
-    url = "s3://index-data/ds"
-    shards.build(source, url, shard_samples=300, split=(0.7, 0.2, 0.1), progress=False, workers=1)
-    return url
+from tests.conftest import random_npz
 
 
 def data_cfg(url, **kw):
@@ -110,7 +92,7 @@ def corrupt_sample(url: str, shard_path: str, member: int) -> str:
 
 def test_a_corrupted_member_is_named_by_ranged_reads_and_whole_reads_check_sha256(tmp_path):
     url = str(tmp_path / "ds")
-    shards.build(npz(tmp_path / "d.npz", n=200, size=16), url, shard_samples=70, split=(1, 0, 0),
+    shards.build(random_npz(tmp_path / "d.npz", n=200, size=16, channels=3), url, shard_samples=70, split=(1, 0, 0),
                  progress=False, workers=1)
     reader = ShardReader(data_cfg(url), "train", rank=1, world_size=2, seed=5)
     (shard_id, picks), *_ = reader.worker_plans(0, 1)[0]
@@ -128,7 +110,8 @@ def test_a_corrupted_member_is_named_by_ranged_reads_and_whole_reads_check_sha25
 
 def test_a_stale_index_is_a_warning_and_the_shard_is_read_whole(tmp_path, caplog):
     url = str(tmp_path / "ds")
-    shards.build(npz(tmp_path / "d.npz", n=120, size=8), url, shard_samples=60, split=(1, 0, 0), progress=False)
+    shards.build(random_npz(tmp_path / "d.npz", n=120, size=8, channels=3), url, shard_samples=60, split=(1, 0, 0),
+                 progress=False)
     before = [b["key"] for b in ShardReader(data_cfg(url), "train", rank=0, world_size=2).loader()]
     m = json.loads((tmp_path / "ds" / "manifest.json").read_text())
     entry = m["splits"]["train"]["shards"][0]
@@ -158,7 +141,7 @@ def test_a_workers_memory_follows_its_read_window_not_the_shard_size(tmp_path):
     the next one fetched meanwhile), so its peak stays within 2x those bytes in flight; reading
     the shard whole holds all of it."""
     url = str(tmp_path / "ds")
-    shards.build(npz(tmp_path / "d.npz", n=2000, size=32), url, shard_samples=1000, split=(1, 0, 0),
+    shards.build(random_npz(tmp_path / "d.npz", n=2000, size=32, channels=3), url, shard_samples=1000, split=(1, 0, 0),
                  progress=False)
     shard_bytes = manifests.read(url)["splits"]["train"]["shards"][0]["bytes"]
     assert shard_bytes > 4e6

@@ -21,16 +21,10 @@ from shardio.format import decode_image, read_tar
 from shardio.storage import filesystem, join, read_bytes
 from shards.cli import main as cli_main
 from shards.sources import FASHION_MNIST_CLASSES, open_source
-from tests.conftest import FASHION_MNIST, build_photo_folder, needs_fashion_mnist
+from tests.conftest import FASHION_MNIST, needs_fashion_mnist
 
 pytestmark = needs_fashion_mnist()
 FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    """60 photo-like images: 5 classes x 12, 40 to 300 px, JPEG/PNG/WebP."""
-    return build_photo_folder(tmp_path_factory.mktemp("photos") / "photos", per_class=12, classes=5, seed=3)
 
 
 def source_files(root) -> dict[str, str]:
@@ -70,13 +64,13 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def test_photo_folder_builds_without_resize_and_keeps_every_files_bytes(photos, tmp_path):
+def test_photo_folder_builds_without_resize_and_keeps_every_files_bytes(photo_folder, tmp_path):
     dest = str(tmp_path / "shards")
-    m = shards.build(photos, dest, shard_samples=16, workers=2, progress=False)
+    m = shards.build(photo_folder, dest, shard_samples=16, workers=2, progress=False)
 
     assert m["encoding"] == "source"  # chosen because the sizes differ; no --encoding, no --resize
     assert m["image"] == {"height": None, "width": None, "channels": 3}
-    files = source_files(photos)
+    files = source_files(photo_folder)
     seen = set()
     for split in ("train", "val", "test"):
         for shard, n, sample in samples(dest, m, split):
@@ -98,9 +92,9 @@ def test_photo_folder_builds_without_resize_and_keeps_every_files_bytes(photos, 
             "source encoding") in shards.inspect(dest)
 
 
-def test_manifest_stats_are_the_train_pixels_mean_and_std(photos, tmp_path):
+def test_manifest_stats_are_the_train_pixels_mean_and_std(photo_folder, tmp_path):
     dest = str(tmp_path / "shards")
-    m = shards.build(photos, dest, progress=False)
+    m = shards.build(photo_folder, dest, progress=False)
     images = [decode_image(s[image_ext(s)], image_ext(s), m["image"]) for _, _, s in samples(dest, m, "train")]
     mean, std = numpy_stats(images)
     assert m["stats"]["split"] == "train" and m["stats"]["images"] == len(images) == m["splits"]["train"]["count"]
@@ -110,12 +104,12 @@ def test_manifest_stats_are_the_train_pixels_mean_and_std(photos, tmp_path):
     assert not np.allclose(numpy_stats(val)[0], mean, atol=1e-4)  # it is the train split's, not another's
 
 
-def test_max_side_downscales_the_big_images_once_in_their_own_format(photos, s3_bucket):
+def test_max_side_downscales_the_big_images_once_in_their_own_format(photo_folder, s3_bucket):
     dest = f"{s3_bucket}/small"
-    m = shards.build(photos, dest, max_side=100, progress=False)
+    m = shards.build(photo_folder, dest, max_side=100, progress=False)
 
     assert m["encoding"] == "source" and m["max_side"] == 100
-    files = source_files(photos)
+    files = source_files(photo_folder)
     kept = shrunk = 0
     images = []
     for shard, n, sample in (x for split in m["splits"] for x in samples(dest, m, split)):
@@ -135,7 +129,7 @@ def test_max_side_downscales_the_big_images_once_in_their_own_format(photos, s3_
             images.append(decode_image(sample[ext], ext, m["image"]))
     assert kept > 5 and shrunk > 5
     with pytest.raises(ValueError, match="resize .* or max_side .*, not both"):
-        shards.build(photos, f"{s3_bucket}/both", max_side=100, resize=(64, 64), progress=False)
+        shards.build(photo_folder, f"{s3_bucket}/both", max_side=100, resize=(64, 64), progress=False)
     np.testing.assert_allclose(m["stats"]["mean"], numpy_stats(images)[0], atol=2e-6)
     assert shards.verify(dest, deep=True) == []
 
@@ -160,9 +154,9 @@ def test_fixed_size_sources_stay_raw_with_stats(tmp_path):
         shards.build(tmp_path / "small.npz", tmp_path / "out2", encoding="source", progress=False)
 
 
-def test_index_of_built_shards_agrees_with_the_build(photos, tmp_path):
+def test_index_of_built_shards_agrees_with_the_build(photo_folder, tmp_path):
     dest = str(tmp_path / "shards")
-    built = shards.build(photos, dest, shard_samples=16, progress=False)
+    built = shards.build(photo_folder, dest, shard_samples=16, progress=False)
     indexed = shards.index(dest, classes=built["classes"], progress=False)
     assert indexed["stats"] == built["stats"] and indexed["image"] == built["image"]
     assert indexed["splits"] == built["splits"]  # counts, sha256s, class counts and sizes
@@ -177,9 +171,9 @@ def break_files(folder) -> list[str]:
     return [str(jpg.relative_to(folder)), "Coat/junk.png", "Dress/empty.webp"]
 
 
-def test_bad_files_are_reported_together_and_skip_bad_counts_them(photos, tmp_path, capsys, caplog):
+def test_bad_files_are_reported_together_and_skip_bad_counts_them(photo_folder, tmp_path, capsys, caplog):
     folder = tmp_path / "photos"
-    shutil.copytree(photos, folder)
+    shutil.copytree(photo_folder, folder)
     bad = break_files(folder)
     dest = tmp_path / "out"
 
@@ -200,15 +194,15 @@ def test_bad_files_are_reported_together_and_skip_bad_counts_them(photos, tmp_pa
     assert "skipped 3 bad image file(s)" in shards.inspect(dest)
 
 
-def test_verify_deep_shows_progress_as_log_lines_off_a_terminal(photos, tmp_path, capsys):
+def test_verify_deep_shows_progress_as_log_lines_off_a_terminal(photo_folder, tmp_path, capsys):
     dest = str(tmp_path / "out")
-    shards.build(photos, dest, shard_samples=8, progress=False)
+    shards.build(photo_folder, dest, shard_samples=8, progress=False)
     assert cli_main(["verify", dest, "--deep"]) == 0
     err = capsys.readouterr().err
     assert "verify: 60 of 60 images (100%)" in err and len(err.splitlines()) <= 11
 
 
-def test_verify_deep_shows_a_tqdm_bar_on_a_terminal(photos, tmp_path):
+def test_verify_deep_shows_a_tqdm_bar_on_a_terminal(photo_folder, tmp_path):
     import fcntl
     import pty
     import struct
@@ -219,7 +213,7 @@ def test_verify_deep_shows_a_tqdm_bar_on_a_terminal(photos, tmp_path):
     from tests.conftest import REPO
 
     dest = str(tmp_path / "out")
-    shards.build(photos, dest, progress=False)
+    shards.build(photo_folder, dest, progress=False)
     primary, secondary = pty.openpty()
     fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 100 columns
     with os.fdopen(primary, "rb", buffering=0) as terminal:

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from imgcls.signals import StopRequest, keep_worker_through_cancel, wants_requeue
-from tests.conftest import REPO, SMALL
+from tests.conftest import EXACT_RUN, REPO, child_env
 
 
 @pytest.fixture
@@ -76,7 +76,7 @@ late = LateTimeLimit()
 
 
 def test_a_requeue_signal_after_the_work_is_done_does_not_kill_the_job(bands_dataset, tmp_path):
-    args = ["--config", "", f"data.url={bands_dataset}", f"run.dir={tmp_path / 'run'}", *SMALL, "train.epochs=1"]
+    args = ["--config", "", f"data.url={bands_dataset}", f"run.dir={tmp_path / 'run'}", *EXACT_RUN, "train.epochs=1"]
     done = subprocess.run([sys.executable, "-c", LATE_SIGNAL, *args], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=180)
+                          env=child_env(), timeout=180)
     assert done.returncode == 0, f"exit {done.returncode}:\n{done.stderr[-3000:]}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from tests.conftest import TINY_RUN, job, read_line, start_lease_holder
+from tests.conftest import BASE_RUN, job, read_line, start_lease_holder, train_in_process
 
 
 def rows_by_name(root: str) -> dict[str, dict]:
@@ -15,11 +15,9 @@ def rows_by_name(root: str) -> dict[str, dict]:
 
 def test_status_lists_runs_started_without_submit(bands_dataset, tmp_path, s3_bucket):
     runs = tmp_path / "runs"
-    common = ["--config", "", f"data.url={bands_dataset}", *TINY_RUN]
     # plain `python jobs/train.py` runs, in this process: one finished, one stopped by max_steps in its second epoch
     for name, extra in (("finished", []), ("stopped", ["train.epochs=2", "train.max_steps=50"])):
-        _, stderr, result = job("train", *common, f"run.dir={runs / name}", f"run.name={name}", *extra)
-        assert isinstance(result, dict), stderr[-3000:]
+        train_in_process(runs / name, bands_dataset, *BASE_RUN, f"run.name={name}", *extra)
     holder = start_lease_holder(str(runs / "live"), "4242", timeout_s=30)  # a job that has just started
     try:
         assert read_line(holder) == "acquired"

@@ -10,15 +10,9 @@ import pytest
 
 from imgcls.cluster import sweep_grid
 from imgcls.distributed import expand_hostlist
-from tests.conftest import REPO, build_bands_dataset
+from tests.conftest import BASE_RUN, REPO
 
-TINY = ["model.width=8", "data.batch_size=32", "data.num_workers=1", "train.epochs=1",
-        "track.wandb=disabled", "track.progress=false"]
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return build_bands_dataset(tmp_path_factory.mktemp("data"))
+TINY = [*BASE_RUN, "data.num_workers=1"]  # a loader worker, as on a cluster
 
 
 def submit(*args):
@@ -28,28 +22,28 @@ def submit(*args):
     return out.stdout, json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_debug_cluster_runs_in_process(dataset, tmp_path):
-    stdout, results = submit("--cluster", "debug", f"data.url={dataset}", f"run.dir={tmp_path / 'run'}", *TINY)
+def test_debug_cluster_runs_in_process(bands_dataset, tmp_path):
+    stdout, results = submit("--cluster", "debug", f"data.url={bands_dataset}", f"run.dir={tmp_path / 'run'}", *TINY)
     assert results[0]["status"] == "done" and results[0]["step"] > 0
     assert "run dir: " in stdout and "wandb:" in stdout
 
 
-def test_local_cluster_two_tasks_ddp_from_the_code_snapshot(dataset, tmp_path):
+def test_local_cluster_two_tasks_ddp_from_the_code_snapshot(bands_dataset, tmp_path):
     run_dir = tmp_path / "run"
-    _, results = submit("--cluster", "local", "--tasks-per-node", "2", f"data.url={dataset}", f"run.dir={run_dir}",
-                        *TINY)
+    _, results = submit("--cluster", "local", "--tasks-per-node", "2", f"data.url={bands_dataset}",
+                        f"run.dir={run_dir}", *TINY)
     assert [r["status"] for r in results] == ["done", "done"]
     assert results[0]["step"] == results[1]["step"] > 0
     logs = "".join(p.read_text() for p in (run_dir / "logs").glob("*_0_log.err"))
     # every package from the snapshot, none from the checkout (PYTHONPATH names it in the job too)
     assert f"running the code in {run_dir / 'code'} (imgcls, jobs, shardio, shards)\n" in logs
     with pytest.raises(AssertionError, match="already holds a submitted run"):
-        submit("--cluster", "local", f"data.url={dataset}", f"run.dir={run_dir}", *TINY)
+        submit("--cluster", "local", f"data.url={bands_dataset}", f"run.dir={run_dir}", *TINY)
 
 
-def test_sweep_gives_each_task_its_own_run_dir(dataset, tmp_path):
+def test_sweep_gives_each_task_its_own_run_dir(bands_dataset, tmp_path):
     run_dir = tmp_path / "sweep"
-    stdout, results = submit("--cluster", "local", "--sweep", "optim.lr=0.01,0.3", f"data.url={dataset}",
+    stdout, results = submit("--cluster", "local", "--sweep", "optim.lr=0.01,0.3", f"data.url={bands_dataset}",
                              f"run.dir={run_dir}", *TINY)
     assert stdout.count("job ") == 2 and len(results) == 2
     for i, lr in enumerate(["0.01", "0.3"]):

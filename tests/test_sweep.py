@@ -16,15 +16,10 @@ from optuna.trial import TrialState
 
 from imgcls import hpo
 from imgcls.config import HPOConfig, load_config
-from tests.conftest import REPO, build_bands_dataset
+from tests.conftest import REPO
 from tests.slurm_cluster import slurm_cluster  # noqa: F401  (fixture)
 
 FINISHED = {TrialState.COMPLETE, TrialState.PRUNED}
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return build_bands_dataset(tmp_path_factory.mktemp("data"), n=1000)
 
 
 def tiny_config(path: Path, dataset: str, space: dict, epochs: int = 2) -> str:
@@ -66,9 +61,9 @@ def check_best_is_printed(stdout: str, study: optuna.Study) -> None:
     assert " ".join(best.user_attrs["overrides"]) in stdout
 
 
-def test_local_sweep_finishes_its_trials_and_a_rerun_resumes_it(dataset, tmp_path):
+def test_local_sweep_finishes_its_trials_and_a_rerun_resumes_it(small_bands_dataset, tmp_path):
     sweep_dir = tmp_path / "sweep"
-    command = ["--config", tiny_config(tmp_path / "tiny.yaml", dataset, SPACE), "--cluster", "local",
+    command = ["--config", tiny_config(tmp_path / "tiny.yaml", small_bands_dataset, SPACE), "--cluster", "local",
                "--parallel", "2", "--sweep-dir", str(sweep_dir), "--poll", "0.5"]
     stdout = sweep(*command, "--n-trials", "3")
     study = load(sweep_dir)
@@ -97,7 +92,7 @@ def test_local_sweep_finishes_its_trials_and_a_rerun_resumes_it(dataset, tmp_pat
     assert "best trial" in stdout
 
 
-def test_a_bad_trial_is_pruned_after_its_first_epoch(dataset, tmp_path):
+def test_a_bad_trial_is_pruned_after_its_first_epoch(small_bands_dataset, tmp_path):
     """Two earlier trials reached val/acc 0.9 at every epoch; a trial with lr 0 stays near
     chance (0.25), so the MedianPruner stops it at the end of epoch 1 of 3."""
     sweep_dir = tmp_path / "pruning"
@@ -106,8 +101,8 @@ def test_a_bad_trial_is_pruned_after_its_first_epoch(dataset, tmp_path):
                                 direction="maximize")
     for _ in range(2):
         study.add_trial(optuna.trial.create_trial(value=0.9, intermediate_values={1: 0.9, 2: 0.9, 3: 0.9}))
-    config = tiny_config(tmp_path / "bad.yaml", dataset, {"optim.lr": {"type": "categorical", "choices": [0.0]}},
-                         epochs=3)
+    config = tiny_config(tmp_path / "bad.yaml", small_bands_dataset,
+                         {"optim.lr": {"type": "categorical", "choices": [0.0]}}, epochs=3)
     stdout = sweep("--config", config, "--cluster", "local", "--sweep-dir", str(sweep_dir), "--n-trials", "3",
                    "--pruner-startup-trials", "2", "--pruner-warmup-epochs", "1", "--poll", "0.5")
     trial = load(sweep_dir).trials[2]
@@ -119,10 +114,10 @@ def test_a_bad_trial_is_pruned_after_its_first_epoch(dataset, tmp_path):
     assert "PRUNED" in stdout
 
 
-def test_failed_trials_are_told_fail_and_the_sweep_goes_on_until_max_failures(dataset, tmp_path):
+def test_failed_trials_are_told_fail_and_the_sweep_goes_on_until_max_failures(small_bands_dataset, tmp_path):
     sweep_dir = tmp_path / "failing"
     space = {"data.batch_size": {"type": "categorical", "choices": [100000]}}
-    config = tiny_config(tmp_path / "bad.yaml", dataset, space)
+    config = tiny_config(tmp_path / "bad.yaml", small_bands_dataset, space)
     out = subprocess.run([sys.executable, str(REPO / "jobs" / "sweep.py"), "--config", config, "--cluster", "local",
                           "--sweep-dir", str(sweep_dir), "--n-trials", "3", "--parallel", "2", "--max-failures", "2",
                           "--poll", "0.5"], cwd=REPO, capture_output=True, text=True, timeout=300,
@@ -154,9 +149,9 @@ def test_report_asks_the_stored_pruner_and_stops_finished_trials(tmp_path):
 
 
 @pytest.mark.slurm
-def test_sweep_on_the_slurm_cluster(slurm_cluster, dataset, tmp_path):  # noqa: F811
+def test_sweep_on_the_slurm_cluster(slurm_cluster, small_bands_dataset, tmp_path):  # noqa: F811
     sweep_dir = tmp_path / "slurm-sweep"
-    stdout = sweep("--config", tiny_config(tmp_path / "tiny.yaml", dataset, SPACE), "--cluster", "slurm",
+    stdout = sweep("--config", tiny_config(tmp_path / "tiny.yaml", small_bands_dataset, SPACE), "--cluster", "slurm",
                    "--n-trials", "3", "--parallel", "3", "--time", "10", "--sweep-dir", str(sweep_dir))
     study = load(sweep_dir)
     assert len(study.trials) == 3 and {t.state for t in study.trials} <= FINISHED

@@ -7,21 +7,21 @@ import time
 
 from imgcls import hpo
 from imgcls.tracking import wandb_mode
-from tests.conftest import TINY_RUN, free_port, train_process
+from tests.conftest import BASE_RUN, free_port, launch
 from tests.wandb_records import logged_steps
 
 
 def test_torn_metrics_line_is_skipped_and_reported_on_resume(bands_dataset, tmp_path):
     run_dir = tmp_path / "run"
-    args = [f"data.url={bands_dataset}", f"run.dir={run_dir}", *TINY_RUN]
-    train_process(args)
+    args = [f"data.url={bands_dataset}", f"run.dir={run_dir}", *BASE_RUN]
+    launch(args, nproc=None)
     metrics = run_dir / "metrics.jsonl"
     lines = metrics.read_text().splitlines()
     with open(metrics, "a") as f:
         f.write('{"step": 99, "train/lo')  # an append cut short by a kill
     assert hpo.best_value(str(run_dir), "val/acc") is not None  # the readers skip it too
 
-    resumed = train_process([*args, "train.epochs=2"])
+    resumed = launch([*args, "train.epochs=2"], nproc=None)
     assert f"{metrics}: skipped 1 line(s) that are not JSON records (a torn write?): line {len(lines) + 1}" \
         in resumed.stderr
     records = [json.loads(line) for line in metrics.read_text().splitlines()]  # all whole again
@@ -52,7 +52,8 @@ def test_wandb_auto_with_a_key_but_no_server_trains_offline(bands_dataset, tmp_p
     run_dir = tmp_path / "run"
     env = {"WANDB_API_KEY": "k" * 40, "WANDB_BASE_URL": f"http://127.0.0.1:{free_port()}",
            "WANDB_INIT_TIMEOUT": "20"}  # today's failure (going online) then ends in 20 s
-    out = train_process([f"data.url={bands_dataset}", f"run.dir={run_dir}", *TINY_RUN, "track.wandb=auto"], env=env)
+    out = launch([f"data.url={bands_dataset}", f"run.dir={run_dir}", *BASE_RUN, "track.wandb=auto"], nproc=None,
+                 env=env)
     assert "is not reachable: logging offline" in out.stderr
     files = list(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(files) == 1 and logged_steps(files[0])[-1] == json.loads(out.stdout.splitlines()[-1])["step"]

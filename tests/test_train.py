@@ -13,19 +13,22 @@ import pytest
 import torch
 
 from imgcls import checkpoint
-from tests.conftest import REPO, SMALL, assert_same_weights, build_bands_dataset, final_state, torchrun
+from tests.conftest import (
+    EXACT_RUN,
+    REPO,
+    assert_same_weights,
+    build_bands_dataset,
+    final_state,
+    launch,
+    wait_until,
+)
 from tests.wandb_records import logged_steps, run_id
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return build_bands_dataset(tmp_path_factory.mktemp("data"))
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(dataset, tmp_path_factory):
+def uninterrupted(bands_dataset, tmp_path_factory):
     run_dir = str(tmp_path_factory.mktemp("runs") / "straight")
-    out = torchrun([f"data.url={dataset}", f"run.dir={run_dir}", *SMALL])
+    out = launch([f"data.url={bands_dataset}", f"run.dir={run_dir}", *EXACT_RUN])
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["status"] == "done"
     # rank 0's start-up line says what runs where
@@ -53,14 +56,14 @@ def test_uninterrupted_run_learns_and_writes_its_run_dir(uninterrupted):
     assert Path(run_dir, "checkpoints", "best.pt").exists()
 
 
-def test_stop_mid_epoch_then_resume_is_bitwise_identical(uninterrupted, dataset, tmp_path):
+def test_stop_mid_epoch_then_resume_is_bitwise_identical(uninterrupted, bands_dataset, tmp_path):
     run_dir = str(tmp_path / "stopped")
-    first = torchrun([f"data.url={dataset}", f"run.dir={run_dir}", *SMALL, "train.max_steps=7"])
+    first = launch([f"data.url={bands_dataset}", f"run.dir={run_dir}", *EXACT_RUN, "train.max_steps=7"])
     assert json.loads(first.stdout.strip().splitlines()[-1])["status"] == "stopped"
     stopped = final_state(run_dir)
     assert stopped["progress"]["step"] == 7
     assert stopped["data"]["epoch"] == 0 and stopped["data"]["position"] == 14 and stopped["data"]["samples"] == 448
-    out = torchrun([f"data.url={dataset}", f"run.dir={run_dir}", *SMALL])
+    out = launch([f"data.url={bands_dataset}", f"run.dir={run_dir}", *EXACT_RUN])
     assert "; resuming at step 7 (epoch 0, batch 14)" in out.stderr
     resumed = final_state(run_dir)
     assert resumed["progress"]["restarts"] == 1
@@ -68,15 +71,15 @@ def test_stop_mid_epoch_then_resume_is_bitwise_identical(uninterrupted, dataset,
     assert resumed["progress"]["step"] == uninterrupted[1]["progress"]["step"]
 
 
-def test_crash_mid_accumulation_resumes_from_last_checkpoint_bitwise(uninterrupted, dataset, tmp_path):
+def test_crash_mid_accumulation_resumes_from_last_checkpoint_bitwise(uninterrupted, bands_dataset, tmp_path):
     run_dir = str(tmp_path / "crashed")
-    args = [f"data.url={dataset}", f"run.dir={run_dir}", *SMALL, "track.wandb=offline"]
+    args = [f"data.url={bands_dataset}", f"run.dir={run_dir}", *EXACT_RUN, "track.wandb=offline"]
     # rank 0 dies after 27 micro-batches: step 14 is half accumulated, steps up to 12 were
     # logged, and the last checkpoint is step 10, so steps 11-12 are replayed on resume
-    crashed = torchrun(args, env={"IMGCLS_CRASH_AFTER_BATCHES": "27"}, check=False)
+    crashed = launch(args, env={"IMGCLS_CRASH_AFTER_BATCHES": "27"}, check=False)
     assert crashed.returncode != 0
     assert final_state(run_dir)["progress"]["step"] == 10
-    torchrun(args)
+    launch(args)
     assert_same_weights(final_state(run_dir)["model"], uninterrupted[1]["model"])
     steps = [json.loads(line)["step"] for line in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps) and 12 in steps and 42 in steps, "metrics.jsonl went backwards or lost steps"
@@ -105,15 +108,15 @@ def test_truncated_newest_checkpoint_is_skipped(uninterrupted, tmp_path):
 
 @pytest.mark.parametrize("syncs", [[], ["train.sync_every=4", "train.log_every=100", "train.ckpt_every=100"]],
                          ids=["sync-every-step-2", "sync-at-step-8"])
-def test_non_finite_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(dataset, tmp_path, syncs):
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(bands_dataset, tmp_path, syncs):
     """The flags are read only at sync points, yet the error names the first bad step, and no
     checkpoint is written after it."""
     run_dir = str(tmp_path / "nan")
-    torchrun([f"data.url={dataset}", f"run.dir={run_dir}", *SMALL, "train.max_steps=5"])
+    launch([f"data.url={bands_dataset}", f"run.dir={run_dir}", *EXACT_RUN, "train.max_steps=5"])
     good = final_state(run_dir)
     # resume with a mean past float32's range: every input is -inf, so the next step's loss is not finite
-    out = torchrun([f"data.url={dataset}", f"run.dir={run_dir}", *SMALL, "data.mean=[3.0e38]", *syncs,
-                    "train.allow_config_change=true"], check=False)
+    out = launch([f"data.url={bands_dataset}", f"run.dir={run_dir}", *EXACT_RUN, "data.mean=[3.0e38]", *syncs,
+                 "train.allow_config_change=true"], check=False)
     assert out.returncode != 0
     assert "non-finite loss at step 6" in out.stderr
     after = final_state(run_dir)
@@ -121,9 +124,9 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(dat
     assert_same_weights(after["model"], good["model"])
 
 
-def test_checkpoints_go_to_s3(dataset, s3_bucket):
+def test_checkpoints_go_to_s3(bands_dataset, s3_bucket):
     run_dir = f"{s3_bucket}/runs/one"
-    torchrun([f"data.url={dataset}", f"run.dir={run_dir}", *SMALL, "train.max_steps=3"], nproc=1)
+    launch([f"data.url={bands_dataset}", f"run.dir={run_dir}", *EXACT_RUN, "train.max_steps=3"], nproc=1)
     urls = checkpoint.list_checkpoints(run_dir)
     assert urls and urls[-1].endswith("step-00000003.pt")
     assert checkpoint.load(urls[-1])["progress"]["step"] == 3
@@ -147,12 +150,12 @@ def test_evaluate_job_writes_the_report(uninterrupted):
     assert (eval_dir / "confusion.png").stat().st_size > 1000 and (eval_dir / "report.txt").exists()
 
 
-def test_fp16_adamw_step_schedule_and_progressive_unfreezing(dataset, tmp_path):
+def test_fp16_adamw_step_schedule_and_progressive_unfreezing(bands_dataset, tmp_path):
     run_dir = tmp_path / "transfer"
-    torchrun([f"data.url={dataset}", f"run.dir={run_dir}", *SMALL, "train.precision=fp16", "train.grad_clip=1.0",
-              "optim.name=adamw", "optim.lr=0.01", "schedule.name=step", "schedule.step_epochs=1",
-              "model.freeze_backbone=true", "model.unfreeze_schedule=[[1, all]]", "train.keep_last=10",
-              "train.ema_decay=0.0"])
+    launch([f"data.url={bands_dataset}", f"run.dir={run_dir}", *EXACT_RUN, "train.precision=fp16",
+           "train.grad_clip=1.0", "optim.name=adamw", "optim.lr=0.01", "schedule.name=step", "schedule.step_epochs=1",
+           "model.freeze_backbone=true", "model.unfreeze_schedule=[[1, all]]", "train.keep_last=10",
+           "train.ema_decay=0.0"])
     states = [checkpoint.load(url) for url in checkpoint.list_checkpoints(str(run_dir))]
     epoch_end = [s for s in states if s["data"]["position"] == 0]
     first, second = epoch_end[0]["model"], epoch_end[1]["model"]
@@ -168,43 +171,44 @@ def test_fp16_adamw_step_schedule_and_progressive_unfreezing(dataset, tmp_path):
     assert json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["val/acc"] > 0.5
 
 
-def test_early_stopping_on_a_plateau(dataset, tmp_path):
-    out = torchrun([f"data.url={dataset}", f"run.dir={tmp_path / 'plateau'}", *SMALL, "optim.lr=0.0",
-                    "model.norm=none", "train.epochs=4", "train.early_stop_patience=1"], nproc=1)
+def test_early_stopping_on_a_plateau(bands_dataset, tmp_path):
+    out = launch([f"data.url={bands_dataset}", f"run.dir={tmp_path / 'plateau'}", *EXACT_RUN, "optim.lr=0.0",
+                 "model.norm=none", "train.epochs=4", "train.early_stop_patience=1"], nproc=1)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["status"] == "early_stopped" and result["epoch"] == 2
 
 
-def test_mixup_cutmix_focal_class_weights_resume_exactly(dataset, tmp_path):
-    mixed = [*SMALL, "train.mixup_alpha=0.4", "train.cutmix_alpha=1.0", "train.focal_gamma=2.0",
+def test_mixup_cutmix_focal_class_weights_resume_exactly(bands_dataset, tmp_path):
+    mixed = [*EXACT_RUN, "train.mixup_alpha=0.4", "train.cutmix_alpha=1.0", "train.focal_gamma=2.0",
              "train.class_weights=balanced"]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    torchrun([f"data.url={dataset}", f"run.dir={straight}", *mixed])
-    torchrun([f"data.url={dataset}", f"run.dir={stopped}", *mixed, "train.max_steps=9"])
-    torchrun([f"data.url={dataset}", f"run.dir={stopped}", *mixed])
+    launch([f"data.url={bands_dataset}", f"run.dir={straight}", *mixed])
+    launch([f"data.url={bands_dataset}", f"run.dir={stopped}", *mixed, "train.max_steps=9"])
+    launch([f"data.url={bands_dataset}", f"run.dir={stopped}", *mixed])
     assert_same_weights(final_state(str(stopped))["model"], final_state(str(straight))["model"])
     assert json.loads((straight / "metrics.jsonl").read_text().splitlines()[-1])["val/acc"] > 0.5
 
 
-def test_distillation_trains_a_student_through_the_same_trainer_and_resumes(uninterrupted, dataset, tmp_path):
+def test_distillation_trains_a_student_through_the_same_trainer_and_resumes(uninterrupted, bands_dataset, tmp_path):
     teacher = f"{uninterrupted[0]}/checkpoints/best.pt"
-    student = [*SMALL, "model.width=4", f"distill.teacher={teacher}", "distill.temperature=3.0", "distill.alpha=0.7"]
+    student = [*EXACT_RUN, "model.width=4", f"distill.teacher={teacher}", "distill.temperature=3.0",
+               "distill.alpha=0.7"]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    torchrun([f"data.url={dataset}", f"run.dir={straight}", *student])
-    torchrun([f"data.url={dataset}", f"run.dir={stopped}", *student, "train.max_steps=9"])
-    torchrun([f"data.url={dataset}", f"run.dir={stopped}", *student])
+    launch([f"data.url={bands_dataset}", f"run.dir={straight}", *student])
+    launch([f"data.url={bands_dataset}", f"run.dir={stopped}", *student, "train.max_steps=9"])
+    launch([f"data.url={bands_dataset}", f"run.dir={stopped}", *student])
     assert_same_weights(final_state(str(stopped))["model"], final_state(str(straight))["model"])
     assert final_state(str(straight))["config"]["distill"]["teacher"] == teacher
 
 
-def test_a_run_that_keeps_dying_before_progress_gives_up(dataset, tmp_path):
+def test_a_run_that_keeps_dying_before_progress_gives_up(bands_dataset, tmp_path):
     run_dir = tmp_path / "stalled"
-    args = [f"data.url={dataset}", f"run.dir={run_dir}", *SMALL, "train.max_requeues=2"]
-    torchrun([*args, "train.max_steps=2"], nproc=1)
+    args = [f"data.url={bands_dataset}", f"run.dir={run_dir}", *EXACT_RUN, "train.max_requeues=2"]
+    launch([*args, "train.max_steps=2"], nproc=1)
     for _attempt in range(3):  # each resumes at step 2 and dies in its first micro-batch
-        out = torchrun(args, nproc=1, env={"IMGCLS_CRASH_AFTER_BATCHES": "1"}, check=False)
+        out = launch(args, nproc=1, env={"IMGCLS_CRASH_AFTER_BATCHES": "1"}, check=False)
         assert out.returncode != 0 and "without progress" not in out.stderr
-    out = torchrun(args, nproc=1, env={"IMGCLS_CRASH_AFTER_BATCHES": "1"}, check=False)
+    out = launch(args, nproc=1, env={"IMGCLS_CRASH_AFTER_BATCHES": "1"}, check=False)
     assert out.returncode != 0 and "resumed 3 times at step 2 without progress" in out.stderr
 
 
@@ -244,14 +248,14 @@ def test_test_time_augmentation_averages_the_logits_of_the_views(uninterrupted):
         assert got["loss"] != pytest.approx(plain["loss"], rel=1e-5)  # the other views do count
 
 
-def test_whitening_init_comes_from_the_first_training_images_and_resumes_exactly(dataset, tmp_path):
+def test_whitening_init_comes_from_the_first_training_images_and_resumes_exactly(bands_dataset, tmp_path):
     from imgcls.config import from_dict
     from imgcls.data import first_images
     from imgcls.models import build_model
 
-    fast = [*SMALL, "model.name=fast_cnn", "model.width=8", "model.whiten_images=300", "train.epochs=1"]
+    fast = [*EXACT_RUN, "model.name=fast_cnn", "model.width=8", "model.whiten_images=300", "train.epochs=1"]
     # with lr 0 the weights stay as initialised: on both ranks, the whitening of the first 300 images
-    torchrun([f"data.url={dataset}", f"run.dir={tmp_path / 'frozen'}", *fast, "optim.lr=0.0"])
+    launch([f"data.url={bands_dataset}", f"run.dir={tmp_path / 'frozen'}", *fast, "optim.lr=0.0"])
     frozen = final_state(str(tmp_path / "frozen"))
     cfg = from_dict(frozen["config"])
     torch.manual_seed(cfg.run.seed)
@@ -263,9 +267,9 @@ def test_whitening_init_comes_from_the_first_training_images_and_resumes_exactly
     assert_same_weights({n: frozen["model"][n] for n in parameters}, parameters)
 
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    torchrun([f"data.url={dataset}", f"run.dir={straight}", *fast])
-    torchrun([f"data.url={dataset}", f"run.dir={stopped}", *fast, "train.max_steps=9"])
-    torchrun([f"data.url={dataset}", f"run.dir={stopped}", *fast])
+    launch([f"data.url={bands_dataset}", f"run.dir={straight}", *fast])
+    launch([f"data.url={bands_dataset}", f"run.dir={stopped}", *fast, "train.max_steps=9"])
+    launch([f"data.url={bands_dataset}", f"run.dir={stopped}", *fast])
     assert_same_weights(final_state(str(stopped))["model"], final_state(str(straight))["model"])
 
 
@@ -276,12 +280,12 @@ def copy_run(run_dir: str, dest) -> str:
     return str(dest)
 
 
-def test_resuming_with_a_changed_config_is_refused_with_a_diff(uninterrupted, dataset, tmp_path):
+def test_resuming_with_a_changed_config_is_refused_with_a_diff(uninterrupted, bands_dataset, tmp_path):
     run_dir = copy_run(uninterrupted[0], tmp_path / "changed")
     before = Path(run_dir, "config.yaml").read_text()
     newest = checkpoint.list_checkpoints(run_dir)[-1]
-    out = torchrun([f"data.url={dataset}", f"run.dir={run_dir}", *SMALL, "train.epochs=3", "optim.lr=0.1",
-                    "run.seed=4"], check=False)
+    out = launch([f"data.url={bands_dataset}", f"run.dir={run_dir}", *EXACT_RUN, "train.epochs=3", "optim.lr=0.1",
+                 "run.seed=4"], check=False)
     assert out.returncode != 0 and "exitcode  : 2" in out.stderr  # torchrun's summary of rank 0
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and ("these keys cannot change mid-run: optim.lr: 0.05 -> 0.1; "
@@ -291,23 +295,23 @@ def test_resuming_with_a_changed_config_is_refused_with_a_diff(uninterrupted, da
     assert checkpoint.list_checkpoints(run_dir)[-1] == newest
 
 
-def test_more_epochs_resume_and_forced_changes_are_logged(uninterrupted, dataset, tmp_path):
+def test_more_epochs_resume_and_forced_changes_are_logged(uninterrupted, bands_dataset, tmp_path):
     run_dir = copy_run(uninterrupted[0], tmp_path / "longer")
-    out = torchrun([f"data.url={dataset}", f"run.dir={run_dir}", *SMALL, "train.epochs=3"], nproc=1)
+    out = launch([f"data.url={bands_dataset}", f"run.dir={run_dir}", *EXACT_RUN, "train.epochs=3"], nproc=1)
     assert "resuming with a changed config: train.epochs: 2 -> 3" in out.stderr
     assert final_state(run_dir)["data"]["epoch"] == 3
 
     forced = copy_run(uninterrupted[0], tmp_path / "forced")
-    out = torchrun([f"data.url={dataset}", f"run.dir={forced}", *SMALL, "train.epochs=3", "optim.lr=0.1",
-                    "train.allow_config_change=true"], nproc=1)
+    out = launch([f"data.url={bands_dataset}", f"run.dir={forced}", *EXACT_RUN, "train.epochs=3", "optim.lr=0.1",
+                 "train.allow_config_change=true"], nproc=1)
     assert "WARNING" in out.stderr and "(train.allow_config_change=true): optim.lr: 0.05 -> 0.1" in out.stderr
     assert final_state(forced)["config"]["optim"]["lr"] == 0.1
 
 
-def test_rerunning_a_finished_run_says_it_is_done(uninterrupted, dataset, tmp_path):
+def test_rerunning_a_finished_run_says_it_is_done(uninterrupted, bands_dataset, tmp_path):
     run_dir = copy_run(uninterrupted[0], tmp_path / "done")
     steps = checkpoint.list_checkpoints(run_dir)
-    out = torchrun([f"data.url={dataset}", f"run.dir={run_dir}", *SMALL])
+    out = launch([f"data.url={bands_dataset}", f"run.dir={run_dir}", *EXACT_RUN])
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["status"] == "done" and result["reason"] == "already done"
     assert result["step"] == uninterrupted[1]["progress"]["step"] and result["restarts"] == 0
@@ -344,15 +348,15 @@ def test_the_schedule_is_defined_in_samples_so_another_world_size_keeps_its_plac
     assert legacy.get_last_lr() == two_ranks.get_last_lr()
 
 
-def test_logs_off_a_terminal_are_plain_lines_at_a_bounded_rate(dataset, tmp_path):
+def test_logs_off_a_terminal_are_plain_lines_at_a_bounded_rate(bands_dataset, tmp_path):
     """Under SLURM stderr is a file: no tqdm carriage returns, a progress line every
     track.progress_every_s, so a job-day of logs stays small."""
     import re
 
     from imgcls.config import Config
 
-    out = torchrun([f"data.url={dataset}", f"run.dir={tmp_path / 'logs'}", *SMALL, "track.progress=true",
-                    "track.progress_every_s=0.2", "train.epochs=3"], nproc=1)
+    out = launch([f"data.url={bands_dataset}", f"run.dir={tmp_path / 'logs'}", *EXACT_RUN, "track.progress=true",
+                 "track.progress_every_s=0.2", "train.epochs=3"], nproc=1)
     assert "\r" not in out.stderr
     progress = [line for line in out.stderr.splitlines() if "imgcls.progress" in line]
     assert len(progress) >= 3, out.stderr[-2000:]
@@ -362,13 +366,13 @@ def test_logs_off_a_terminal_are_plain_lines_at_a_bounded_rate(dataset, tmp_path
     assert 3600 / Config().track.progress_every_s * max(len(line) + 1 for line in progress) < 20_000
 
 
-def test_stopped_on_two_ranks_resumes_on_one_and_reads_the_rest_of_the_epoch(dataset, tmp_path):
+def test_stopped_on_two_ranks_resumes_on_one_and_reads_the_rest_of_the_epoch(bands_dataset, tmp_path):
     """An elastic resume through the trainer: the epoch is finished on the new layout from the
     samples the two ranks left, at the same place on the learning-rate schedule."""
     run_dir = str(tmp_path / "elastic")
-    args = [f"data.url={dataset}", f"run.dir={run_dir}", *SMALL, "train.epochs=1"]
-    torchrun([*args, "train.max_steps=7"])  # 7 steps x 2 ranks x 2 micro-batches x 16 = 448 samples
-    out = torchrun(args, nproc=1)
+    args = [f"data.url={bands_dataset}", f"run.dir={run_dir}", *EXACT_RUN, "train.epochs=1"]
+    launch([*args, "train.max_steps=7"])  # 7 steps x 2 ranks x 2 micro-batches x 16 = 448 samples
+    out = launch(args, nproc=1)
     assert "at step 7 (epoch 0, 448 samples of it read, batch 0 of this layout)" in out.stderr
     state = final_state(run_dir)
     # 1400 training samples: the rest after 448 is 952, read in steps of 32 (24 left over)
@@ -376,22 +380,17 @@ def test_stopped_on_two_ranks_resumes_on_one_and_reads_the_rest_of_the_epoch(dat
     assert state["scheduler"]["samples"] == 448 + 952 // 32 * 32
 
 
-def test_a_second_job_on_a_run_dir_in_use_is_refused_naming_the_holder(dataset, tmp_path):
+def test_a_second_job_on_a_run_dir_in_use_is_refused_naming_the_holder(bands_dataset, tmp_path):
     """A resubmit while the first job still runs: one line naming the holder, and the first job
     finishes with its own config and a checkpoint per epoch, untouched."""
-    import time
-
-    from tests.conftest import start_torchrun
-
     run_dir = tmp_path / "shared"
-    first = start_torchrun([f"data.url={dataset}", f"run.dir={run_dir}", *SMALL, "train.epochs=4"], nproc=1)
+    first = launch([f"data.url={bands_dataset}", f"run.dir={run_dir}", *EXACT_RUN, "train.epochs=4"], nproc=1,
+                   background=True)
     try:
-        deadline = time.time() + 120
-        while not (run_dir / "metrics.jsonl").exists() and time.time() < deadline and first.poll() is None:
-            time.sleep(0.2)
+        wait_until((run_dir / "metrics.jsonl").exists, timeout=120, what="the first job's metrics", proc=first)
         assert (run_dir / "lease.json").exists() and first.poll() is None
-        second = torchrun([f"data.url={dataset}", f"run.dir={run_dir}", *SMALL, "train.epochs=4", "run.seed=9"],
-                          nproc=1, check=False)
+        second = launch([f"data.url={bands_dataset}", f"run.dir={run_dir}", *EXACT_RUN, "train.epochs=4", "run.seed=9"],
+                        nproc=1, check=False)
         errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
         assert second.returncode != 0 and len(errors) == 1, second.stderr[-2000:]
         assert f"{run_dir} is in use by job local:" in errors[0] and "(pid " in errors[0]
@@ -408,10 +407,10 @@ def test_shards_rebuilt_under_a_stopped_run_are_refused_not_read_from_its_positi
     """The config still says the same data.url, but the shards there changed: resuming at the
     saved position would quietly continue on another dataset."""
     data = build_bands_dataset(tmp_path / "data")
-    run = [f"data.url={data}", f"run.dir={tmp_path / 'run'}", *SMALL]
-    torchrun([*run, "train.max_steps=3"], nproc=1)
+    run = [f"data.url={data}", f"run.dir={tmp_path / 'run'}", *EXACT_RUN]
+    launch([*run, "train.max_steps=3"], nproc=1)
     build_bands_dataset(tmp_path / "data", label_noise=0.2)  # the same URL, other samples
-    out = torchrun(run, nproc=1, check=False)
+    out = launch(run, nproc=1, check=False)
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert out.returncode != 0 and len(errors) == 1, out.stderr[-3000:]
     assert f"error: {data}: the 'train' shards differ from the ones this run was reading" in errors[0]

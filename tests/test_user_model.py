@@ -15,10 +15,9 @@ from imgcls import checkpoint
 from imgcls.cluster import carry_user_code
 from imgcls.config import ModelConfig, load_config
 from imgcls.models import UnknownModel, build_model, head_name
-from tests.conftest import REPO, TINY_RUN, train_process
+from tests.conftest import BASE_RUN, REPO, launch
 
 USER_NET = "model.name=tests.user_nets:tiny_net"
-ON_PATH = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
 
 
 def test_a_factory_of_ones_own_is_built_with_its_kwargs():
@@ -37,9 +36,9 @@ def test_own_network_trains_freezes_fine_tunes_with_ewc_and_exports(bands_datase
     from imgcls.export import export_checkpoint
 
     first = tmp_path / "a"
-    train_process(["--config", "", f"data.url={bands_dataset}", f"run.dir={first}", *TINY_RUN, "train.epochs=2",
-                   USER_NET, "model.kwargs={width: 4}", "model.freeze_backbone=true",
-                   "model.unfreeze_schedule=[[1, body]]"], env=ON_PATH)
+    launch(["--config", "", f"data.url={bands_dataset}", f"run.dir={first}", *BASE_RUN, "train.epochs=2",
+           USER_NET, "model.kwargs={width: 4}", "model.freeze_backbone=true",
+           "model.unfreeze_schedule=[[1, body]]"], nproc=None)
     steps = checkpoint.list_checkpoints(str(first))
     after_epoch = [torch.load(url, weights_only=False)["model"] for url in steps[-2:]]
     # epoch 0 trained the head only; epoch 1 also the unfrozen body, never the stem
@@ -49,10 +48,10 @@ def test_own_network_trains_freezes_fine_tunes_with_ewc_and_exports(bands_datase
     assert not torch.equal(after_epoch[-1]["body.0.weight"], start["body.0.weight"])
 
     second = tmp_path / "b"
-    train_process(["--config", "", f"data.url={bands_dataset}", f"run.dir={second}", *TINY_RUN, USER_NET,
-                   "model.kwargs={width: 4}", f"model.pretrained={steps[-1]}", f"ewc.previous={steps[-1]}",
-                   "ewc.fisher_samples=64", "ewc.importance=10", "optim.name=adamw", "optim.lr=0.001"],
-                   env=ON_PATH)
+    launch(["--config", "", f"data.url={bands_dataset}", f"run.dir={second}", *BASE_RUN, USER_NET,
+           "model.kwargs={width: 4}", f"model.pretrained={steps[-1]}", f"ewc.previous={steps[-1]}",
+           "ewc.fisher_samples=64", "ewc.importance=10", "optim.name=adamw", "optim.lr=0.001"],
+           nproc=None)
     state = torch.load(checkpoint.list_checkpoints(str(second))[-1], weights_only=False)
     assert "ewc" in state and set(state["ewc"]["fisher"]) >= {"stem.0.weight", "head.weight"}
 
