@@ -237,6 +237,11 @@ class Trainer:
                                    class_weights=self._class_weights(), loss=self.loss_kind)
         self.compiled = torch.compile(self.model) if cfg.train.compile else self.model
         self.report: ProgressReport | None = None
+        # rank 0's epoch-end callbacks: each gets (val record, epoch) and returns True to stop the run
+        self.epoch_end_callbacks: list[Callable[[dict, int], bool]] = []
+        if cfg.hpo.study and dist.is_main:
+            from imgcls.hpo import OptunaPruning  # optuna: only for trials
+            self.epoch_end_callbacks.append(OptunaPruning(cfg.hpo))
         self.plots = None  # rank 0's EpochPlots
         self.window = self._new_window()
         self.first_bad_step = torch.full((), NO_STEP, dtype=torch.float64, device=device)
@@ -512,10 +517,9 @@ class Trainer:
             improved = value > progress.best
             progress.best, progress.bad_epochs = (value, 0) if improved else (progress.best, progress.bad_epochs + 1)
         prune = torch.zeros(1)
-        if cfg.hpo.study and record is not None and self.dist.is_main:
-            from imgcls import hpo
-            prune[0] = float(hpo.report(cfg.hpo, record[cfg.hpo.metric], epoch + 1))
-        distributed.all_reduce(prune)  # rank 0 asked the study; every rank follows
+        if record is not None:  # rank 0's callbacks (HPO pruning); others have none
+            prune[0] = float(any([callback(record, epoch + 1) for callback in self.epoch_end_callbacks]))
+        distributed.all_reduce(prune)  # rank 0 decided; every rank follows
         self.save(best=improved)
         if prune.item() > 0:
             return "pruned"
