@@ -70,6 +70,17 @@ def report(hpo_cfg, value: float, epoch: int) -> bool:
     return bool(trial.should_prune())  # optuna may return numpy.bool_
 
 
+class OptunaPruning:
+    """An epoch-end callback for the trainer's rank 0: reports the val record's `hpo.metric`
+    to the configured trial and says whether to stop (the pruner's verdict)."""
+
+    def __init__(self, hpo_cfg):
+        self.hpo_cfg = hpo_cfg
+
+    def __call__(self, record: dict, epoch: int) -> bool:
+        return report(self.hpo_cfg, record[self.hpo_cfg.metric], epoch)
+
+
 def direction(metric: str) -> str:
     """Same convention as train.early_stop_metric: losses are minimised, the rest maximised."""
     return "minimize" if "loss" in metric else "maximize"

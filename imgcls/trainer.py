@@ -21,8 +21,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -36,9 +35,9 @@ from imgcls.evaluation import evaluate, evaluate_multilabel
 from imgcls.jsonl import parse_jsonl
 from imgcls.losses import Objective, balanced_class_weights, mix_batch, positive_weights, resolve_loss
 from imgcls.models import apply_unfreeze_schedule, build_model, describe_stem, is_user_model
+from imgcls.observe import TrainingObserver
 from imgcls.optim import effective_batch, effective_lr, make_optimizer, make_schedule
 from imgcls.precision import autocast, precision_name, resolve_precision
-from imgcls.progress import ProgressReport
 from imgcls.signals import StopRequest, wants_requeue
 from imgcls.tracking import Tracker
 from shardio import storage
@@ -227,6 +226,8 @@ class Trainer:
         name = cfg.run.name or cfg.run.dir.rstrip("/").rsplit("/", 1)[-1]
         self.tracker = Tracker(cfg.track, cfg.run.dir, enabled=dist.is_main, name=name)
         self.tracker.fence = self.checkpointer.fence  # every write to the run dir goes through the lease
+        self.observer = TrainingObserver(cfg.track, self.tracker, cfg.run.dir, self.classes, cfg.train.epochs,
+                                         dist.is_main, self.checkpointer.fence)
         self.checkpointer.parts = {
             "model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler, "scaler": self.scaler,
             "data": self.data, "progress": self.progress, "tracker": self.tracker, "rng": RNGState(dist.rank),
@@ -236,8 +237,11 @@ class Trainer:
                                    penalty=self.ewc.penalty if self.ewc is not None else None,
                                    class_weights=self._class_weights(), loss=self.loss_kind)
         self.compiled = torch.compile(self.model) if cfg.train.compile else self.model
-        self.report: ProgressReport | None = None
-        self.plots = None  # rank 0's EpochPlots
+        # rank 0's epoch-end callbacks: each gets (val record, epoch) and returns True to stop the run
+        self.epoch_end_callbacks: list[Callable[[dict, int], bool]] = []
+        if cfg.hpo.study and dist.is_main:
+            from imgcls.hpo import OptunaPruning  # optuna: only for trials
+            self.epoch_end_callbacks.append(OptunaPruning(cfg.hpo))
         self.window = self._new_window()
         self.first_bad_step = torch.full((), NO_STEP, dtype=torch.float64, device=device)
         self.first_bad_grad = torch.full((), NO_STEP, dtype=torch.float64, device=device)  # the gradient norm's
@@ -336,15 +340,9 @@ class Trainer:
             self.checkpointer.fence()
             save_config(cfg, storage.join(cfg.run.dir, "config.yaml"))
             log.info(self.describe())
-        self.tracker.start(to_dict(cfg))
-        if dist.is_main:
-            self.plots = EpochPlots(cfg.run.dir, self.classes, self.tracker.log_image, self.checkpointer.fence)
-        if dist.is_main and cfg.track.progress:
-            # on another layout (world size, workers) the current epoch holds what is left of it
-            steps = sum(self.data.steps_per_epoch(cfg.train.accum_steps))
-            self.report = ProgressReport(steps, self.progress.step, cfg.train.epochs,
-                                         cfg.track.progress_every_s)
-        status, reason, self.unplotted, self.last_plot = "done", "", None, time.monotonic()
+        # on another layout (world size, workers) the current epoch holds what is left of it
+        self.observer.start(to_dict(cfg), sum(self.data.steps_per_epoch(cfg.train.accum_steps)), self.progress.step)
+        status, reason = "done", ""
         try:
             while not self.data.done:
                 reason = self.train_epoch()
@@ -357,13 +355,7 @@ class Trainer:
                     break
         finally:  # an early stop or an error: shut the next epoch's started workers down
             self.data.stop()
-        if self.unplotted is not None:
-            self.plots.submit(self.tracker.records, self.unplotted.matrix, self.progress.step)
-        if self.plots is not None:
-            self.plots.close()  # the last epoch's plots are complete when train() returns
-        if self.report is not None:
-            self.report.close()
-        self.tracker.finish()
+        self.observer.finish(self.progress.step)  # the last epoch's plots are complete when train() returns
         return self.result(status, reason)
 
     def finished(self) -> bool:
@@ -394,8 +386,7 @@ class Trainer:
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         ddp = DDP(self.compiled, device_ids=device_ids) if self.dist.enabled else self.compiled
         data.start()  # unless the last epoch's end started it already
-        if self.report is not None:
-            self.report.set_epoch(epoch)
+        self.observer.epoch_started(epoch)
         reason = ""
         try:
             for left in range(data.steps_left(accum), 0, -1):
@@ -446,8 +437,7 @@ class Trainer:
         self.window["totals"] += totals
         self.first_bad_step = first_bad(self.first_bad_step, totals[0], self.progress.step)
         self.note_gradient(norm.to(self.device, torch.float64))
-        if self.report is not None:
-            self.report.update(self.progress.step)
+        self.observer.stepped(self.progress.step)
 
     def note_gradient(self, norm: torch.Tensor) -> None:
         """The step's gradient norm, on the device: the window's sum, count and max of the finite
@@ -489,9 +479,7 @@ class Trainer:
             record.update({"train/grad_norm": grad_sum / grad_count, "train/grad_norm_max": grad_max})
         if window["bad"]:
             record["data/bad_samples"] = window["bad"]
-        self.tracker.log(self.progress.step, record)
-        if self.report is not None:
-            self.report.metrics(record["train/loss"], record["train/images_per_s"])
+        self.observer.train_logged(self.progress.step, record)
         self.window = self._new_window()
 
     def _new_window(self) -> dict:
@@ -512,10 +500,9 @@ class Trainer:
             improved = value > progress.best
             progress.best, progress.bad_epochs = (value, 0) if improved else (progress.best, progress.bad_epochs + 1)
         prune = torch.zeros(1)
-        if cfg.hpo.study and record is not None and self.dist.is_main:
-            from imgcls import hpo
-            prune[0] = float(hpo.report(cfg.hpo, record[cfg.hpo.metric], epoch + 1))
-        distributed.all_reduce(prune)  # rank 0 asked the study; every rank follows
+        if record is not None:  # rank 0's callbacks (HPO pruning); others have none
+            prune[0] = float(any([callback(record, epoch + 1) for callback in self.epoch_end_callbacks]))
+        distributed.all_reduce(prune)  # rank 0 decided; every rank follows
         self.save(best=improved)
         if prune.item() > 0:
             return "pruned"
@@ -534,14 +521,10 @@ class Trainer:
                            channels_last=self.cfg.model.channels_last)
         confusion = metrics.pop("confusion")
         record = {"epoch": epoch, **{f"val/{k}": v for k, v in metrics.items()}}
-        self.tracker.log(self.progress.step, record)
+        self.observer.validated(self.progress.step, record, confusion)
         if self.dist.is_main:
             log.info("epoch %d: val acc %.4f loss %.4f (%d samples)", epoch, metrics["acc"], metrics["loss"],
                      metrics["count"])
-            self.unplotted = confusion
-            if time.monotonic() - self.last_plot >= self.cfg.track.plots_every_s:
-                self.plots.submit(self.tracker.records, confusion.matrix, self.progress.step)
-                self.unplotted, self.last_plot = None, time.monotonic()
         return record
 
     def validate_multilabel(self, val_model, epoch: int) -> dict:
@@ -551,7 +534,7 @@ class Trainer:
         metrics.pop("curves")
         self.progress.threshold = metrics["threshold"]
         record = {"epoch": epoch, **{f"val/{k}": v for k, v in metrics.items() if not k.endswith("_per_class")}}
-        self.tracker.log(self.progress.step, record)
+        self.observer.validated(self.progress.step, record)
         if self.dist.is_main:
             log.info("epoch %d: val mAP %.4f micro F1 %.4f at threshold %.3f, exact match %.4f (%d samples)", epoch,
                      metrics["map"], metrics["micro_f1"], metrics["threshold"], metrics["acc"], metrics["count"])
@@ -562,46 +545,3 @@ class Trainer:
         if self.dist.is_main and not all(torch.isfinite(p).all() for p in self.model.parameters()):
             raise NonFiniteLoss(f"non-finite weights at step {self.progress.step}: checkpoint not written")
         self.checkpointer.save(self.progress.step, best=best)
-
-
-class EpochPlots:
-    """Rank 0's training curves and val confusion matrix (PNG, and the full matrix as
-    confusion_val.json) in the run dir, drawn in a worker thread so that no rank waits on
-    matplotlib. A request still waiting is replaced by a newer one; close() waits for the last.
-
-    `log_image(step, name, url)` (the tracker's) runs in the caller's thread only, at the next
-    request or at close, so wandb is never called from two threads; a drawing's error is
-    raised there too."""
-
-    def __init__(self, run_dir: str, class_names: Sequence[str], log_image: Callable[[int, str, str], None],
-                 fence: Callable[[], None] = lambda: None):
-        self.run_dir, self.class_names, self.log_image, self.fence = run_dir, list(class_names), log_image, fence
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="imgcls-plots")
-        self._futures: list[Future] = []
-
-    def submit(self, records: Iterable[dict], matrix: torch.Tensor, step: int) -> None:
-        self._log_drawn(wait=False)
-        if self._futures and self._futures[-1].cancel():  # not started: superseded
-            self._futures.pop()
-        matrix = matrix.detach().cpu().numpy().copy()
-        self._futures.append(self._pool.submit(self._draw, list(records), matrix, step))
-
-    def close(self) -> None:
-        self._log_drawn(wait=True)
-        self._pool.shutdown()
-
-    def _draw(self, records: list[dict], matrix, step: int) -> tuple[int, str]:
-        from imgcls.plots import plot_confusion_matrix, plot_training_curves  # matplotlib: here, off the loop
-
-        self.fence()  # the lease: a job that lost the run dir draws nothing into it
-        plot_training_curves(records, storage.join(self.run_dir, "training_curves.png"))
-        full = {"classes": self.class_names, "matrix": matrix.tolist()}
-        storage.write_bytes_atomic(storage.join(self.run_dir, "confusion_val.json"), json.dumps(full).encode())
-        png = storage.join(self.run_dir, "confusion_val.png")
-        plot_confusion_matrix(matrix, self.class_names, png)
-        return step, png
-
-    def _log_drawn(self, wait: bool) -> None:
-        while self._futures and (wait or self._futures[0].done()):
-            step, png = self._futures.pop(0).result()
-            self.log_image(step, "val/confusion_matrix", png)

@@ -69,7 +69,7 @@ def test_evaluation_report_files_from_device_metrics(tmp_path):
 
 
 def test_epoch_plots_take_a_device_matrix(tmp_path):
-    from imgcls.trainer import EpochPlots
+    from imgcls.observe import EpochPlots
 
     confusion, _ = device_metrics()
     logged = []

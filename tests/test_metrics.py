@@ -180,7 +180,7 @@ def test_epoch_plots_draw_off_the_training_thread_and_close_waits(tmp_path):
     replaced by a newer one; close() waits, and the images are logged in the caller's thread."""
     import threading
 
-    from imgcls.trainer import EpochPlots
+    from imgcls.observe import EpochPlots
 
     logged = []
     plots = EpochPlots(str(tmp_path), [f"c{i}" for i in range(200)],
