@@ -139,7 +139,7 @@ def amplification(shape: Shape, ranks: int) -> dict:
     """Bytes fetched per epoch / dataset bytes, whole shards vs ranged reads, at `ranks` x workers."""
     from imgcls.config import DataConfig
     from imgcls.data import ShardReader
-    from shardio.shard import RECORD, Index, coalesce, windows
+    from shardio.shard import RECORD, Index, coalesce, reads_whole, windows
 
     manifest = sim_manifest(shape, legacy=False)
     cfg = DataConfig(url="sim://imagenet", batch_size=shape.batch_size, num_workers=shape.workers,
@@ -164,8 +164,9 @@ def amplification(shape: Shape, ranks: int) -> dict:
                 whole += ix.shard_bytes
                 members = reader._members(0, shard_id, picks)
                 ranged += len(ix.to_bytes()) if len(members) < len(ix.records) else 0
-                for window in windows(ix, members, int(shape.window_mb * 1e6)):
-                    if len(window) == len(ix.records):
+                window_bytes = int(shape.window_mb * 1e6)
+                for window in windows(ix, members, window_bytes):
+                    if reads_whole(ix, window, window_bytes):
                         ranged, gets = ranged + ix.shard_bytes, gets + 1
                         continue
                     r = ix.records[window]

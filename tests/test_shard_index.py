@@ -62,21 +62,44 @@ def fetched_bytes(monkeypatch) -> list[int]:
 
 
 def test_ranks_fetch_only_their_samples_ranges_and_read_what_whole_shards_give(big_shards, monkeypatch):
-    """4 ranks share 2 shards of 300: each fetches ~its quarter of the bytes (ranged reads
-    through s3fs), and its batches are the whole-shard reads' batches, bit for bit."""
+    """8 ranks share 2 shards of 300: each needs under a third of a shard, so it fetches ~its
+    eighth of the bytes (ranged reads through s3fs), and its batches are the whole-shard
+    reads' batches, bit for bit."""
     counts = fetched_bytes(monkeypatch)
-    for rank in range(4):
-        reader = ShardReader(data_cfg(big_shards), "train", rank=rank, world_size=4, seed=2)
+    for rank in range(8):
+        reader = ShardReader(data_cfg(big_shards), "train", rank=rank, world_size=8, seed=2)
         counts.clear()
         ranged = list(reader.loader())
         index = shardfile.read_index(reader.shard_url(0))
         used = sum(len(picks) for plan in reader.worker_plans(0, rank) for _, picks in plan)
         assert used == len(ranged) * 10
         assert sum(counts) <= (1 + shardfile.SLACK) * 1.05 * used * index.records["size"].mean()  # not 2 x 300
-        whole = list(ShardReader(data_cfg(big_shards, verify_checksums=False), "train", rank=rank, world_size=4,
+        whole = list(ShardReader(data_cfg(big_shards, verify_checksums=False), "train", rank=rank, world_size=8,
                                  seed=2).loader())
         assert [b["key"] for b in ranged] == [b["key"] for b in whole]
         assert all(torch.equal(a["image"], b["image"]) for a, b in zip(ranged, whole, strict=True))
+
+
+def test_a_rank_needing_a_third_of_a_shard_or_more_reads_it_whole_in_one_request(big_shards, monkeypatch):
+    """4 ranks of 150 samples over shards of 300 (and one of 3): a rank needing a third of a
+    shard or more, which fits in a window, fetches it in one GET of the whole shard (sha256
+    checked), which costs less than a request per run of samples (shardio.shard.WHOLE_SHARE);
+    a rank needing less reads its samples' ranges."""
+    counts = fetched_bytes(monkeypatch)
+    entries = manifests.read(big_shards)["splits"]["train"]["shards"]
+    kinds = set()
+    for rank in range(4):
+        reader = ShardReader(data_cfg(big_shards), "train", rank=rank, world_size=4, seed=2)
+        counts.clear()
+        assert sum(len(b["key"]) for b in reader.loader()) == 150
+        [plan] = reader.worker_plans(0, rank)
+        shard_reads = [n for n in counts if n]  # the indexes' reads count 0
+        assert len(shard_reads) == len(plan)
+        for (shard_id, picks), fetched in zip(plan, shard_reads):
+            whole = 3 * len(picks) >= entries[shard_id]["count"]
+            kinds.add(whole)
+            assert fetched == entries[shard_id]["bytes"] if whole else fetched < entries[shard_id]["bytes"] / 3
+    assert kinds == {True, False}
 
 
 def corrupt_sample(url: str, shard_path: str, member: int) -> str:
@@ -94,7 +117,8 @@ def test_a_corrupted_member_is_named_by_ranged_reads_and_whole_reads_check_sha25
     url = str(tmp_path / "ds")
     shards.build(random_npz(tmp_path / "d.npz", n=200, size=16, channels=3), url, shard_samples=70, split=(1, 0, 0),
                  progress=False, workers=1)
-    reader = ShardReader(data_cfg(url), "train", rank=1, world_size=2, seed=5)
+    # windows of 50 kB, smaller than a shard (~160 kB): read by range even for half a shard
+    reader = ShardReader(data_cfg(url, read_window_mb=0.05), "train", rank=1, world_size=2, seed=5)
     (shard_id, picks), *_ = reader.worker_plans(0, 1)[0]
     member = int(reader._shard_permutation(0, shard_id)[picks][3])
     path = reader.shards[shard_id]["path"]

@@ -8,8 +8,8 @@ rotated so the loader starts with the worker owning `position`.
 
 A worker fetches only its samples' byte ranges, through each shard's index (shardio.shard), in
 windows of data.read_window_mb with the next window fetched while the current one is decoded;
-each sample is checked against the index's CRC32, and a window holding a whole shard is one
-request checked against the manifest's sha256. Its memory follows the window, not the shard.
+each sample is checked against the index's CRC32. A window needing a third or more of a shard
+that fits in it reads the shard whole: one request, checked against the manifest's sha256. Its memory follows the window, not the shard.
 
 Batches are uint8 [B,C,H,W] with the crop and flip applied; `transform(batch, device)` turns
 them into the model's normalised float input on the training device (imgcls.augment).
@@ -206,7 +206,7 @@ class ShardStream(IterableDataset):
                 continue
             window = max(1, int(self.cfg.read_window_mb * 1e6))
             for part in shardfile.windows(index, members, window):
-                yield shard_id, part, index
+                yield shard_id, part, None if shardfile.reads_whole(index, part, window) else index
 
     def _index(self, shard_id: int) -> shardfile.Index | None:
         """The shard's index, for ranged reads; None (read it whole) without checksums, for a
