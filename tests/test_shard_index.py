@@ -133,19 +133,19 @@ def test_a_corrupted_member_is_named_by_ranged_reads_and_whole_reads_check_sha25
 
 
 def test_a_stale_index_is_a_warning_and_the_shard_is_read_whole(tmp_path, caplog):
-    url = str(tmp_path / "ds")
+    url = str(tmp_path / "ds")  # 4 ranks: rank 0 needs half of shard 0, so it reads its index
     shards.build(random_npz(tmp_path / "d.npz", n=120, size=8, channels=3), url, shard_samples=60, split=(1, 0, 0),
                  progress=False)
-    before = [b["key"] for b in ShardReader(data_cfg(url), "train", rank=0, world_size=2).loader()]
+    before = [b["key"] for b in ShardReader(data_cfg(url), "train", rank=0, world_size=4).loader()]
     m = json.loads((tmp_path / "ds" / "manifest.json").read_text())
     entry = m["splits"]["train"]["shards"][0]
     entry["sha256"] = "0" * 64  # as if the shard were rewritten (checksums off: it is read as it is)
     (tmp_path / "ds" / "manifest.json").write_text(json.dumps(m))
-    reader = ShardReader(data_cfg(url), "train", rank=0, world_size=2)
+    reader = ShardReader(data_cfg(url), "train", rank=0, world_size=4)
     with pytest.raises(DataError, match="sha256 differs"):
         list(reader.loader())
     assert f"{url}/train/train-000000.idx indexes another shard than the manifest's (stale)" in caplog.text
-    off = ShardReader(data_cfg(url, verify_checksums=False), "train", rank=0, world_size=2)
+    off = ShardReader(data_cfg(url, verify_checksums=False), "train", rank=0, world_size=4)
     assert [b["key"] for b in off.loader()] == before
 
 

@@ -199,12 +199,16 @@ class ShardStream(IterableDataset):
 
     def _reads(self, epoch: int, plan):
         """The plan as reads: (shard, its samples to fetch at once, its index or None: whole)."""
+        window = max(1, int(self.cfg.read_window_mb * 1e6))
         for shard_id, picks in plan:
-            members, index = self._members(epoch, shard_id, picks), self._index(shard_id)
+            members = self._members(epoch, shard_id, picks)
+            if len(members) == self.counts[shard_id] and self.shards[shard_id]["bytes"] <= window:
+                yield shard_id, members, None  # all of a shard that fits: one GET, no index needed
+                continue
+            index = self._index(shard_id)
             if index is None:
                 yield shard_id, members, None
                 continue
-            window = max(1, int(self.cfg.read_window_mb * 1e6))
             for part in shardfile.windows(index, members, window):
                 yield shard_id, part, None if shardfile.reads_whole(index, part, window) else index
 
