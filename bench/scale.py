@@ -157,6 +157,7 @@ def amplification(shape: Shape, ranks: int) -> dict:
         return indexes[shard_id]
 
     whole = ranged = gets = 0
+    window_bytes = int(shape.window_mb * 1e6)
     for rank in range(ranks):
         for plan in reader.worker_plans(0, rank):
             for shard_id, picks in plan:
@@ -164,7 +165,6 @@ def amplification(shape: Shape, ranks: int) -> dict:
                 whole += ix.shard_bytes
                 members = reader._members(0, shard_id, picks)
                 ranged += len(ix.to_bytes()) if len(members) < len(ix.records) else 0
-                window_bytes = int(shape.window_mb * 1e6)
                 for window in windows(ix, members, window_bytes):
                     if reads_whole(ix, window, window_bytes):
                         ranged, gets = ranged + ix.shard_bytes, gets + 1

@@ -9,7 +9,9 @@ rotated so the loader starts with the worker owning `position`.
 A worker fetches only its samples' byte ranges, through each shard's index (shardio.shard), in
 windows of data.read_window_mb with the next window fetched while the current one is decoded;
 each sample is checked against the index's CRC32. A window needing a third or more of a shard
-that fits in it reads the shard whole: one request, checked against the manifest's sha256. Its memory follows the window, not the shard.
+that fits in it reads the shard whole: one request, checked against the manifest's sha256 (all
+of such a shard is read so without fetching its index). Its memory follows the window, not the
+shard.
 
 Batches are uint8 [B,C,H,W] with the crop and flip applied; `transform(batch, device)` turns
 them into the model's normalised float input on the training device (imgcls.augment).
