@@ -120,8 +120,9 @@ class DataConfig:
     read_window_mb: float = 64.0
     """MB of samples a loader worker fetches at once, by byte range (neighbours in one request).
     A worker holds two windows: the one it decodes and the next, fetched meanwhile; so its
-    memory follows this, not the shard size. A worker that needs a third or more of a shard
-    that fits in one window (`shards build`'s default: 64 MB) fetches it whole, in one request."""
+    memory follows this, not the shard size. A shard that fits in one window (`shards build`'s
+    default: 64 MB) is fetched whole, in one request, when that costs less CPU than a request
+    per sample needed (shardio.shard.reads_whole)."""
     mean: list[float] = field(default_factory=list)
     """Per-channel normalisation mean, in [0, 1] units; empty: the manifest's training-split
     statistics (0.5 for a manifest without them)."""

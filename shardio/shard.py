@@ -146,17 +146,23 @@ def windows(index: Index, members: np.ndarray, max_bytes: int) -> list[np.ndarra
 
 
 SLACK = 0.1  # ranged reads may fetch this much more than their samples' bytes, to save requests
-# A window needing this share of a shard's bytes reads the shard whole: one request (sha256
-# checked) instead of one per run of samples, each ~1.4 ms of S3 client CPU (bench/scale.py).
-WHOLE_SHARE = 1 / 3
+# Client CPU of reading a shard through s3fs, measured here against moto (bench/README.md, "Whole
+# or ranged"): the loader is CPU-bound, and read-ahead hides latency but not CPU.
+REQUEST_S = 1.8e-3  # one ranged request (signing, the HTTP exchange, parsing its answer)
+BYTE_S = 2.4e-9     # a byte of a whole read: its transfer and its sha256
+MEMBER_S = 9.5e-6   # a sample parsed out of a whole shard's tar
 
 
-def reads_whole(index: Index, members: np.ndarray, max_bytes: int) -> bool:
-    """Whether a window of `members` is fetched as its whole shard: the shard fits in a window
-    and the samples are at least WHOLE_SHARE of its bytes. The bytes read stay within two
-    windows; shards larger than a window (ImageNet's 140 MB) are always read by range."""
-    needed = int(index.records["size"][members].sum())
-    return index.shard_bytes <= max_bytes and needed >= WHOLE_SHARE * index.shard_bytes
+def reads_whole(needed: int, entry: dict, max_bytes: int) -> bool:
+    """Whether `needed` samples of the shard the manifest's `entry` describes cost less CPU to
+    fetch by reading the shard whole (one request: every byte fetched, hashed and parsed) than
+    by range (the index, then about one request per sample), and the shard fits in a window.
+    Decided from the manifest alone, before any index is read. A 5 MB shard of 2000 small
+    samples reads whole from 17 needed, a 64 MB shard of 580 ImageNet photos from 13% of it;
+    shards larger than a window (ImageNet's 140 MB at the default) are always read by range."""
+    count = max(1, entry["count"])
+    in_vain = (entry["bytes"] * BYTE_S + count * MEMBER_S) * (1 - needed / count)
+    return entry["bytes"] <= max_bytes and in_vain <= (needed + 1) * REQUEST_S
 
 
 def coalesce(starts: np.ndarray, ends: np.ndarray, slack: float = SLACK) -> tuple[list[int], list[int]]:

@@ -62,12 +62,12 @@ def fetched_bytes(monkeypatch) -> list[int]:
 
 
 def test_ranks_fetch_only_their_samples_ranges_and_read_what_whole_shards_give(big_shards, monkeypatch):
-    """8 ranks share 2 shards of 300: each needs under a third of a shard, so it fetches ~its
-    eighth of the bytes (ranged reads through s3fs), and its batches are the whole-shard
-    reads' batches, bit for bit."""
+    """8 ranks share 2 shards of 300, larger than the read window: each fetches ~its eighth of
+    the bytes (ranged reads through s3fs), and its batches are the whole-shard reads' batches,
+    bit for bit."""
     counts = fetched_bytes(monkeypatch)
     for rank in range(8):
-        reader = ShardReader(data_cfg(big_shards), "train", rank=rank, world_size=8, seed=2)
+        reader = ShardReader(data_cfg(big_shards, read_window_mb=0.5), "train", rank=rank, world_size=8, seed=2)
         counts.clear()
         ranged = list(reader.loader())
         index = shardfile.read_index(reader.shard_url(0))
@@ -80,29 +80,44 @@ def test_ranks_fetch_only_their_samples_ranges_and_read_what_whole_shards_give(b
         assert all(torch.equal(a["image"], b["image"]) for a, b in zip(ranged, whole, strict=True))
 
 
-def test_a_rank_needing_a_third_of_a_shard_or_more_reads_it_whole_in_one_request(big_shards, monkeypatch):
-    """4 ranks of 150 samples over shards of 300 (and one of 3): a rank needing a third of a
-    shard or more, which fits in a window, fetches it in one GET of the whole shard (sha256
-    checked), which costs less than a request per run of samples (shardio.shard.WHOLE_SHARE);
-    a rank needing less reads its samples' ranges."""
-    counts = fetched_bytes(monkeypatch)
+def test_a_rank_reads_a_shard_whole_without_its_index_when_that_costs_less_cpu(big_shards, monkeypatch):
+    """4 ranks of 150 samples over shards of 300 (~0.8 MB, within the window): each shard a rank
+    needs is fetched in one GET of the whole shard (sha256 checked) and its index is never read,
+    since parsing 300 small samples costs less than a request per sample
+    (shardio.shard.reads_whole). With a window smaller than the shard, the same ranks read
+    their samples' ranges through the index."""
+    counts, indexes_read = fetched_bytes(monkeypatch), []
+    read_index = shardfile.read_index
+    monkeypatch.setattr(shardfile, "read_index", lambda url, *a: indexes_read.append(url) or read_index(url, *a))
     entries = manifests.read(big_shards)["splits"]["train"]["shards"]
-    kinds = set()
-    for rank in range(4):
-        reader = ShardReader(data_cfg(big_shards), "train", rank=rank, world_size=4, seed=2)
-        counts.clear()
-        assert sum(len(b["key"]) for b in reader.loader()) == 150
-        [plan] = reader.worker_plans(0, rank)
-        shard_reads = [n for n in counts if n]  # the indexes' reads count 0
-        assert len(shard_reads) == len(plan)
-        for (shard_id, picks), fetched in zip(plan, shard_reads):
-            whole = 3 * len(picks) >= entries[shard_id]["count"]
-            kinds.add(whole)
-            if whole:
-                assert fetched == entries[shard_id]["bytes"]
-            else:
-                assert fetched < entries[shard_id]["bytes"] / 3
-    assert kinds == {True, False}
+    sample_bytes = read_index(storage.join(big_shards, entries[0]["path"])).records["size"].mean()
+    for window_mb in (64, 0.5):
+        ranged_shards = 0
+        for rank in range(4):
+            reader = ShardReader(data_cfg(big_shards, read_window_mb=window_mb), "train", rank=rank, world_size=4,
+                                 seed=2)
+            counts.clear(), indexes_read.clear()
+            assert sum(len(b["key"]) for b in reader.loader()) == 150
+            [plan] = reader.worker_plans(0, rank)
+            over = [shard_id for shard_id, _ in plan if entries[shard_id]["bytes"] > window_mb * 1e6]
+            assert [shard_id for shard_id, _ in plan if reader.shard_url(shard_id) in indexes_read] == over
+            whole = sum(entries[shard_id]["bytes"] for shard_id, _ in plan if shard_id not in over)
+            needed = sum(len(picks) for shard_id, picks in plan if shard_id in over) * sample_bytes
+            assert needed <= sum(counts) - whole <= 1.2 * needed  # the indexes' reads count 0
+            ranged_shards += len(over)
+        assert (ranged_shards > 0) == (window_mb < 1)
+
+
+def test_whole_or_ranged_is_decided_by_cpu_cost_from_the_manifest():
+    """The rule's figures (shardio.shard.reads_whole): small samples read whole from a few
+    needed, ImageNet photos from about an eighth of a shard, and never a shard over the window."""
+    def whole(needed, count, mb, window_mb=64):
+        return shardfile.reads_whole(needed, {"count": count, "bytes": int(mb * 1e6)}, int(window_mb * 1e6))
+
+    assert not whole(8, 2000, 5.13) and whole(32, 2000, 5.13)  # Fashion-MNIST-sized shards
+    assert not whole(40, 580, 64) and whole(120, 580, 64) and whole(580, 580, 64)  # 110 kB photos
+    assert not whole(1270, 1270, 140)  # over the window: by range, whatever is needed
+    assert not whole(32, 2000, 5.13, window_mb=5)
 
 
 def corrupt_sample(url: str, shard_path: str, member: int) -> str:
@@ -136,19 +151,20 @@ def test_a_corrupted_member_is_named_by_ranged_reads_and_whole_reads_check_sha25
 
 
 def test_a_stale_index_is_a_warning_and_the_shard_is_read_whole(tmp_path, caplog):
-    url = str(tmp_path / "ds")  # 4 ranks: rank 0 needs half of shard 0, so it reads its index
+    url = str(tmp_path / "ds")  # windows smaller than a shard: rank 0 reads by range, through the index
     shards.build(random_npz(tmp_path / "d.npz", n=120, size=8, channels=3), url, shard_samples=60, split=(1, 0, 0),
                  progress=False)
-    before = [b["key"] for b in ShardReader(data_cfg(url), "train", rank=0, world_size=4).loader()]
+    before = [b["key"] for b in ShardReader(data_cfg(url, read_window_mb=0.01), "train", rank=0, world_size=4).loader()]
     m = json.loads((tmp_path / "ds" / "manifest.json").read_text())
     entry = m["splits"]["train"]["shards"][0]
     entry["sha256"] = "0" * 64  # as if the shard were rewritten (checksums off: it is read as it is)
     (tmp_path / "ds" / "manifest.json").write_text(json.dumps(m))
-    reader = ShardReader(data_cfg(url), "train", rank=0, world_size=4)
+    reader = ShardReader(data_cfg(url, read_window_mb=0.01), "train", rank=0, world_size=4)
     with pytest.raises(DataError, match="sha256 differs"):
         list(reader.loader())
     assert f"{url}/train/train-000000.idx indexes another shard than the manifest's (stale)" in caplog.text
-    off = ShardReader(data_cfg(url, verify_checksums=False), "train", rank=0, world_size=4)
+    off = ShardReader(data_cfg(url, read_window_mb=0.01, verify_checksums=False), "train", rank=0,
+                      world_size=4)
     assert [b["key"] for b in off.loader()] == before
 
 

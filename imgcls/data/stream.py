@@ -8,10 +8,9 @@ rotated so the loader starts with the worker owning `position`.
 
 A worker fetches only its samples' byte ranges, through each shard's index (shardio.shard), in
 windows of data.read_window_mb with the next window fetched while the current one is decoded;
-each sample is checked against the index's CRC32. A window needing a third or more of a shard
-that fits in it reads the shard whole: one request, checked against the manifest's sha256 (all
-of such a shard is read so without fetching its index). Its memory follows the window, not the
-shard.
+each sample is checked against the index's CRC32. A worker needing a third or more of the
+samples of a shard that fits in a window reads the shard whole, without its index: one
+request, checked against the manifest's sha256. Its memory follows the window, not the shard.
 
 Batches are uint8 [B,C,H,W] with the crop and flip applied; `transform(batch, device)` turns
 them into the model's normalised float input on the training device (imgcls.augment).
@@ -204,15 +203,13 @@ class ShardStream(IterableDataset):
         window = max(1, int(self.cfg.read_window_mb * 1e6))
         for shard_id, picks in plan:
             members = self._members(epoch, shard_id, picks)
-            if len(members) == self.counts[shard_id] and self.shards[shard_id]["bytes"] <= window:
-                yield shard_id, members, None  # all of a shard that fits: one GET, no index needed
-                continue
-            index = self._index(shard_id)
+            whole = shardfile.reads_whole(len(members), self.shards[shard_id], window)
+            index = None if whole else self._index(shard_id)
             if index is None:
                 yield shard_id, members, None
                 continue
             for part in shardfile.windows(index, members, window):
-                yield shard_id, part, None if shardfile.reads_whole(index, part, window) else index
+                yield shard_id, part, index
 
     def _index(self, shard_id: int) -> shardfile.Index | None:
         """The shard's index, for ranged reads; None (read it whole) without checksums, for a
