@@ -298,6 +298,7 @@ def server_side(server, latency_s: float, bytes_per_s: float):
     try:
         yield ours.recv()
     finally:
+        ours.send(None)  # the child holds a copy of this end: closing it alone is never its EOF
         ours.close()
         child.join(10)
         os.sched_setaffinity(0, set(cpus))
