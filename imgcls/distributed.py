@@ -79,8 +79,10 @@ def slurm_master_addr() -> str:
 
 
 def job_port(job_id: str | int) -> int:
-    """The rendezvous port every task of a job derives from its id, without talking first."""
-    return 20000 + int(str(job_id).split("_")[0]) % 20000
+    """The rendezvous port every task of a job derives from its id, without talking first:
+    in 20000-31999, below Linux's ephemeral ports (32768-60999), which any outgoing
+    connection on the node may hold (one did in CI: EADDRINUSE, and the other rank waited)."""
+    return 20000 + int(str(job_id).split("_")[0]) % 12000
 
 
 def env_ranks() -> tuple[int, int, int]:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from imgcls.cluster import sweep_grid
-from imgcls.distributed import expand_hostlist
+from imgcls.distributed import expand_hostlist, job_port
 from tests.conftest import BASE_RUN, REPO
 
 TINY = [*BASE_RUN, "data.num_workers=1"]  # a loader worker, as on a cluster
@@ -72,3 +73,12 @@ def test_sweep_grid_and_hostlists():
     with pytest.raises(ValueError, match="key=v1,v2"):
         sweep_grid(["a"])
     assert expand_hostlist("n[1-3,7],gpu-a[01-02],login") == ["n1", "n2", "n3", "n7", "gpu-a01", "gpu-a02", "login"]
+
+
+def test_job_ports_stay_below_the_ephemeral_ports():
+    """Every task derives the rendezvous port from the job id; a port in the kernel's ephemeral
+    range can be held by any outgoing connection on the node (EADDRINUSE, seen in CI)."""
+    low, _high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    ports = {job_port(job_id) for job_id in range(0, 4_194_304, 997)} | {job_port("18326"), job_port("18326_3")}
+    assert 1024 <= min(ports) and max(ports) < low
+    assert job_port("18326_3") == job_port(18326)  # an array task rendezvous with its job's
