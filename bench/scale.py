@@ -26,7 +26,7 @@
    2 s (validation, the checkpoint) before its first batch is asked for; images/s are timed
    from there to the epoch's last batch. Before them, the client CPU of the parts of
    shardio.shard.reads_whole's rule, against moto: a whole read per MB, parsing a sample,
-   a ranged read per sample.
+   a ranged read per request.
 """
 from __future__ import annotations
 
@@ -455,12 +455,15 @@ def report(results: dict) -> str:
                      f"CPU per image {s['cpu_ratio']:.2f}x local's (moto's included); "
                      f"the reader on {s['client_cpus']} CPU(s), moto and the proxy on another; "
                      f"load average {s['load']:.1f} on {os.cpu_count()} CPUs")
+        from shardio import shard as shardfile
+
         c = s["read_costs"]
         lines.append(f"read costs, client CPU against moto ({c['shard_mb']:.1f} MB shard of {c['samples']}): a whole "
                      f"read {c['whole_ms_per_mb']:.2f} ms per MB (fetch + sha256) and {c['parse_us_per_sample']:.1f} "
                      f"us per sample parsed, a ranged read {c['ranged_ms_per_request']:.2f} ms per request "
                      f"({c['ranged_samples']} samples in {c['requests']}) "
-                     "(shardio.shard.reads_whole assumes 2.4, 9.5 and 1.8)")
+                     f"(shardio.shard.reads_whole assumes {shardfile.BYTE_S * 1e9:g}, {shardfile.MEMBER_S * 1e6:g} "
+                     f"and {shardfile.REQUEST_S * 1e3:g})")
     lines += ["", "| figure | value | target | met |", "|---|---|---|---|"]
     for name, value, target, met in checks(results):
         lines.append(f"| {name} | {value:.3f} | {target:g} | {'yes' if met else 'NO'} |")

@@ -8,8 +8,8 @@ rotated so the loader starts with the worker owning `position`.
 
 A worker fetches only its samples' byte ranges, through each shard's index (shardio.shard), in
 windows of data.read_window_mb with the next window fetched while the current one is decoded;
-each sample is checked against the index's CRC32. A worker needing a third or more of the
-samples of a shard that fits in a window reads the shard whole, without its index: one
+each sample is checked against the index's CRC32. A shard that fits in a window is read
+whole instead, without its index, when that costs less CPU (shardio.shard.reads_whole): one
 request, checked against the manifest's sha256. Its memory follows the window, not the shard.
 
 Batches are uint8 [B,C,H,W] with the crop and flip applied; `transform(batch, device)` turns
